@@ -1,0 +1,30 @@
+# storyflow — `make demo` runs the flagship workflow offline; `make test` runs the suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/storyflow run workflows/short-story.yaml
+
+test: $(STAMP)
+	$(BIN)/check-jsonschema --schemafile schemas/workflow.schema.json workflows/*.yaml
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check cli tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .storyflow build dist .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from storyflow.commands import main
+
+main()

@@ -1,0 +1,90 @@
+"""What every agent kind shares: the `Call` it receives and the `Agent` protocol it meets.
+
+An agent is a small object with a ``kind``, the ``with`` keys it ``required``, and an
+async ``run(call)`` that returns a JSON-serialisable output or raises a
+`storyflow.errors.StepFailure` subclass. The engine renders templates, enforces
+timeouts, retries and checkpoints; an agent only does the one attempt it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+def discard(message: str) -> None:
+    """The default agent logger: drops the line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Everything one attempt of one step instance gets."""
+
+    run_id: str
+    """The run this attempt belongs to."""
+    step_id: str
+    """The step instance id, like ``draft[2]`` or ``polish#2.revise``."""
+    attempt: int
+    """1-based attempt number."""
+    inputs: dict[str, Any]
+    """The step's ``with``, already rendered by the engine, plus ``prompt`` if the step has one."""
+    workflow_dir: Path
+    """Folder of the workflow file: python modules import from here, relative paths resolve here."""
+    run_dir: Path
+    """The run's folder."""
+    secrets: dict[str, str] = field(repr=False)
+    """Only the secrets this agent declared, name → value. Never shown in a repr."""
+    timeout_s: float | None
+    """Seconds the attempt may take; ``None`` for no limit."""
+    output_schema: dict[str, Any] | None = None
+    """The step's ``output_schema``, for agents that can ask for structured output."""
+    log: Callable[[str], None] = discard
+    """The agent's logger; each line becomes a step log event."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a python callable with a ``context`` parameter receives."""
+
+    run_id: str
+    """The run this attempt belongs to."""
+    step_id: str
+    """The step instance id, like ``draft[2]``."""
+    attempt: int
+    """1-based attempt number."""
+    log: Callable[[str], None]
+    """Write one line to the step's log."""
+    run_dir: Path
+    """The run's folder."""
+    workflow_dir: Path
+    """Folder of the workflow file."""
+    secrets: dict[str, str] = field(repr=False)
+    """Only the secrets the agent declared, name → value. Never shown in a repr."""
+
+    @classmethod
+    def of(cls, call: Call) -> StepContext:
+        """The context of one call."""
+        return cls(
+            run_id=call.run_id,
+            step_id=call.step_id,
+            attempt=call.attempt,
+            log=call.log,
+            run_dir=call.run_dir,
+            workflow_dir=call.workflow_dir,
+            secrets=call.secrets,
+        )
+
+
+class Agent(Protocol):
+    """One agent kind. Instances are shared by every step that uses the kind."""
+
+    kind: str
+    """The name used in a workflow's ``uses:``, like ``python``."""
+    required: tuple[str, ...]
+    """The ``with`` keys the kind needs; validation reports the missing ones."""
+
+    async def run(self, call: Call) -> Any:
+        """Do one attempt; return a JSON-serialisable output or raise a StepFailure."""
+        ...

@@ -1,0 +1,214 @@
+"""The ``python`` agent: calls ``with.callable: "package.module:function"``.
+
+The workflow's folder is importable. Every other ``with`` key (and ``prompt``) is passed
+as a keyword argument; a parameter named ``context`` receives a `StepContext`. Async
+functions are awaited on the loop; sync functions run on one shared thread pool whose
+size the engine sets from ``--max-parallel``.
+
+This module is the fence for user code: StepFailure subclasses pass through,
+``TimeoutError``/``ConnectionError`` become `TransientError`, anything else
+`PermanentError`, always chained with ``from``.
+
+The hot path (a resolved callable) does no import or signature work: one cache lookup,
+a few set comparisons, the executor hop and a ``json.dumps`` of the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storyflow.agents.base import Call, StepContext
+from storyflow.errors import InvalidOutput, PermanentError, StepFailure, TransientError
+
+DEFAULT_THREAD_POOL_SIZE = 8
+_CALLABLE_HINT = 'write it as "package.module:function", e.g. "agents:outline"'
+
+_pool_size = DEFAULT_THREAD_POOL_SIZE
+_executor: ThreadPoolExecutor | None = None
+
+
+def set_thread_pool_size(n: int) -> None:
+    """Size of the pool sync callables run on (the engine passes ``--max-parallel``)."""
+    global _executor, _pool_size
+    if n < 1:
+        raise ValueError(f"thread pool size must be at least 1, got {n}")
+    if n != _pool_size and _executor is not None:
+        _executor.shutdown(wait=False)  # work already submitted still finishes
+        _executor = None
+    _pool_size = n
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(_pool_size, thread_name_prefix="storyflow-python")
+    return _executor
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A resolved callable and what its signature allows, computed once."""
+
+    spec: str
+    fn: Callable[..., Any]
+    is_async: bool
+    wants_context: bool
+    var_keyword: bool
+    accepted: frozenset[str]
+    """Names that can be passed by keyword (without ``context``)."""
+    needed: frozenset[str]
+    """Keyword names without a default (without ``context``)."""
+
+
+_targets: dict[tuple[Path, str], _Target] = {}
+_paths_added: set[str] = set()
+
+
+def clear_cache() -> None:
+    """Forget every resolved callable (the next call imports and inspects again)."""
+    _targets.clear()
+
+
+class PythonAgent:
+    """Calls a Python function from the workflow's folder or the environment."""
+
+    kind: str = "python"
+    required: tuple[str, ...] = ("callable",)
+
+    async def run(self, call: Call) -> Any:
+        """Call the function once with the step's inputs; return its output."""
+        inputs = call.inputs
+        spec = inputs.get("callable")
+        if not isinstance(spec, str):
+            raise PermanentError("the python agent needs `with.callable`", hint=_CALLABLE_HINT)
+        loop = asyncio.get_running_loop()
+        target = _targets.get((call.workflow_dir, spec))
+        if target is None:
+            # Off the loop: a user module may take seconds to import.
+            target = await loop.run_in_executor(_pool(), _resolve, call.workflow_dir, spec)
+            _targets[call.workflow_dir, spec] = target
+
+        kwargs = dict(inputs)
+        del kwargs["callable"]
+        _check_arguments(target, kwargs)
+        if target.wants_context:
+            kwargs["context"] = StepContext.of(call)
+
+        try:
+            if target.is_async:
+                result = await target.fn(**kwargs)
+            else:
+                result = await loop.run_in_executor(_pool(), functools.partial(target.fn, **kwargs))
+                if inspect.isawaitable(result):
+                    result = await result
+        except StepFailure:
+            raise
+        except (TimeoutError, ConnectionError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+        except (Exception, SystemExit) as exc:
+            raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+
+        try:
+            json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidOutput(
+                f"{spec} returned a {type(result).__name__} that is not JSON-serialisable: {exc}",
+                hint="return dicts, lists, strings, numbers, booleans or None",
+            ) from exc
+        return result
+
+
+def _check_arguments(target: _Target, kwargs: dict[str, Any]) -> None:
+    keys = kwargs.keys()
+    if target.wants_context and "context" in keys:
+        raise PermanentError(
+            f"`with.context` clashes with the `context` parameter of {target.spec}",
+            hint="rename the `with` key; `context` receives the step context",
+        )
+    if not target.var_keyword and not keys <= target.accepted:
+        unexpected = sorted(keys - target.accepted)
+        accepts = ", ".join(sorted(target.accepted)) or "no keyword arguments"
+        raise PermanentError(
+            f"{target.spec} got an unexpected keyword argument {unexpected[0]!r}",
+            hint=f"it accepts: {accepts}; add the parameter (or **kwargs) or remove the key",
+        )
+    if not target.needed <= keys:
+        missing = ", ".join(repr(k) for k in sorted(target.needed - keys))
+        raise PermanentError(
+            f"{target.spec} is missing the argument(s) {missing}",
+            hint="pass them in the step's `with`",
+        )
+
+
+def _resolve(workflow_dir: Path, spec: str) -> _Target:
+    """Import ``module:attr`` with the workflow folder importable and inspect it."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not _dotted(module_name) or not _dotted(attr_path):
+        raise PermanentError(f"bad callable {spec!r}", hint=_CALLABLE_HINT)
+    folder = str(workflow_dir)
+    if folder not in _paths_added:
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        _paths_added.add(folder)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PermanentError(
+            f"cannot import module {module_name!r} for {spec!r}: {exc}",
+            hint=f"put {module_name.replace('.', '/')}.py in {folder} or install it",
+        ) from exc
+    except Exception as exc:
+        raise PermanentError(
+            f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}",
+            hint="fix the error in the module; it runs when first imported",
+        ) from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PermanentError(
+                f"module {module_name!r} has no attribute {attr_path!r}",
+                hint="check the name after the colon in `with.callable`",
+            ) from None
+    if not callable(obj):
+        raise PermanentError(f"{spec} is a {type(obj).__name__}, not a callable")
+    return _inspect(spec, obj)
+
+
+def _inspect(spec: str, fn: Callable[..., Any]) -> _Target:
+    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 (an object with an async __call__)
+    )
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: let the call decide
+        return _Target(spec, fn, is_async, False, True, frozenset(), frozenset())
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {p.name for p in params if p.kind in keyword}
+    needed = {p.name for p in params if p.kind in keyword and p.default is p.empty}
+    wants_context = "context" in names
+    names.discard("context")
+    needed.discard("context")
+    return _Target(
+        spec=spec,
+        fn=fn,
+        is_async=is_async,
+        wants_context=wants_context,
+        var_keyword=any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params),
+        accepted=frozenset(names),
+        needed=frozenset(needed),
+    )
+
+
+def _dotted(name: str) -> bool:
+    return bool(name) and all(part.isidentifier() for part in name.split("."))

@@ -1,0 +1,124 @@
+"""storyflow's command line. The only place that sets exit codes.
+
+Heavy libraries (jsonschema, jinja2, ruamel, diskcache, transitions, rich) are
+imported inside the commands that need them, so `storyflow --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from storyflow.errors import EXIT_USAGE, StoryflowError
+
+app = typer.Typer(
+    name="storyflow",
+    help="Run multi-agent story workflows from YAML: validated, resumable, observable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Globals:
+    """Options of the root command, shared by every subcommand."""
+
+    debug: bool = False
+    state_dir: Path | None = None
+
+
+G = Globals()
+
+
+def state_dir() -> Path:
+    if G.state_dir is not None:
+        return G.state_dir
+    env = os.environ.get("STORYFLOW_STATE_DIR")
+    return Path(env) if env else Path.cwd() / ".storyflow"
+
+
+def err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def report_error(exc: StoryflowError) -> None:
+    from storyflow.errors import WorkflowError
+
+    if isinstance(exc, WorkflowError):
+        for p in exc.problems:
+            err(p.format())
+        n = sum(1 for p in exc.problems if p.severity == "error")
+        err(f"{n} error{'s' if n != 1 else ''}: the workflow is invalid")
+        return
+    err(f"error: {exc.message}")
+    if exc.hint:
+        err(f"  hint: {exc.hint}")
+
+
+def guarded(fn: F) -> F:
+    """Turn storyflow errors into a message and their exit code; no traceback unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except StoryflowError as exc:
+            if G.debug:
+                raise
+            report_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            if G.debug:
+                raise
+            err(f"internal error: {type(exc).__name__}: {exc}")
+            err("  hint: run again with --debug for a traceback, and report it")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from storyflow import __version__
+
+        typer.echo(f"storyflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    state_dir_opt: Path | None = typer.Option(
+        None, "--state-dir", help="Where runs are stored (default $STORYFLOW_STATE_DIR or ./.storyflow)."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run multi-agent story workflows from YAML: validated, resumable, observable."""
+    G.debug = debug or os.environ.get("STORYFLOW_DEBUG") == "1"
+    G.state_dir = state_dir_opt
+
+
+def main() -> None:
+    from storyflow.commands import inspect_cmds, run_cmds, spec_cmds  # noqa: F401  (registers)
+
+    try:
+        app()
+    except KeyboardInterrupt:  # pragma: no cover - Ctrl-C outside a run
+        sys.exit(130)
+
+
+__all__ = ["EXIT_USAGE", "G", "app", "err", "guarded", "main", "state_dir"]

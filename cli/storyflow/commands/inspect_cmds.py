@@ -1,0 +1,212 @@
+"""Commands that read the store: runs, show, logs."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any
+
+import typer
+
+from storyflow.commands.app import app, guarded, state_dir
+from storyflow.errors import UsageError
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _dur(start: float | None, end: float | None) -> str:
+    from storyflow.spec.units import format_duration
+
+    if start is None or end is None:
+        return "-"
+    return format_duration(max(0.0, end - start))
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _dump(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+
+
+@app.command()
+@guarded
+def runs(
+    status: str | None = typer.Option(None, "--status", help="Only runs with this status."),
+    workflow: str | None = typer.Option(None, "--workflow", help="Only runs of this workflow."),
+    limit: int = typer.Option(20, "--limit", min=1, help="At most this many runs."),
+    json_mode: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List runs, newest first."""
+    from storyflow.events import RunStatus
+    from storyflow.spec.units import did_you_mean
+    from storyflow.store import Store
+
+    valid = [s.value for s in RunStatus]
+    if status is not None and status not in valid:
+        raise UsageError(f"unknown status {status!r}", hint=did_you_mean(status, valid))
+    with Store(state_dir()) as store:
+        records = store.list_runs(status=status, workflow=workflow, limit=limit)
+    if json_mode:
+        typer.echo(json.dumps([
+            {"run_id": r.run_id, "workflow": r.workflow, "status": r.status,
+             "created_at": r.created_at, "ended_at": r.ended_at,
+             "parent_run": r.parent_run} for r in records], indent=2))
+        return
+    if not records:
+        typer.echo("no runs yet — start one with: storyflow run FILE")
+        return
+    rows = [[r.run_id, r.workflow, r.status, _when(r.created_at), _dur(r.created_at, r.ended_at)]
+            for r in records]
+    typer.echo(_table(rows, ["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION"]))
+
+
+def show_document(store: Any, record: Any) -> dict[str, Any]:
+    """The `show --json` shape (schemas/show.schema.json)."""
+    ids = record.meta.get("steps", [])
+    steps = store.get_steps(record.run_id, ids)
+    out_steps = []
+    for sid in ids:
+        rec = steps.get(sid)
+        if rec is None:
+            out_steps.append({"id": sid, "status": "pending", "attempts": 0, "output": None,
+                              "error": None, "started_at": None, "ended_at": None,
+                              "duration_s": None, "agent": None, "degraded": False})
+            continue
+        duration = (rec.ended_at - rec.started_at
+                    if rec.ended_at is not None and rec.started_at is not None else None)
+        out_steps.append({"id": sid, "status": rec.status, "attempts": rec.attempts,
+                          "output": rec.output, "error": rec.error,
+                          "started_at": rec.started_at, "ended_at": rec.ended_at,
+                          "duration_s": duration, "agent": rec.agent,
+                          "degraded": rec.degraded})
+    return {
+        "run_id": record.run_id, "workflow": record.workflow,
+        "workflow_version": record.workflow_version, "workflow_path": record.workflow_path,
+        "status": record.status, "inputs": record.inputs, "environment": record.environment,
+        "created_at": record.created_at, "ended_at": record.ended_at,
+        "parent_run": record.parent_run, "error": record.error,
+        "steps": out_steps, "outputs": record.outputs or {},
+        "run_dir": str(store.run_dir(record.run_id)),
+    }
+
+
+@app.command()
+@guarded
+def show(
+    run_ref: str = typer.Argument(..., help="Run id or a unique prefix.", show_default=False),
+    step: str | None = typer.Option(None, "--step", help="Show one step in full."),
+    output: str | None = typer.Option(None, "--output", help="Print one run output, raw."),
+    json_mode: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """One run: steps, statuses, attempts, durations, outputs, errors."""
+    from storyflow.spec.units import did_you_mean
+    from storyflow.store import Store
+
+    with Store(state_dir()) as store:
+        record = store.find_run(run_ref)
+        doc = show_document(store, record)
+    if output is not None:
+        if output not in doc["outputs"]:
+            raise UsageError(f"run {record.run_id} has no output {output!r}",
+                             hint=did_you_mean(output, doc["outputs"], what="outputs")
+                             or "the run has no outputs (it may not have succeeded)")
+        value = doc["outputs"][output]
+        typer.echo(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
+        return
+    if step is not None:
+        match = [s for s in doc["steps"] if s["id"] == step]
+        if not match:
+            raise UsageError(f"run {record.run_id} has no step {step!r}",
+                             hint=did_you_mean(step, [s["id"] for s in doc["steps"]],
+                                               what="steps"))
+        if json_mode:
+            typer.echo(json.dumps(match[0], indent=2, ensure_ascii=False))
+            return
+        s = match[0]
+        typer.echo(f"step {s['id']}: {s['status']} · {s['attempts']} attempt(s)"
+                   f" · {_dur(s['started_at'], s['ended_at'])}")
+        if s["error"]:
+            typer.echo(f"error: {s['error']['class']}: {s['error']['message']}")
+        if s["output"] is not None:
+            typer.echo("output:")
+            typer.echo(_dump(s["output"]))
+        return
+    if json_mode:
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"run {doc['run_id']} · {doc['workflow']}"
+               + (f" v{doc['workflow_version']}" if doc["workflow_version"] else "")
+               + f" · {doc['status']}")
+    typer.echo(f"started {_when(doc['created_at'])} · {_dur(doc['created_at'], doc['ended_at'])}"
+               f" · {doc['run_dir']}")
+    rows = []
+    for s in doc["steps"]:
+        note = ""
+        if s["error"]:
+            note = f"{s['error']['class']}: {s['error']['message']}"[:70]
+        elif s["degraded"]:
+            note = f"degraded (served by {s['agent']})"
+        rows.append([s["id"], s["status"], str(s["attempts"]),
+                     _dur(s["started_at"], s["ended_at"]), note])
+    typer.echo(_table(rows, ["STEP", "STATUS", "ATTEMPTS", "DURATION", "NOTE"]))
+    if doc["error"]:
+        typer.echo(f"error: {doc['error']['message']}")
+    for name, value in doc["outputs"].items():
+        text = _dump(value)
+        typer.echo(f"output {name}: " + (text if len(text) < 200 else text[:200] + "…"))
+
+
+@app.command()
+@guarded
+def logs(
+    run_ref: str = typer.Argument(..., help="Run id or a unique prefix.", show_default=False),
+    step: str | None = typer.Option(None, "--step", help="Only this step's events."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the run goes on."),
+    json_mode: bool = typer.Option(False, "--json", help="Raw JSON lines."),
+) -> None:
+    """The run's event log."""
+    import sys
+
+    from storyflow.store import Store, follow_events, read_events
+    from storyflow.ui.progress import JsonSink, PlainSink
+
+    with Store(state_dir()) as store:
+        record = store.find_run(run_ref)
+        path = store.run_dir(record.run_id) / "events.jsonl"
+        sink = JsonSink(sys.stdout) if json_mode else PlainSink(sys.stdout)
+
+        def wanted(ev: dict[str, Any]) -> bool:
+            return step is None or ev.get("step") == step or (
+                ev.get("type", "").startswith("run.") and ev.get("type") != "run.summary")
+
+        if not follow:
+            if path.exists():
+                for ev in read_events(path):
+                    if wanted(ev):
+                        sink(ev)
+            return
+        last_check = [0.0]
+
+        def finished() -> bool:
+            now = time.monotonic()
+            if now - last_check[0] < 0.5:
+                return False
+            last_check[0] = now
+            current = store.get_run(record.run_id)
+            return current is None or current.status != "running"
+
+        while not path.exists() and not finished():
+            time.sleep(0.1)
+        if path.exists():
+            for ev in follow_events(path, stop=finished):
+                if wanted(ev):
+                    sink(ev)

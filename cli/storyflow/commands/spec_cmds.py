@@ -1,0 +1,105 @@
+"""Commands that read a workflow without running it: validate, graph, schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from storyflow.commands.app import app, err, guarded
+from storyflow.errors import EXIT_USAGE, InputError, Problem, UsageError
+
+
+def known_kinds() -> dict[str, tuple[str, ...]]:
+    from storyflow.agents.registry import kinds
+
+    return kinds()
+
+
+@app.command()
+@guarded
+def validate(
+    files: list[Path] = typer.Argument(..., help="Workflow files to check.", show_default=False),
+    fmt: str = typer.Option("text", "--format", help="text, json or github (annotations)."),
+    env: str | None = typer.Option(None, "--env", help="Also check with this environment applied."),
+) -> None:
+    """Check workflow files against the schema and semantic rules; nothing runs."""
+    from storyflow.spec import validate_file
+
+    if fmt not in ("text", "json", "github"):
+        raise UsageError(f"unknown format {fmt!r}", hint="use text, json or github")
+    kinds = known_kinds()
+    results: list[tuple[Path, list[Problem]]] = []
+    for f in files:
+        try:
+            results.append((f, validate_file(f, kinds=kinds, environment=env)))
+        except InputError as exc:  # an --env that does not exist in this file
+            results.append((f, [Problem(exc.message, file=str(f), hint=exc.hint)]))
+    failed = any(p.severity == "error" for _, ps in results for p in ps)
+    if fmt == "json":
+        typer.echo(json.dumps({
+            "valid": not failed,
+            "files": [
+                {"file": str(f), "valid": not any(p.severity == "error" for p in ps),
+                 "problems": [_problem_json(p) for p in ps]}
+                for f, ps in results
+            ],
+        }, indent=2))
+    elif fmt == "github":
+        for _, ps in results:
+            for p in ps:
+                level = "error" if p.severity == "error" else "warning"
+                msg = p.message + (f" (hint: {p.hint})" if p.hint else "")
+                msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+                typer.echo(f"::{level} file={p.file},line={p.line},col={p.col},"
+                           f"title=storyflow {p.path}::{msg}")
+    else:
+        for f, ps in results:
+            for p in ps:
+                err(p.format())
+            n = sum(1 for p in ps if p.severity == "error")
+            if n:
+                err(f"{f}: {n} error{'s' if n != 1 else ''}")
+            else:
+                typer.echo(f"{f}: valid")
+    if failed:
+        raise typer.Exit(EXIT_USAGE)
+
+
+def _problem_json(p: Problem) -> dict[str, object]:
+    return {"file": p.file, "line": p.line, "col": p.col, "path": p.path,
+            "message": p.message, "hint": p.hint, "severity": p.severity}
+
+
+@app.command()
+@guarded
+def graph(
+    file: Path = typer.Argument(..., help="Workflow file.", show_default=False),
+    fmt: str = typer.Option("mermaid", "--format", help="mermaid, dot or text."),
+    env: str | None = typer.Option(None, "--env", help="Apply this environment first."),
+) -> None:
+    """Draw the compiled workflow: steps, dependencies, maps and loops."""
+    from storyflow.engine.plan import plan
+    from storyflow.spec import load_workflow
+    from storyflow.ui.graph import FORMATS, render
+
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}", hint="use " + ", ".join(FORMATS))
+    wf = load_workflow(file, kinds=known_kinds(), environment=env)
+    typer.echo(render(plan(wf), fmt, title=wf.name), nl=False)
+
+
+@app.command()
+@guarded
+def schema(
+    name: str = typer.Argument("workflow", help="workflow, or an output schema: events, show, report."),
+) -> None:
+    """Print a JSON Schema: the workflow file's (for editors) or an output's."""
+    from storyflow.spec.schema import schema_path
+
+    path = schema_path(f"{name}.schema.json")
+    if not path.is_file():
+        raise UsageError(f"no schema named {name!r}", hint="try: storyflow schema workflow")
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)
+

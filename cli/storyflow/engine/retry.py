@@ -1,0 +1,44 @@
+"""Backoff schedules. Pure functions of the policy, the attempt and a random source."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from storyflow.spec.model import RetryPolicy
+
+
+def base_delay_s(policy: RetryPolicy, failed_attempt: int) -> float:
+    """Delay after attempt ``failed_attempt`` (1-based) before jitter, capped by max_delay."""
+    n = max(1, failed_attempt)
+    if policy.backoff == "fixed":
+        delay = policy.delay_s
+    elif policy.backoff == "linear":
+        delay = policy.delay_s * n
+    else:
+        # 2**(n-1) grows past any cap quickly; stop multiplying once it is reached.
+        delay = policy.delay_s * (2.0 ** min(n - 1, 62))
+    return min(delay, policy.max_delay_s)
+
+
+def delay_s(
+    policy: RetryPolicy,
+    failed_attempt: int,
+    *,
+    retry_after_s: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """The wait before the next attempt: full jitter in [0, base], or a server's Retry-After.
+
+    A ``Retry-After`` is honoured as a floor (the server said when to come back), still
+    capped by ``max_delay`` so a hostile header cannot stall a run for hours.
+    """
+    base = base_delay_s(policy, failed_attempt)
+    delay = base * rand() if policy.jitter else base
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, policy.max_delay_s))
+    return delay
+
+
+def should_retry(policy: RetryPolicy, error_class: str, attempt: int) -> bool:
+    return attempt < policy.attempts and error_class in policy.on

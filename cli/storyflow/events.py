@@ -1,0 +1,92 @@
+"""Statuses and event types. These strings are persisted: never rename a value."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RunStatus(str, Enum):
+    """Where a whole run stands."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    WAITING = "waiting"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StepStatus(str, Enum):
+    """Where one step instance stands."""
+
+    PENDING = "pending"
+    READY = "ready"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    CACHED = "cached"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def done(self) -> bool:
+        return self in _DONE
+
+    @property
+    def ok(self) -> bool:
+        return self in (StepStatus.SUCCEEDED, StepStatus.CACHED)
+
+
+_DONE = frozenset(
+    {
+        StepStatus.SUCCEEDED,
+        StepStatus.CACHED,
+        StepStatus.FAILED,
+        StepStatus.SKIPPED,
+        StepStatus.CANCELLED,
+    }
+)
+
+
+class ErrorClass(str, Enum):
+    """Why an attempt failed; `retry.on` selects classes by these names."""
+
+    TRANSIENT = "transient"
+    TIMEOUT = "timeout"
+    INVALID_OUTPUT = "invalid_output"
+    PERMANENT = "permanent"
+    CANCELLED = "cancelled"
+    CIRCUIT_OPEN = "circuit_open"
+    BUDGET_EXCEEDED = "budget_exceeded"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class EventType(str, Enum):
+    """The `type` field of every event line."""
+
+    RUN_STARTED = "run.started"
+    RUN_RESUMED = "run.resumed"
+    RUN_SUCCEEDED = "run.succeeded"
+    RUN_FAILED = "run.failed"
+    RUN_INTERRUPTED = "run.interrupted"
+    RUN_WAITING = "run.waiting"
+    RUN_SUMMARY = "run.summary"
+    STEP_STARTED = "step.started"
+    STEP_SUCCEEDED = "step.succeeded"
+    STEP_FAILED = "step.failed"
+    STEP_RETRYING = "step.retrying"
+    STEP_SKIPPED = "step.skipped"
+    STEP_CACHED = "step.cached"
+    STEP_CANCELLED = "step.cancelled"
+    STEP_KEPT = "step.kept"
+
+    def __str__(self) -> str:
+        return self.value

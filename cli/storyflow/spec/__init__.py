@@ -1,0 +1,180 @@
+"""Workflow files: YAML → JSON Schema → semantic checks → frozen `Workflow`.
+
+Every problem is collected (syntax, duplicates, schema, names, cycles, templates)
+and reported with file:line:col, its JSON path and a hint. The raw mapping never
+leaves this package.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from storyflow.errors import InputError, Problem, WorkflowError
+from storyflow.spec.model import Agent, Budget, Loop, Pool, RetryPolicy, Step, Workflow
+
+__all__ = [
+    "Agent",
+    "Budget",
+    "Loop",
+    "Pool",
+    "Problem",
+    "RetryPolicy",
+    "Step",
+    "Workflow",
+    "load_workflow",
+    "template_engine",
+    "validate_file",
+]
+
+_TEMPLATES: Any = None
+
+
+def template_engine() -> Any:
+    """The process-wide template engine (compiles each distinct template once)."""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        from storyflow.spec.templates import Templates
+
+        _TEMPLATES = Templates()
+    return _TEMPLATES
+
+
+def validate_file(
+    path: str | Path,
+    *,
+    kinds: Mapping[str, tuple[str, ...]] | None = None,
+    environment: str | None = None,
+    sets: Sequence[str] = (),
+) -> list[Problem]:
+    """Every problem in the file (errors and warnings), sorted by position."""
+    try:
+        load_workflow(path, kinds=kinds, environment=environment, sets=sets)
+    except WorkflowError as exc:
+        return exc.problems
+    return []
+
+
+def load_workflow(
+    path: str | Path,
+    *,
+    kinds: Mapping[str, tuple[str, ...]] | None = None,
+    environment: str | None = None,
+    sets: Sequence[str] = (),
+    text: str | None = None,
+) -> Workflow:
+    """Load, check and build a workflow. Raises `WorkflowError` or `InputError`."""
+    from storyflow.spec import build, schema, semantic, yaml_source
+
+    src = yaml_source.load(path, text)
+    problems = list(src.problems)
+    data = src.data
+    if data is None and not problems:
+        problems.append(Problem("the file is empty", file=src.path,
+                                hint="start with apiVersion: storyflow/v1"))
+    if data is not None and not isinstance(data, dict):
+        problems.append(src.problem((), "a workflow file must be a mapping of keys",
+                                    hint="start with apiVersion: storyflow/v1"))
+    if problems and not isinstance(data, dict):
+        raise WorkflowError(problems)
+    assert isinstance(data, dict)
+    problems += schema.check(src, data)
+    analysis = semantic.check(src, data, template_engine(), kinds)
+    problems += analysis.problems
+    if any(p.severity == "error" for p in problems):
+        raise WorkflowError(_dedupe(problems))
+
+    if environment is not None or sets:
+        data = apply_parameters(data, environment, sets)
+        after = schema.check(src, data)
+        analysis = semantic.check(src, data, template_engine(), kinds)
+        after += analysis.problems
+        if any(p.severity == "error" for p in after):
+            origin = f"--env {environment}" if environment else "--set"
+            raise WorkflowError(
+                [Problem(f"after {origin}: {p.message}", file=p.file, line=p.line, col=p.col,
+                         path=p.path, hint=p.hint) for p in _dedupe(after)]
+            )
+    digest = hashlib.sha256(src.text.encode())
+    digest.update(repr((environment, list(sets))).encode())
+    return build.build(
+        data,
+        analysis,
+        path=str(path),
+        environment=environment,
+        source_hash=digest.hexdigest()[:16],
+    )
+
+
+def _dedupe(problems: list[Problem]) -> list[Problem]:
+    seen: set[tuple[int, int, str]] = set()
+    out = []
+    for p in sorted(problems, key=lambda p: (p.line, p.col)):
+        key = (p.line, p.col, p.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def apply_parameters(
+    data: dict[str, Any], environment: str | None, sets: Sequence[str]
+) -> dict[str, Any]:
+    """Deep-merge ``environments.NAME`` and apply ``--set a.b=value``; returns a copy."""
+    from storyflow.spec.units import did_you_mean
+    from storyflow.spec.yaml_source import parse_scalar
+
+    data = copy.deepcopy(data)
+    if environment is not None:
+        envs = data.get("environments") or {}
+        if environment not in envs:
+            raise InputError(
+                f"unknown environment {environment!r}",
+                hint=did_you_mean(environment, envs, what="environments")
+                or "this workflow defines no environments",
+            )
+        for key, overlay in (envs[environment] or {}).items():
+            if key == "description":
+                continue
+            data[key] = _deep_merge(data.get(key), overlay)
+    for item in sets:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted.strip():
+            raise InputError(f"--set {item!r} is not path=value",
+                             hint="for example --set config.temperature=0.2")
+        _set_path(data, dotted.strip(), parse_scalar(raw))
+    return data
+
+
+def _deep_merge(base: Any, overlay: Any) -> Any:
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        out = dict(base)
+        for k, v in overlay.items():
+            out[k] = _deep_merge(base.get(k), v)
+        return out
+    return copy.deepcopy(overlay)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(cur, list):
+            if not part.isdigit() or int(part) >= len(cur):
+                raise InputError(f"--set {dotted}: {part!r} is not an index of that list")
+            if last:
+                cur[int(part)] = value
+            else:
+                cur = cur[int(part)]
+        elif isinstance(cur, dict):
+            if last:
+                cur[part] = value
+            else:
+                cur = cur.setdefault(part, {})
+        else:
+            where = ".".join(parts[:i])
+            raise InputError(f"--set {dotted}: {where} is not a mapping")

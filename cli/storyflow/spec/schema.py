@@ -1,0 +1,142 @@
+"""The workflow JSON Schema: located once, compiled once, its errors made readable.
+
+The only module that imports jsonschema for workflow validation. Each schema error
+becomes a `Problem` at the offending node, with the nearest valid key or value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from storyflow.errors import Problem
+from storyflow.spec.units import did_you_mean
+from storyflow.spec.yaml_source import PathKey, Source
+
+WORKFLOW_SCHEMA = "workflow.schema.json"
+_REPO_SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
+
+
+def schema_path(name: str) -> Path:
+    """Where a shipped JSON Schema lives: inside the wheel, else the source tree."""
+    shipped = resources.files("storyflow").joinpath("schemas", name)
+    if shipped.is_file():
+        return Path(str(shipped))
+    return _REPO_SCHEMAS / name
+
+
+def schema_text(name: str = WORKFLOW_SCHEMA) -> str:
+    return schema_path(name).read_text(encoding="utf-8")
+
+
+@cache
+def load_schema(name: str = WORKFLOW_SCHEMA) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(schema_text(name))
+    return data
+
+
+@cache
+def _validator(name: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(load_schema(name))
+
+
+def validate_json(instance: Any, name: str) -> list[tuple[str, str]]:
+    """Validate any JSON value against a shipped schema; (json path, message) per error."""
+    out = []
+    for err in _validator(name).iter_errors(instance):
+        path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        out.append((path, err.message))
+    return out
+
+
+def check(source: Source, data: Any) -> list[Problem]:
+    """Every schema problem of ``data`` (the file's data, or after --env/--set)."""
+    problems: list[Problem] = []
+    for err in _validator(WORKFLOW_SCHEMA).iter_errors(data):
+        problems.extend(_translate(source, err))
+    return problems
+
+
+_TYPE_NAMES = {
+    "object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+    "number": "a number", "boolean": "true or false", "null": "null",
+}
+
+
+def _describe(path: PathKey) -> str:
+    if not path:
+        return "the workflow"
+    if len(path) >= 2 and path[-2] == "steps":
+        return f"step {path[-1]!r}"
+    if len(path) >= 2 and path[-2] == "agents":
+        return f"agent {path[-1]!r}"
+    if len(path) >= 2 and path[-2] == "pools":
+        return f"pool {path[-1]!r}"
+    return str(path[-1])
+
+
+def _pattern_hint(pattern: str) -> str | None:
+    if "ms|s|m|h" in pattern:
+        return 'write a duration as 30, "500ms", "30s", "5m" or "1h"'
+    if "sec|second" in pattern:
+        return 'write a rate as "10/s", "60/min" or "1000/h"'
+    if pattern.startswith("^[a-z0-9]"):
+        return "use lowercase letters, digits, '-' and '_', starting with a letter or digit"
+    if pattern.startswith("^[A-Za-z_]"):
+        return "use letters, digits and '_', not starting with a digit"
+    return None
+
+
+def _translate(source: Source, err: Any) -> list[Problem]:
+    path: PathKey = tuple(err.absolute_path)
+    kind = err.validator
+    where = _describe(path)
+    if kind == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = set(err.schema.get("properties", {}))
+        patterns = [re.compile(p) for p in err.schema.get("patternProperties", {})]
+        out = []
+        for key in err.instance:
+            if key in allowed or any(p.search(str(key)) for p in patterns):
+                continue
+            out.append(
+                source.problem(
+                    (*path, key),
+                    f"unknown key {key!r} in {where}",
+                    hint=did_you_mean(str(key), allowed, what="keys"),
+                    at_key=True,
+                )
+            )
+        return out
+    if kind == "propertyNames":
+        return [source.problem(path, f"invalid name in {where}: {err.message}", at_key=True)]
+    if kind == "required":
+        missing = err.message.split("'")[1] if "'" in err.message else err.message
+        return [source.problem(path, f"{where} is missing the required key {missing!r}")]
+    if kind == "enum" or kind == "const":
+        options = [str(o) for o in err.validator_value] if kind == "enum" else [err.validator_value]
+        if path == ("apiVersion",):
+            return [source.problem(path, f"unknown apiVersion {err.instance!r}",
+                                   hint=f"this storyflow reads apiVersion: {options[0]}")]
+        hint = did_you_mean(str(err.instance), options, what="values")
+        return [source.problem(path, f"{err.instance!r} is not a valid value for {where}",
+                               hint=hint)]
+    if kind == "type":
+        expected = err.validator_value
+        names = [expected] if isinstance(expected, str) else list(expected)
+        want = " or ".join(_TYPE_NAMES.get(n, n) for n in names)
+        got = type(err.instance).__name__
+        got = {"dict": "a mapping", "list": "a list", "str": "a string", "NoneType": "nothing",
+               "int": "an integer", "float": "a number", "bool": "true/false"}.get(got, got)
+        return [source.problem(path, f"{where} must be {want}, not {got}")]
+    if kind == "pattern":
+        return [source.problem(path, f"{err.instance!r} is not valid for {where}",
+                               hint=_pattern_hint(err.validator_value))]
+    if kind == "minProperties" and not err.instance:
+        return [source.problem(path, f"{where} is empty", hint="add at least one entry")]
+    return [source.problem(path, f"{where}: {err.message}")]

@@ -1,0 +1,245 @@
+"""YAML text → plain data, with line:col recovered on demand. The only ruamel importer.
+
+Loading is the hot path of `validate` and `run`, so a valid file is read once with
+the C-accelerated safe loader. Positions cost a second pass over the node tree
+(`compose`), paid only when there is a problem to point at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storyflow.errors import Problem
+
+PathKey = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pos:
+    """A 1-based position in the file."""
+
+    line: int
+    col: int
+    block: bool = False
+    """The value is a block scalar (`|` or `>`): its text starts on the next line."""
+
+
+@dataclass
+class Source:
+    """One workflow file: its text, its data, and positions when asked for."""
+
+    path: str
+    text: str
+    data: Any = None
+    problems: list[Problem] = field(default_factory=list)
+    _keys: dict[PathKey, Pos] | None = None
+    _values: dict[PathKey, Pos] | None = None
+
+    def _index(self) -> tuple[dict[PathKey, Pos], dict[PathKey, Pos]]:
+        if self._keys is None or self._values is None:
+            self._keys, self._values, _ = _index_positions(self.text)
+        return self._keys, self._values
+
+    def key_pos(self, path: PathKey) -> Pos:
+        """Position of the mapping key at ``path`` (or its nearest located ancestor)."""
+        keys, values = self._index()
+        return _nearest(path, keys, values)
+
+    def value_pos(self, path: PathKey) -> Pos:
+        """Position of the value at ``path`` (or its nearest located ancestor)."""
+        keys, values = self._index()
+        return _nearest(path, values, keys)
+
+    def problem(
+        self,
+        path: PathKey,
+        message: str,
+        *,
+        hint: str | None = None,
+        at_key: bool = False,
+        line_offset: int = 0,
+        severity: str = "error",
+    ) -> Problem:
+        pos = self.key_pos(path) if at_key else self.value_pos(path)
+        line = pos.line + line_offset + (1 if pos.block and line_offset else 0)
+        return Problem(
+            message=message,
+            file=self.path,
+            line=line,
+            col=pos.col if not line_offset else 1,
+            path=json_path(path),
+            hint=hint,
+            severity=severity,
+        )
+
+
+def json_path(path: PathKey) -> str:
+    out = "$"
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.replace("_", "a").replace("-", "a").isalnum():
+            out += f".{part}"
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+def _nearest(path: PathKey, first: dict[PathKey, Pos], second: dict[PathKey, Pos]) -> Pos:
+    p = tuple(path)
+    while True:
+        if p in first:
+            return first[p]
+        if p in second:
+            return second[p]
+        if not p:
+            return Pos(1, 1)
+        p = p[:-1]
+
+
+def load(path: str | Path, text: str | None = None) -> Source:
+    """Read and parse ``path``. Problems (syntax, duplicates, encoding) land in ``.problems``."""
+    name = str(path)
+    if text is None:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            src = Source(name, "")
+            src.problems.append(
+                Problem(f"cannot read the file: {exc.strerror or exc}", file=name,
+                        hint="check the path")
+            )
+            return src
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            src = Source(name, "")
+            src.problems.append(
+                Problem("the file is not valid UTF-8", file=name, line=line,
+                        hint="save the file as UTF-8")
+            )
+            return src
+    src = Source(name, text)
+    src.data, error = _safe_load(text, allow_duplicates=False)
+    if error is None:
+        return src
+    from ruamel.yaml.constructor import DuplicateKeyError
+
+    if isinstance(error, DuplicateKeyError):
+        # Report every duplicate, not just the first, then carry on with last-wins data.
+        _, _, duplicates = _index_positions(text)
+        for dup_path, pos, first in duplicates:
+            src.problems.append(
+                Problem(
+                    f"duplicate key {dup_path[-1]!r} (first defined at line {first.line})",
+                    file=name, line=pos.line, col=pos.col, path=json_path(dup_path),
+                    hint="remove one of them; YAML keeps only the last",
+                )
+            )
+        src.data, _ = _safe_load(text, allow_duplicates=True)
+        return src
+    src.problems.append(_syntax_problem(name, error))
+    src.data = None
+    return src
+
+
+def _safe_load(text: str, *, allow_duplicates: bool) -> tuple[Any, Exception | None]:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    yaml = YAML(typ="safe")
+    yaml.allow_duplicate_keys = allow_duplicates
+    try:
+        return yaml.load(text), None
+    except YAMLError as exc:
+        return None, exc
+    except (ValueError, TypeError, RecursionError) as exc:  # oddities ruamel lets through
+        return None, exc
+
+
+def _syntax_problem(name: str, exc: Exception) -> Problem:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = (mark.line + 1) if mark is not None else 1
+    col = (mark.column + 1) if mark is not None else 1
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    message = f"YAML syntax error: {what}" + (f" ({context})" if context else "")
+    hint = "check indentation and quoting near this line"
+    if "\t" in str(what) or "tab" in str(what):
+        hint = "YAML indentation uses spaces, not tabs"
+    elif "mapping values are not allowed" in str(what):
+        hint = "quote strings that contain ': ' (for example prompt: \"Title: ...\")"
+    return Problem(message, file=name, line=line, col=col, hint=hint)
+
+
+def _index_positions(
+    text: str,
+) -> tuple[dict[PathKey, Pos], dict[PathKey, Pos], list[tuple[PathKey, Pos, Pos]]]:
+    """Walk the node tree: key positions, value positions and duplicate keys."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    keys: dict[PathKey, Pos] = {}
+    values: dict[PathKey, Pos] = {}
+    duplicates: list[tuple[PathKey, Pos, Pos]] = []
+    try:
+        root = YAML(typ="safe").compose(text)
+    except (YAMLError, ValueError, TypeError, RecursionError):
+        return keys, values, duplicates
+    if root is None:
+        return keys, values, duplicates
+    for path, key_node, node in _walk(root, ()):
+        mark = node.start_mark
+        block = getattr(node, "style", None) in ("|", ">")
+        values[path] = Pos(mark.line + 1, mark.column + 1, block)
+        if key_node is not None:
+            km = key_node.start_mark
+            kpos = Pos(km.line + 1, km.column + 1)
+            if path in keys:
+                duplicates.append((path, kpos, keys[path]))
+            else:
+                keys[path] = kpos
+    return keys, values, duplicates
+
+
+def _walk(node: Any, path: PathKey) -> Iterator[tuple[PathKey, Any, Any]]:
+    from ruamel.yaml.nodes import MappingNode, SequenceNode
+
+    stack: list[tuple[Any, PathKey, Any]] = [(node, path, None)]
+    while stack:
+        current, cur_path, key_node = stack.pop()
+        yield cur_path, key_node, current
+        if isinstance(current, MappingNode):
+            for k, v in reversed(current.value):
+                key = k.value if isinstance(k.value, str) else str(k.value)
+                stack.append((v, (*cur_path, key), k))
+        elif isinstance(current, SequenceNode):
+            for i in reversed(range(len(current.value))):
+                stack.append((current.value[i], (*cur_path, i), None))
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse a command-line value as a YAML scalar or flow collection ("3" → 3, "[a, b]")."""
+    data, error = _safe_load(text, allow_duplicates=False)
+    if error is not None:
+        return text
+    return data
+
+
+def load_data_file(path: Path) -> Any:
+    """Read a JSON or YAML data file (``--inputs``); raises ValueError with line:col."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid UTF-8") from exc
+    data, error = _safe_load(text, allow_duplicates=False)
+    if error is not None:
+        p = _syntax_problem(str(path), error)
+        raise ValueError(f"{p.file}:{p.line}:{p.col}: {p.message}") from error
+    return data

@@ -1,0 +1,26 @@
+"""Persistent state: runs, step checkpoints, the output cache, leases and event logs.
+
+This package owns diskcache (nothing else in storyflow imports it); the key scheme
+and the store format version live in ``_store.py``.
+"""
+
+from __future__ import annotations
+
+from storyflow.store._events_log import EventLog, follow_events, read_events
+from storyflow.store._lease import Lease
+from storyflow.store._records import RunRecord, StepRecord
+from storyflow.store._redact import redact
+from storyflow.store._store import MIGRATIONS, STORE_FORMAT, Store
+
+__all__ = [
+    "MIGRATIONS",
+    "STORE_FORMAT",
+    "EventLog",
+    "Lease",
+    "RunRecord",
+    "StepRecord",
+    "Store",
+    "follow_events",
+    "read_events",
+    "redact",
+]

@@ -1,0 +1,130 @@
+"""Leases: one live process holds a run at a time.
+
+A lease is one store key holding ``{"pid", "host", "token", "heartbeat"}``. The holder
+refreshes ``heartbeat`` while it runs; a holder whose process is gone (same host) or
+whose heartbeat is older than the TTL (any host) is dead, and its lease is taken over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import diskcache
+
+from storyflow.errors import RunHeldError
+from storyflow.store._fence import Fence
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; trust the heartbeat
+        return True
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    except OSError:
+        return False
+    return True
+
+
+def holder_alive(record: dict[str, Any], *, now: float, ttl_s: float, host: str) -> bool:
+    """Whether the process described by a lease record still holds it."""
+    if now - float(record.get("heartbeat", 0.0)) >= ttl_s:
+        return False
+    if record.get("host") != host:
+        return True
+    return pid_alive(int(record.get("pid", 0)))
+
+
+def _held_error(run_id: str, record: dict[str, Any]) -> RunHeldError:
+    return RunHeldError(
+        f"run {run_id} is held by process {record.get('pid')} on {record.get('host')}",
+        hint="wait for it to finish, or stop that process",
+    )
+
+
+class Lease:
+    """This process's hold on one run. Refresh it with `heartbeat`, end it with `release`."""
+
+    def __init__(
+        self,
+        cache: diskcache.Cache,
+        key: str,
+        run_id: str,
+        token: str,
+        *,
+        clock: Callable[[], float],
+        root: Path,
+    ) -> None:
+        self._cache = cache
+        self._key = key
+        self._clock = clock
+        self._root = root
+        self.run_id = run_id
+        """The run held."""
+        self.token = token
+        """Unique to this acquisition; tells our lease from a successor's."""
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "token": self.token,
+            "heartbeat": self._clock(),
+        }
+
+    def heartbeat(self) -> None:
+        """Refresh the timestamp; raise `RunHeldError` if another process took the run."""
+        with Fence(self._root, "refresh the lease"), self._cache.transact():
+            current: dict[str, Any] | None = self._cache.get(self._key)
+            if current is not None and current.get("token") != self.token:
+                raise _held_error(self.run_id, current)
+            self._cache.set(self._key, self._record())
+
+    def release(self) -> None:
+        """Give the run up, unless another process already took it over."""
+        with Fence(self._root, "release the lease"), self._cache.transact():
+            current: dict[str, Any] | None = self._cache.get(self._key)
+            if current is not None and current.get("token") == self.token:
+                self._cache.delete(self._key)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def acquire(
+    cache: diskcache.Cache,
+    key: str,
+    run_id: str,
+    *,
+    ttl_s: float,
+    clock: Callable[[], float],
+    root: Path,
+) -> Lease:
+    """Take the run's lease, over a dead or stale holder; `RunHeldError` if one is alive."""
+    lease = Lease(cache, key, run_id, uuid.uuid4().hex, clock=clock, root=root)
+    with Fence(root, "take the run's lease"), cache.transact():
+        current: dict[str, Any] | None = cache.get(key)
+        if current is not None and holder_alive(
+            current, now=clock(), ttl_s=ttl_s, host=socket.gethostname()
+        ):
+            raise _held_error(run_id, current)
+        cache.set(key, lease._record())
+    return lease

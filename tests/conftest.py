@@ -1,0 +1,134 @@
+"""Shared fixtures: write a workflow file, run the real `storyflow` command.
+
+Kept generic so that engine and store tests can reuse them: ``write_workflow`` writes
+any YAML text, ``cli`` runs the installed console entry point in a subprocess with its
+state directory inside ``tmp_path`` (never the developer's ``.storyflow/``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root (holds pyproject.toml, schemas/, workflows/)."""
+SCHEMAS = REPO / "schemas"
+WORKFLOWS = REPO / "workflows"
+
+CLI_TIMEOUT_S = 60.0
+"""Upper bound for one subprocess run; a hung command fails the test instead of the suite."""
+
+
+class WriteWorkflow(Protocol):
+    def __call__(self, text: str | bytes, name: str = "workflow.yaml") -> Path: ...
+
+
+class Cli(Protocol):
+    def __call__(
+        self,
+        *args: str | os.PathLike[str],
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]: ...
+
+
+@pytest.fixture
+def write_workflow(tmp_path: Path) -> WriteWorkflow:
+    """``write_workflow(text, name="workflow.yaml") -> Path``.
+
+    ``text`` is dedented (so tests can indent their YAML like code) and written as UTF-8;
+    ``bytes`` are written as they are (for encoding tests). ``name`` may contain folders.
+    """
+
+    def write(text: str | bytes, name: str = "workflow.yaml") -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+        return path
+
+    return write
+
+
+def cli_env(state_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a CLI subprocess gets: ours, minus colours and debug switches."""
+    env = dict(os.environ)
+    for key in ("STORYFLOW_DEBUG", "FORCE_COLOR", "CLICOLOR_FORCE"):
+        env.pop(key, None)
+    env.update(
+        STORYFLOW_STATE_DIR=str(state_dir),
+        NO_COLOR="1",
+        PYTHONIOENCODING="utf-8",
+        COLUMNS="200",
+    )
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str | os.PathLike[str],
+    state_dir: Path,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float = CLI_TIMEOUT_S,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m storyflow ARGS`` the way a user's shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "storyflow", *map(str, args)],
+        cwd=cwd,
+        env=cli_env(state_dir, env),
+        input=input,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    """Where runs started by `cli` are stored (created on first use by storyflow)."""
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def cli(state_dir: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``cli(*args, cwd=None, env=None, input=None) -> CompletedProcess[str]``.
+
+    Runs the real command in a subprocess with ``STORYFLOW_STATE_DIR`` under
+    ``tmp_path``; ``cwd`` defaults to ``tmp_path``; ``env`` adds variables.
+    """
+
+    def run(
+        *args: str | os.PathLike[str],
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        return run_cli(
+            *args, state_dir=state_dir, cwd=cwd or tmp_path, env=env, input=input
+        )
+
+    return run
+
+
+MINIMAL_WORKFLOW = """\
+apiVersion: storyflow/v1
+name: tiny
+steps:
+  hello: {uses: template, with: {template: "hello"}}
+"""
+"""The smallest valid workflow."""
