@@ -26,6 +26,12 @@ CLI_TIMEOUT_S = 60.0
 """Upper bound for one subprocess run; a hung command fails the test instead of the suite."""
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: takes seconds, not milliseconds (builds a wheel, many subprocesses)"
+    )
+
+
 class WriteWorkflow(Protocol):
     def __call__(self, text: str | bytes, name: str = "workflow.yaml") -> Path: ...
 
@@ -131,4 +137,9 @@ name: tiny
 steps:
   hello: {uses: template, with: {template: "hello"}}
 """
-"""The smallest valid workflow."""
+
+
+@pytest.fixture
+def minimal_workflow(write_workflow: WriteWorkflow) -> Path:
+    """The smallest valid workflow, written to ``tmp_path/minimal.yaml``."""
+    return write_workflow(MINIMAL_WORKFLOW, "minimal.yaml")

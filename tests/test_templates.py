@@ -474,12 +474,33 @@ class TestCache:
             t.render("{{ inputs.count + 1 }}", scope)
         assert t.cache_size() == 2
 
-    def test_check_warms_the_cache(self, t: Templates, scope: dict[str, Any]) -> None:
+    def test_check_parses_without_compiling(
+        self, t: Templates, scope: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         src = "Hello {{ inputs.premise }}"
         assert t.check(src) is None
-        assert t.cache_size() == 1
+        assert t.cache_size() == 0  # validation never pays for code generation
+        parses = 0
+        real = t._compute_chains
+
+        def counting(source: str, *, expression: bool) -> Any:
+            nonlocal parses
+            parses += 1
+            return real(source, expression=expression)
+
+        monkeypatch.setattr(t, "_compute_chains", counting)
+        assert t.references(src) == {Reference("inputs", "premise", None)}
+        assert parses == 0  # the tree parsed by check() is reused
         t.render(src, scope)
         assert t.cache_size() == 1
+
+    def test_plain_reference_needs_no_jinja(self, t: Templates) -> None:
+        assert t.check("{{ steps.plot.output }}") is None
+        assert t.references("{{ steps.plot.output }}") == {Reference("steps", "plot", "output")}
+        assert t.references("steps.a.status", expression=True) == {
+            Reference("steps", "a", "status")
+        }
+        assert t._chain_cache == {}
 
     def test_fast_path_compiles_nothing(self, t: Templates, scope: dict[str, Any]) -> None:
         assert t.render("{{ steps.plot.output.sections[0].title }}", scope) == "Opening"

@@ -24,44 +24,84 @@ def ev(type_: str, at: float = 0.0, **fields: Any) -> dict[str, Any]:
 
 TRANSIENT = {"class": "transient", "message": "connection refused"}
 SUMMARY = ev(
-    "run.summary", 9.9, status="succeeded", outputs={"story": "…"},
-    steps={"skipped": 2, "succeeded": 10}, duration_s=9.9,
+    "run.summary",
+    9.9,
+    status="succeeded",
+    outputs={"story": "…"},
+    steps={"skipped": 2, "succeeded": 10},
+    duration_s=9.9,
 )
 
 # (event, plain line) for every event type the engine emits, and one it does not.
 PLAIN_CASES = [
-    (ev("run.started", workflow="short-story", steps=12, inputs={}),
-     f"00:00.0 run.started short-story (12 steps) run {RUN}"),
+    (
+        ev("run.started", workflow="short-story", steps=12, inputs={}),
+        f"00:00.0 run.started short-story (12 steps) run {RUN}",
+    ),
     (ev("step.started", 1.3, step="draft[2]", attempt=1), "00:01.3 ▶ draft[2] attempt 1"),
-    (ev("step.succeeded", 2.9, step="draft[2]", attempt=1, duration_s=1.6),
-     "00:02.9 ✓ draft[2] 1.6s"),
-    (ev("step.succeeded", 2.9, step="draft[3]", attempt=1, duration_s=1.6, tokens=120,
-        cost=0.0012, degraded=True),
-     "00:02.9 ✓ draft[3] 1.6s · 120 tok · $0.0012 · degraded"),
-    (ev("step.failed", 3.0, step="plot", attempt=2, error=TRANSIENT, final=False),
-     "00:03.0 ✗ plot attempt 2: transient: connection refused (will retry)"),
-    (ev("step.retrying", 3.0, step="plot", attempt=2, delay_s=2.0, error=TRANSIENT),
-     "00:03.0 ↻ plot retry in 2.0s"),
-    (ev("step.failed", 5.0, step="plot", attempt=3, error=TRANSIENT, final=True),
-     "00:05.0 ✗ plot attempt 3: transient: connection refused"),
-    (ev("step.skipped", 3.1, step="epilogue", reason="when was false"),
-     "00:03.1 ⤼ epilogue skipped: when was false"),
+    (
+        ev("step.succeeded", 2.9, step="draft[2]", attempt=1, duration_s=1.6),
+        "00:02.9 ✓ draft[2] 1.6s",
+    ),
+    (
+        ev(
+            "step.succeeded",
+            2.9,
+            step="draft[3]",
+            attempt=1,
+            duration_s=1.6,
+            tokens=120,
+            cost=0.0012,
+            degraded=True,
+        ),
+        "00:02.9 ✓ draft[3] 1.6s · 120 tok · $0.0012 · degraded",
+    ),
+    (
+        ev("step.failed", 3.0, step="plot", attempt=2, error=TRANSIENT, final=False),
+        "00:03.0 ✗ plot attempt 2: transient: connection refused (will retry)",
+    ),
+    (
+        ev("step.retrying", 3.0, step="plot", attempt=2, delay_s=2.0, error=TRANSIENT),
+        "00:03.0 ↻ plot retry in 2.0s",
+    ),
+    (
+        ev("step.failed", 5.0, step="plot", attempt=3, error=TRANSIENT, final=True),
+        "00:05.0 ✗ plot attempt 3: transient: connection refused",
+    ),
+    (
+        ev("step.skipped", 3.1, step="epilogue", reason="when was false"),
+        "00:03.1 ⤼ epilogue skipped: when was false",
+    ),
     (ev("step.skipped", 3.1, step="coda"), "00:03.1 ⤼ coda skipped"),
-    (ev("step.cancelled", 3.2, step="polish", reason="run interrupted"),
-     "00:03.2 ⊘ polish cancelled: run interrupted"),
+    (
+        ev("step.cancelled", 3.2, step="polish", reason="run interrupted"),
+        "00:03.2 ⊘ polish cancelled: run interrupted",
+    ),
     (ev("step.cached", 3.3, step="premise", attempt=1), "00:03.3 ≡ premise cached"),
-    (ev("step.kept", 3.3, step="setting", attempt=1, duration_s=0.4, tokens=80),
-     "00:03.3 ≡ setting kept 0.4s · 80 tok"),
-    (ev("step.log", 3.4, step="draft[2]", message="line one\nline two"),
-     "00:03.4   draft[2]: line one ⏎ line two"),
+    (
+        ev("step.kept", 3.3, step="setting", attempt=1, duration_s=0.4, tokens=80),
+        "00:03.3 ≡ setting kept 0.4s · 80 tok",
+    ),
+    (
+        ev("step.log", 3.4, step="draft[2]", message="line one\nline two"),
+        "00:03.4   draft[2]: line one ⏎ line two",
+    ),
     (ev("step.exploded", 3.5, step="x", why="unknown"), "00:03.5 step.exploded x why=unknown"),
-    (ev("run.succeeded", 9.9, status="succeeded", duration_s=9.9),
-     "00:09.9 run.succeeded in 9.9s"),
-    (ev("run.failed", 75.25, status="failed", duration_s=75.25,
-        error={"class": "budget_exceeded", "message": "cost over $1.00"}),
-     "01:15.2 run.failed in 1m15s: budget_exceeded: cost over $1.00"),
-    (ev("run.interrupted", 9.9, status="interrupted", duration_s=9.9),
-     "00:09.9 run.interrupted in 9.9s"),
+    (ev("run.succeeded", 9.9, status="succeeded", duration_s=9.9), "00:09.9 run.succeeded in 9.9s"),
+    (
+        ev(
+            "run.failed",
+            75.25,
+            status="failed",
+            duration_s=75.25,
+            error={"class": "budget_exceeded", "message": "cost over $1.00"},
+        ),
+        "01:15.2 run.failed in 1m15s: budget_exceeded: cost over $1.00",
+    ),
+    (
+        ev("run.interrupted", 9.9, status="interrupted", duration_s=9.9),
+        "00:09.9 run.interrupted in 9.9s",
+    ),
     (ev("run.waiting", 9.9, status="waiting", duration_s=9.9), "00:09.9 run.waiting in 9.9s"),
     (SUMMARY, "summary: succeeded · 12 steps (10 succeeded, 2 skipped) · 9.9s"),
 ]
@@ -98,7 +138,9 @@ def test_plain_offsets_start_at_the_first_event_without_clock_start() -> None:
 
 def test_plain_summary_with_tokens_and_cost() -> None:
     summary = {**SUMMARY, "tokens": 12_345, "cost": 0.0123}
-    expected = "summary: succeeded · 12 steps (10 succeeded, 2 skipped) · 9.9s · 12,345 tok · $0.0123"
+    expected = (
+        "summary: succeeded · 12 steps (10 succeeded, 2 skipped) · 9.9s · 12,345 tok · $0.0123"
+    )
     assert plain_lines([summary]) == [expected]
     assert summary_line(summary) == expected
 
@@ -235,8 +277,7 @@ def test_live_10000_steps_render_a_bounded_view(live_sink: tuple[LiveSink, FakeC
 def test_live_exact_view_with_a_retry_countdown(live_sink: tuple[LiveSink, FakeClock]) -> None:
     sink, clock = live_sink
     sink(ev("run.started", workflow="short-story", steps=4))
-    sink(ev("step.succeeded", step="premise", attempt=1, duration_s=0.5, tokens=1200,
-            cost=0.0125))
+    sink(ev("step.succeeded", step="premise", attempt=1, duration_s=0.5, tokens=1200, cost=0.0125))
     sink(ev("step.started", step="plot", attempt=2))
     sink(ev("step.started", step="[bold]x", attempt=1))
     sink(ev("step.log", step="[bold]x", message="thinking"))
@@ -244,15 +285,17 @@ def test_live_exact_view_with_a_retry_countdown(live_sink: tuple[LiveSink, FakeC
     sink(ev("step.failed", step="plot", attempt=2, error=TRANSIENT, final=False))
     sink(ev("step.retrying", step="plot", attempt=2, delay_s=2.0, error=TRANSIENT))
     clock.now += 0.6
-    assert rendered(sink) == "\n".join([
-        f"short-story · run {RUN} · 1.6s · running",
-        "━" * 22 + "╸" + " " * 68 + "1/4 (25%)",
-        "running 1 · retrying 1 · succeeded 1",
-        "step     status    attempt           time",
-        "plot     retrying        2  retry in 1.4s  transient",
-        "[bold]x  running         1           1.6s  thinking",
-        "tokens 1,200 · cost $0.0125",
-    ])
+    assert rendered(sink) == "\n".join(
+        [
+            f"short-story · run {RUN} · 1.6s · running",
+            "━" * 22 + "╸" + " " * 68 + "1/4 (25%)",
+            "running 1 · retrying 1 · succeeded 1",
+            "step     status    attempt           time",
+            "plot     retrying        2  retry in 1.4s  transient",
+            "[bold]x  running         1           1.6s  thinking",
+            "tokens 1,200 · cost $0.0125",
+        ]
+    )
     clock.now += 5.0  # the countdown stops at zero
     assert "retry in 0.0s" in rendered(sink)
     sink(ev("step.started", step="plot", attempt=3))
@@ -267,18 +310,28 @@ def test_live_close_stops_and_prints_the_summary() -> None:
     sink(ev("step.succeeded", step="a", attempt=1, duration_s=1.0))
     sink(ev("step.skipped", step="b", reason="when was false"))
     sink(ev("run.succeeded", status="succeeded", duration_s=1.2))
-    summary = ev("run.summary", status="succeeded", outputs={},
-                 steps={"succeeded": 1, "skipped": 1}, duration_s=1.2, tokens=7)
+    summary = ev(
+        "run.summary",
+        status="succeeded",
+        outputs={},
+        steps={"succeeded": 1, "skipped": 1},
+        duration_s=1.2,
+        tokens=7,
+    )
     sink(summary)
     live = sink.live
-    assert live is not None and live.is_started
+    assert live is not None
+    was_started = live.is_started
     sink.close()
     sink.close()  # idempotent
-    assert not live.is_started
+    assert (was_started, live.is_started) == (True, False)
     out = console.file.getvalue()  # type: ignore[attr-defined]
     assert out.splitlines()[0] == f"w · run {RUN} · 0.0s · succeeded"  # rich's final frame
     assert out.endswith(f"\n{summary_line(summary)}\n")
-    assert summary_line(summary) == "summary: succeeded · 2 steps (1 succeeded, 1 skipped) · 1.2s · 7 tok"
+    assert (
+        summary_line(summary)
+        == "summary: succeeded · 2 steps (1 succeeded, 1 skipped) · 1.2s · 7 tok"
+    )
 
 
 def test_live_close_without_a_summary_event_summarises_its_counters() -> None:
@@ -315,14 +368,18 @@ def test_make_sink_choices() -> None:
     tty = TtyStream()
     env = {"TERM": "xterm-256color"}
     assert isinstance(make_sink(json_mode=True, progress=None, stream=tty, environ=env), JsonSink)
-    assert isinstance(make_sink(json_mode=False, progress=None, stream=io.StringIO(),
-                                environ=env), PlainSink)
-    assert isinstance(make_sink(json_mode=False, progress=True, stream=io.StringIO(),
-                                environ=env), PlainSink)
-    assert isinstance(make_sink(json_mode=False, progress=False, stream=tty, environ=env),
-                      PlainSink)
-    assert isinstance(make_sink(json_mode=False, progress=None, stream=tty,
-                                environ={"TERM": "dumb"}), PlainSink)
+    assert isinstance(
+        make_sink(json_mode=False, progress=None, stream=io.StringIO(), environ=env), PlainSink
+    )
+    assert isinstance(
+        make_sink(json_mode=False, progress=True, stream=io.StringIO(), environ=env), PlainSink
+    )
+    assert isinstance(
+        make_sink(json_mode=False, progress=False, stream=tty, environ=env), PlainSink
+    )
+    assert isinstance(
+        make_sink(json_mode=False, progress=None, stream=tty, environ={"TERM": "dumb"}), PlainSink
+    )
     live = make_sink(json_mode=False, progress=None, stream=tty, environ=env)
     assert isinstance(live, LiveSink)
     live.close()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     """Where a whole run stands."""
 
     RUNNING = "running"
@@ -14,11 +14,8 @@ class RunStatus(str, Enum):
     INTERRUPTED = "interrupted"
     WAITING = "waiting"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class StepStatus(str, Enum):
+class StepStatus(StrEnum):
     """Where one step instance stands."""
 
     PENDING = "pending"
@@ -30,9 +27,6 @@ class StepStatus(str, Enum):
     FAILED = "failed"
     SKIPPED = "skipped"
     CANCELLED = "cancelled"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def done(self) -> bool:
@@ -54,7 +48,7 @@ _DONE = frozenset(
 )
 
 
-class ErrorClass(str, Enum):
+class ErrorClass(StrEnum):
     """Why an attempt failed; `retry.on` selects classes by these names."""
 
     TRANSIENT = "transient"
@@ -65,11 +59,8 @@ class ErrorClass(str, Enum):
     CIRCUIT_OPEN = "circuit_open"
     BUDGET_EXCEEDED = "budget_exceeded"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class EventType(str, Enum):
+class EventType(StrEnum):
     """The `type` field of every event line."""
 
     RUN_STARTED = "run.started"
@@ -87,6 +78,3 @@ class EventType(str, Enum):
     STEP_CACHED = "step.cached"
     STEP_CANCELLED = "step.cancelled"
     STEP_KEPT = "step.kept"
-
-    def __str__(self) -> str:
-        return self.value

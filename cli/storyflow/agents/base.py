@@ -42,6 +42,8 @@ class Call:
     """The step's ``output_schema``, for agents that can ask for structured output."""
     log: Callable[[str], None] = discard
     """The agent's logger; each line becomes a step log event."""
+    seed: int | None = None
+    """The workflow's ``seed``; agents that sample derive their randomness from it."""
 
 
 @dataclass(frozen=True, slots=True)

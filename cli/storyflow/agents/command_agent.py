@@ -110,7 +110,7 @@ def _argv(run: Any) -> list[str]:
         if any(isinstance(a, dict | list) or a is None for a in run):
             raise PermanentError(
                 "`with.run` arguments must be strings or numbers",
-                hint="quote the template, e.g. \"{{ steps.x.output | tojson }}\"",
+                hint='quote the template, e.g. "{{ steps.x.output | tojson }}"',
             )
         return [str(a) for a in run]
     raise PermanentError(

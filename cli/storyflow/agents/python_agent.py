@@ -71,7 +71,6 @@ class _Target:
 
 
 _targets: dict[tuple[Path, str], _Target] = {}
-_paths_added: set[str] = set()
 
 
 def clear_cache() -> None:
@@ -156,10 +155,8 @@ def _resolve(workflow_dir: Path, spec: str) -> _Target:
     if not sep or not _dotted(module_name) or not _dotted(attr_path):
         raise PermanentError(f"bad callable {spec!r}", hint=_CALLABLE_HINT)
     folder = str(workflow_dir)
-    if folder not in _paths_added:
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        _paths_added.add(folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:

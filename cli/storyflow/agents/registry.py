@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from storyflow.agents.base import Agent
 from storyflow.agents.command_agent import CommandAgent
+from storyflow.agents.grammar_agent import GrammarAgent
 from storyflow.agents.python_agent import PythonAgent
 from storyflow.agents.template_agent import TemplateAgent
 from storyflow.errors import PermanentError
@@ -33,6 +34,7 @@ _IMPLEMENTED: dict[str, Callable[[], Agent]] = {
     "python": PythonAgent,
     "command": CommandAgent,
     "template": TemplateAgent,
+    "builtin/grammar": GrammarAgent,
 }
 
 

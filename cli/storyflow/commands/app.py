@@ -100,7 +100,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     state_dir_opt: Path | None = typer.Option(
-        None, "--state-dir", help="Where runs are stored (default $STORYFLOW_STATE_DIR or ./.storyflow)."
+        None,
+        "--state-dir",
+        help="Where runs are stored (default $STORYFLOW_STATE_DIR or ./.storyflow).",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
     version: bool = typer.Option(

@@ -56,16 +56,30 @@ def runs(
     with Store(state_dir()) as store:
         records = store.list_runs(status=status, workflow=workflow, limit=limit)
     if json_mode:
-        typer.echo(json.dumps([
-            {"run_id": r.run_id, "workflow": r.workflow, "status": r.status,
-             "created_at": r.created_at, "ended_at": r.ended_at,
-             "parent_run": r.parent_run} for r in records], indent=2))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "run_id": r.run_id,
+                        "workflow": r.workflow,
+                        "status": r.status,
+                        "created_at": r.created_at,
+                        "ended_at": r.ended_at,
+                        "parent_run": r.parent_run,
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
         return
     if not records:
         typer.echo("no runs yet — start one with: storyflow run FILE")
         return
-    rows = [[r.run_id, r.workflow, r.status, _when(r.created_at), _dur(r.created_at, r.ended_at)]
-            for r in records]
+    rows = [
+        [r.run_id, r.workflow, r.status, _when(r.created_at), _dur(r.created_at, r.ended_at)]
+        for r in records
+    ]
     typer.echo(_table(rows, ["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION"]))
 
 
@@ -77,24 +91,54 @@ def show_document(store: Any, record: Any) -> dict[str, Any]:
     for sid in ids:
         rec = steps.get(sid)
         if rec is None:
-            out_steps.append({"id": sid, "status": "pending", "attempts": 0, "output": None,
-                              "error": None, "started_at": None, "ended_at": None,
-                              "duration_s": None, "agent": None, "degraded": False})
+            out_steps.append(
+                {
+                    "id": sid,
+                    "status": "pending",
+                    "attempts": 0,
+                    "output": None,
+                    "error": None,
+                    "started_at": None,
+                    "ended_at": None,
+                    "duration_s": None,
+                    "agent": None,
+                    "degraded": False,
+                }
+            )
             continue
-        duration = (rec.ended_at - rec.started_at
-                    if rec.ended_at is not None and rec.started_at is not None else None)
-        out_steps.append({"id": sid, "status": rec.status, "attempts": rec.attempts,
-                          "output": rec.output, "error": rec.error,
-                          "started_at": rec.started_at, "ended_at": rec.ended_at,
-                          "duration_s": duration, "agent": rec.agent,
-                          "degraded": rec.degraded})
+        duration = (
+            rec.ended_at - rec.started_at
+            if rec.ended_at is not None and rec.started_at is not None
+            else None
+        )
+        out_steps.append(
+            {
+                "id": sid,
+                "status": rec.status,
+                "attempts": rec.attempts,
+                "output": rec.output,
+                "error": rec.error,
+                "started_at": rec.started_at,
+                "ended_at": rec.ended_at,
+                "duration_s": duration,
+                "agent": rec.agent,
+                "degraded": rec.degraded,
+            }
+        )
     return {
-        "run_id": record.run_id, "workflow": record.workflow,
-        "workflow_version": record.workflow_version, "workflow_path": record.workflow_path,
-        "status": record.status, "inputs": record.inputs, "environment": record.environment,
-        "created_at": record.created_at, "ended_at": record.ended_at,
-        "parent_run": record.parent_run, "error": record.error,
-        "steps": out_steps, "outputs": record.outputs or {},
+        "run_id": record.run_id,
+        "workflow": record.workflow,
+        "workflow_version": record.workflow_version,
+        "workflow_path": record.workflow_path,
+        "status": record.status,
+        "inputs": record.inputs,
+        "environment": record.environment,
+        "created_at": record.created_at,
+        "ended_at": record.ended_at,
+        "parent_run": record.parent_run,
+        "error": record.error,
+        "steps": out_steps,
+        "outputs": record.outputs or {},
         "run_dir": str(store.run_dir(record.run_id)),
     }
 
@@ -116,24 +160,29 @@ def show(
         doc = show_document(store, record)
     if output is not None:
         if output not in doc["outputs"]:
-            raise UsageError(f"run {record.run_id} has no output {output!r}",
-                             hint=did_you_mean(output, doc["outputs"], what="outputs")
-                             or "the run has no outputs (it may not have succeeded)")
+            raise UsageError(
+                f"run {record.run_id} has no output {output!r}",
+                hint=did_you_mean(output, doc["outputs"], what="outputs")
+                or "the run has no outputs (it may not have succeeded)",
+            )
         value = doc["outputs"][output]
         typer.echo(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
         return
     if step is not None:
         match = [s for s in doc["steps"] if s["id"] == step]
         if not match:
-            raise UsageError(f"run {record.run_id} has no step {step!r}",
-                             hint=did_you_mean(step, [s["id"] for s in doc["steps"]],
-                                               what="steps"))
+            raise UsageError(
+                f"run {record.run_id} has no step {step!r}",
+                hint=did_you_mean(step, [s["id"] for s in doc["steps"]], what="steps"),
+            )
         if json_mode:
             typer.echo(json.dumps(match[0], indent=2, ensure_ascii=False))
             return
         s = match[0]
-        typer.echo(f"step {s['id']}: {s['status']} · {s['attempts']} attempt(s)"
-                   f" · {_dur(s['started_at'], s['ended_at'])}")
+        typer.echo(
+            f"step {s['id']}: {s['status']} · {s['attempts']} attempt(s)"
+            f" · {_dur(s['started_at'], s['ended_at'])}"
+        )
         if s["error"]:
             typer.echo(f"error: {s['error']['class']}: {s['error']['message']}")
         if s["output"] is not None:
@@ -143,11 +192,15 @@ def show(
     if json_mode:
         typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
-    typer.echo(f"run {doc['run_id']} · {doc['workflow']}"
-               + (f" v{doc['workflow_version']}" if doc["workflow_version"] else "")
-               + f" · {doc['status']}")
-    typer.echo(f"started {_when(doc['created_at'])} · {_dur(doc['created_at'], doc['ended_at'])}"
-               f" · {doc['run_dir']}")
+    typer.echo(
+        f"run {doc['run_id']} · {doc['workflow']}"
+        + (f" v{doc['workflow_version']}" if doc["workflow_version"] else "")
+        + f" · {doc['status']}"
+    )
+    typer.echo(
+        f"started {_when(doc['created_at'])} · {_dur(doc['created_at'], doc['ended_at'])}"
+        f" · {doc['run_dir']}"
+    )
     rows = []
     for s in doc["steps"]:
         note = ""
@@ -155,8 +208,9 @@ def show(
             note = f"{s['error']['class']}: {s['error']['message']}"[:70]
         elif s["degraded"]:
             note = f"degraded (served by {s['agent']})"
-        rows.append([s["id"], s["status"], str(s["attempts"]),
-                     _dur(s["started_at"], s["ended_at"]), note])
+        rows.append(
+            [s["id"], s["status"], str(s["attempts"]), _dur(s["started_at"], s["ended_at"]), note]
+        )
     typer.echo(_table(rows, ["STEP", "STATUS", "ATTEMPTS", "DURATION", "NOTE"]))
     if doc["error"]:
         typer.echo(f"error: {doc['error']['message']}")
@@ -185,8 +239,11 @@ def logs(
         sink = JsonSink(sys.stdout) if json_mode else PlainSink(sys.stdout)
 
         def wanted(ev: dict[str, Any]) -> bool:
-            return step is None or ev.get("step") == step or (
-                ev.get("type", "").startswith("run.") and ev.get("type") != "run.summary")
+            return (
+                step is None
+                or ev.get("step") == step
+                or (ev.get("type", "").startswith("run.") and ev.get("type") != "run.summary")
+            )
 
         if not follow:
             if path.exists():

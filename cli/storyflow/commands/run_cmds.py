@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -23,18 +22,33 @@ from storyflow.errors import (
 )
 from storyflow.events import EventType, RunStatus
 
+_END_EVENT = {
+    RunStatus.SUCCEEDED: "succeed",
+    RunStatus.FAILED: "fail",
+    RunStatus.INTERRUPTED: "interrupt",
+    RunStatus.WAITING: "wait",
+}
+
 
 @app.command()
 @guarded
 def run(
     file: Path = typer.Argument(..., help="Workflow file.", show_default=False),
-    inputs: list[str] = typer.Option([], "-i", "--input", help="An input as key=value (repeatable)."),
-    inputs_file: Path | None = typer.Option(None, "--inputs", help="Inputs from a JSON or YAML file."),
+    inputs: list[str] = typer.Option(
+        [], "-i", "--input", help="An input as key=value (repeatable)."
+    ),
+    inputs_file: Path | None = typer.Option(
+        None, "--inputs", help="Inputs from a JSON or YAML file."
+    ),
     env: str | None = typer.Option(None, "--env", help="Apply the file's environments.NAME."),
     sets: list[str] = typer.Option([], "--set", help="Override a value: path=value (repeatable)."),
-    run_id: str | None = typer.Option(None, "--run-id", help="Use this run id instead of a new one."),
+    run_id: str | None = typer.Option(
+        None, "--run-id", help="Use this run id instead of a new one."
+    ),
     max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and show the plan; run nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate and show the plan; run nothing."
+    ),
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
 ) -> None:
@@ -58,25 +72,43 @@ def run(
     with Store(state_dir()) as store:
         rid = run_id or store.new_run_id()
         if run_id is not None and store.get_run(run_id) is not None:
-            raise UsageError(f"run {run_id} already exists",
-                             hint=f"continue it with: storyflow resume {run_id}")
+            raise UsageError(
+                f"run {run_id} already exists", hint=f"continue it with: storyflow resume {run_id}"
+            )
         now = store.clock()
         record = RunRecord(
-            run_id=rid, workflow=wf.name, workflow_path=str(Path(file).resolve()),
-            workflow_version=wf.version, source_hash=wf.source_hash,
-            status=RunStatus.RUNNING.value, inputs=values, environment=env, sets=list(sets),
-            created_at=now, updated_at=now, meta={"steps": list(compiled.order)},
+            run_id=rid,
+            workflow=wf.name,
+            workflow_path=str(Path(file).resolve()),
+            workflow_version=wf.version,
+            source_hash=wf.source_hash,
+            status=RunStatus.RUNNING.value,
+            inputs=values,
+            environment=env,
+            sets=list(sets),
+            created_at=now,
+            updated_at=now,
+            meta={"steps": list(compiled.order)},
         )
         store.put_run(record)
-        code = execute(store, wf, compiled, record, json_mode=json_mode,
-                       progress=not no_progress, max_parallel=max_parallel)
+        code = execute(
+            store,
+            wf,
+            compiled,
+            record,
+            json_mode=json_mode,
+            progress=not no_progress,
+            max_parallel=max_parallel,
+        )
     raise typer.Exit(code)
 
 
 @app.command()
 @guarded
 def resume(
-    run_ref: str | None = typer.Argument(None, help="Run id or a unique prefix.", show_default=False),
+    run_ref: str | None = typer.Argument(
+        None, help="Run id or a unique prefix.", show_default=False
+    ),
     last: bool = typer.Option(False, "--last", help="Resume the newest run."),
     from_steps: list[str] = typer.Option([], "--from", help="Re-run this step and its dependents."),
     max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
@@ -91,42 +123,77 @@ def resume(
 
     with Store(state_dir()) as store:
         if run_ref is None and not last:
-            raise UsageError("which run?", hint="give a run id (storyflow runs lists them) or --last")
+            raise UsageError(
+                "which run?", hint="give a run id (storyflow runs lists them) or --last"
+            )
         record = store.last_run() if run_ref is None else store.find_run(run_ref)
         if record is None:
-            raise UsageError("there are no runs to resume", hint="start one with storyflow run FILE")
+            raise UsageError(
+                "there are no runs to resume", hint="start one with storyflow run FILE"
+            )
         if record.parent_run:
-            raise UsageError(f"run {record.run_id} is a child of run {record.parent_run}",
-                             hint=f"resume the parent: storyflow resume {record.parent_run}")
-        wf = load_workflow(record.workflow_path, kinds=known_kinds(),
-                           environment=record.environment, sets=record.sets)
+            raise UsageError(
+                f"run {record.run_id} is a child of run {record.parent_run}",
+                hint=f"resume the parent: storyflow resume {record.parent_run}",
+            )
+        wf = load_workflow(
+            record.workflow_path,
+            kinds=known_kinds(),
+            environment=record.environment,
+            sets=record.sets,
+        )
         compiled = plan(wf)
         for step in from_steps:
             if step not in compiled.nodes:
-                raise UsageError(f"--from: unknown step {step!r}",
-                                 hint=did_you_mean(step, compiled.nodes, what="steps"))
+                raise UsageError(
+                    f"--from: unknown step {step!r}",
+                    hint=did_you_mean(step, compiled.nodes, what="steps"),
+                )
         previous = store.get_steps(record.run_id, compiled.order)
-        changed = [sid for sid in compiled.order if sid in previous
-                   and previous[sid].meta.get("def") != compiled.nodes[sid].fingerprint]
+        changed = [
+            sid
+            for sid in compiled.order
+            if sid in previous and previous[sid].meta.get("def") != compiled.nodes[sid].fingerprint
+        ]
         forced = compiled.downstream([*changed, *from_steps])
-        kept = [sid for sid in compiled.order if sid not in forced and sid in previous
-                and previous[sid].status in ("succeeded", "cached")]
+        kept = [
+            sid
+            for sid in compiled.order
+            if sid not in forced
+            and sid in previous
+            and previous[sid].status in ("succeeded", "cached")
+        ]
         todo = [sid for sid in compiled.order if sid not in kept]
         if not json_mode:
             err(f"resuming run {record.run_id} ({wf.name})")
             if record.source_hash != wf.source_hash:
-                err(f"  the workflow file changed since the run started; "
-                    f"changed steps: {', '.join(changed) or 'none'}")
-            err(f"  kept: {len(kept)} step{'s' if len(kept) != 1 else ''}"
-                + (f" · re-run or run: {', '.join(todo)}" if todo else " · nothing left to run"))
+                err(
+                    f"  the workflow file changed since the run started; "
+                    f"changed steps: {', '.join(changed) or 'none'}"
+                )
+            err(
+                f"  kept: {len(kept)} step{'s' if len(kept) != 1 else ''}"
+                + (f" · re-run or run: {', '.join(todo)}" if todo else " · nothing left to run")
+            )
+        previous_status = record.status
         record.status = RunStatus.RUNNING.value
         record.source_hash = wf.source_hash
         record.meta["steps"] = list(compiled.order)
         record.error = None
         store.put_run(record)
-        code = execute(store, wf, compiled, record, json_mode=json_mode, progress=not no_progress,
-                       max_parallel=max_parallel, previous=previous, forced=frozenset(forced),
-                       resumed={"kept": kept, "rerun": todo, "changed": changed})
+        code = execute(
+            store,
+            wf,
+            compiled,
+            record,
+            json_mode=json_mode,
+            progress=not no_progress,
+            max_parallel=max_parallel,
+            previous=previous,
+            forced=frozenset(forced),
+            resumed={"kept": kept, "rerun": todo, "changed": changed},
+            previous_status=previous_status,
+        )
     raise typer.Exit(code)
 
 
@@ -142,9 +209,13 @@ def execute(
     previous: Any = None,
     forced: frozenset[str] = frozenset(),
     resumed: dict[str, Any] | None = None,
+    previous_status: str | None = None,
 ) -> int:
     """Hold the lease, run the plan with events to the log and the display; the exit code."""
+    import asyncio
+
     from storyflow.agents.python_agent import set_thread_pool_size
+    from storyflow.engine.lifecycle import RunLife, run_fire
     from storyflow.engine.runner import Options, Runner
     from storyflow.store import EventLog
     from storyflow.ui.progress import make_sink
@@ -158,8 +229,13 @@ def execute(
         ui(event)
 
     set_thread_pool_size(max_parallel)
-    options = Options(max_parallel=max_parallel, forced=forced, previous=previous or {},
-                      clock=store.clock, heartbeat=lease.heartbeat)
+    options = Options(
+        max_parallel=max_parallel,
+        forced=forced,
+        previous=previous or {},
+        clock=store.clock,
+        heartbeat=lease.heartbeat,
+    )
     runner = Runner(wf, compiled, store, record, sink, options)
     loop = asyncio.new_event_loop()
     signals_seen: list[int] = []
@@ -173,21 +249,28 @@ def execute(
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    head = {"workflow": wf.name, "steps": len(compiled), "inputs": record.inputs,
-            "workflow_version": wf.version}
+    head = {
+        "workflow": wf.name,
+        "steps": len(compiled),
+        "inputs": record.inputs,
+        "workflow_version": wf.version,
+    }
+    life = RunLife(resumed_from=previous_status)
+    started = store.clock()
     try:
         if resumed is not None:
             runner.emit(EventType.RUN_RESUMED, **head, **resumed)
         else:
             runner.emit(EventType.RUN_STARTED, **head)
         result = loop.run_until_complete(runner.execute())
-        record.status = result.status.value
+        run_fire(life, _END_EVENT[result.status])
+        record.status = life.state
         record.outputs = result.outputs
         record.error = result.error
         record.ended_at = record.updated_at = store.clock()
         record.meta["counts"] = result.counts
         store.put_run(record)
-        duration = record.ended_at - record.created_at
+        duration = record.ended_at - started
         end_type = {
             RunStatus.SUCCEEDED: EventType.RUN_SUCCEEDED,
             RunStatus.FAILED: EventType.RUN_FAILED,
@@ -196,9 +279,15 @@ def execute(
         }[result.status]
         extra = {"error": result.error} if result.error else {}
         runner.emit(end_type, status=result.status.value, duration_s=round(duration, 3), **extra)
-        runner.emit(EventType.RUN_SUMMARY, status=result.status.value, outputs=result.outputs,
-                    steps=result.counts, duration_s=round(duration, 3),
-                    run_dir=str(store.run_dir(record.run_id)), **extra)
+        runner.emit(
+            EventType.RUN_SUMMARY,
+            status=result.status.value,
+            outputs=result.outputs,
+            steps=result.counts,
+            duration_s=round(duration, 3),
+            run_dir=str(store.run_dir(record.run_id)),
+            **extra,
+        )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

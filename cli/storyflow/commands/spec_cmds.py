@@ -38,22 +38,31 @@ def validate(
             results.append((f, [Problem(exc.message, file=str(f), hint=exc.hint)]))
     failed = any(p.severity == "error" for _, ps in results for p in ps)
     if fmt == "json":
-        typer.echo(json.dumps({
-            "valid": not failed,
-            "files": [
-                {"file": str(f), "valid": not any(p.severity == "error" for p in ps),
-                 "problems": [_problem_json(p) for p in ps]}
-                for f, ps in results
-            ],
-        }, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "valid": not failed,
+                    "files": [
+                        {
+                            "file": str(f),
+                            "valid": not any(p.severity == "error" for p in ps),
+                            "problems": [_problem_json(p) for p in ps],
+                        }
+                        for f, ps in results
+                    ],
+                },
+                indent=2,
+            )
+        )
     elif fmt == "github":
         for _, ps in results:
             for p in ps:
                 level = "error" if p.severity == "error" else "warning"
-                msg = p.message + (f" (hint: {p.hint})" if p.hint else "")
-                msg = msg.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-                typer.echo(f"::{level} file={p.file},line={p.line},col={p.col},"
-                           f"title=storyflow {p.path}::{msg}")
+                msg = _gh_data(p.message + (f" (hint: {p.hint})" if p.hint else ""))
+                typer.echo(
+                    f"::{level} file={_gh_property(p.file)},line={p.line},col={p.col},"
+                    f"title={_gh_property('storyflow ' + p.path)}::{msg}"
+                )
     else:
         for f, ps in results:
             for p in ps:
@@ -67,9 +76,26 @@ def validate(
         raise typer.Exit(EXIT_USAGE)
 
 
+def _gh_data(text: str) -> str:
+    """Escape the message of a GitHub Actions workflow command."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_property(text: str) -> str:
+    """Escape a property value (file=, title=) of a GitHub Actions workflow command."""
+    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
 def _problem_json(p: Problem) -> dict[str, object]:
-    return {"file": p.file, "line": p.line, "col": p.col, "path": p.path,
-            "message": p.message, "hint": p.hint, "severity": p.severity}
+    return {
+        "file": p.file,
+        "line": p.line,
+        "col": p.col,
+        "path": p.path,
+        "message": p.message,
+        "hint": p.hint,
+        "severity": p.severity,
+    }
 
 
 @app.command()
@@ -93,7 +119,9 @@ def graph(
 @app.command()
 @guarded
 def schema(
-    name: str = typer.Argument("workflow", help="workflow, or an output schema: events, show, report."),
+    name: str = typer.Argument(
+        "workflow", help="workflow, or an output schema: events, show, report."
+    ),
 ) -> None:
     """Print a JSON Schema: the workflow file's (for editors) or an output's."""
     from storyflow.spec.schema import schema_path
@@ -102,4 +130,3 @@ def schema(
     if not path.is_file():
         raise UsageError(f"no schema named {name!r}", hint="try: storyflow schema workflow")
     typer.echo(path.read_text(encoding="utf-8"), nl=False)
-

@@ -45,8 +45,13 @@ RUN_TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "wait", "source": _R.RUNNING.value, "dest": _R.WAITING.value},
     {
         "trigger": "resume",
-        "source": [_R.FAILED.value, _R.INTERRUPTED.value, _R.WAITING.value, _R.RUNNING.value,
-                   _R.SUCCEEDED.value],
+        "source": [
+            _R.FAILED.value,
+            _R.INTERRUPTED.value,
+            _R.WAITING.value,
+            _R.RUNNING.value,
+            _R.SUCCEEDED.value,
+        ],
         "dest": _R.RUNNING.value,
     },
 ]
@@ -100,3 +105,15 @@ def step_fire(obj: Any, event: str) -> str:
 
 def run_fire(obj: Any, event: str) -> str:
     return fire("run", obj, event)
+
+
+class RunLife:
+    """A run's lifecycle in this process: `running`, or re-entered from where it stopped."""
+
+    __slots__ = ("id", "state")
+
+    def __init__(self, resumed_from: str | None = None, run_id: str = "") -> None:
+        self.id = run_id
+        self.state = resumed_from or RunStatus.RUNNING.value
+        if resumed_from is not None:
+            run_fire(self, "resume")

@@ -97,8 +97,7 @@ def _plan(steps: tuple[Step, ...]) -> Plan:
             if indegree[child] == 0:
                 heapq.heappush(ready, (position[child], child))
     if len(order) != len(steps):  # pragma: no cover - the validator rejects cycles
-        raise ValueError("dependency cycle among: "
-                         + ", ".join(s for s in by_id if s not in order))
+        raise ValueError("dependency cycle among: " + ", ".join(s for s in by_id if s not in order))
     nodes = {}
     for sid in order:
         step = by_id[sid]

@@ -1,9 +1,15 @@
 """The scheduler: runs a plan on asyncio, checkpointing every transition.
 
 A step starts as soon as its needs are met (bounded by ``max_parallel``). Each
-transition of a step instance goes through the lifecycle machine, is written to the
-store, then announced as an event — in that order, so a crash never leaves an event
-that the store does not back. Per step the work is O(1): counters, not scans.
+transition of a step instance goes through the lifecycle machine and is checkpointed.
+
+Group commit: the checkpoints and events of one synchronous turn of the event loop
+are buffered and committed together — store first, then events, so a crash never
+leaves an event that the store does not back. A flush happens before anything
+awaits an agent or a retry delay, and right after any step settles (``call_soon``),
+so a step's success is durable before any dependent's agent runs, and a crash loses
+at most the attempts in flight. A chain of steps pays one transaction per step.
+Per step the work is O(1): counters, not scans.
 """
 
 from __future__ import annotations
@@ -52,8 +58,22 @@ class Options:
 class Instance:
     """One step instance in memory; ``state`` is driven by the lifecycle machine."""
 
-    __slots__ = ("agent", "attempts", "degraded", "ended_at", "error", "fingerprint", "id",
-                 "node", "output", "ready_at", "reason", "started_at", "state", "task")
+    __slots__ = (
+        "agent",
+        "attempts",
+        "degraded",
+        "ended_at",
+        "error",
+        "fingerprint",
+        "id",
+        "node",
+        "output",
+        "ready_at",
+        "reason",
+        "started_at",
+        "state",
+        "task",
+    )
 
     def __init__(self, node: Node) -> None:
         self.id = node.step.id
@@ -73,10 +93,18 @@ class Instance:
 
     def record(self, definition: str) -> StepRecord:
         return StepRecord(
-            id=self.id, status=self.state, attempts=self.attempts, fingerprint=self.fingerprint,
-            output=self.output, error=self.error, ready_at=self.ready_at,
-            started_at=self.started_at, ended_at=self.ended_at, agent=self.agent,
-            degraded=self.degraded, meta={"def": definition},
+            id=self.id,
+            status=self.state,
+            attempts=self.attempts,
+            fingerprint=self.fingerprint,
+            output=self.output,
+            error=self.error,
+            ready_at=self.ready_at,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            agent=self.agent,
+            degraded=self.degraded,
+            meta={"def": definition},
         )
 
 
@@ -93,8 +121,15 @@ class Result:
 class Runner:
     """Executes one run of a workflow; `execute` returns when every step has settled."""
 
-    def __init__(self, workflow: Workflow, plan: Plan, store: Store, run: RunRecord,
-                 sink: Sink, options: Options) -> None:
+    def __init__(
+        self,
+        workflow: Workflow,
+        plan: Plan,
+        store: Store,
+        run: RunRecord,
+        sink: Sink,
+        options: Options,
+    ) -> None:
         from storyflow.spec import template_engine
 
         self.wf = workflow
@@ -108,6 +143,7 @@ class Runner:
         self.insts = {sid: Instance(plan.nodes[sid]) for sid in plan.order}
         self.waiting_on = {sid: len(plan.nodes[sid].deps) for sid in plan.order}
         self.queue: deque[Instance] = deque()
+        self.fresh: list[Instance] = []
         self.running = 0
         self.unsettled = len(self.insts)
         self.done = asyncio.Event()
@@ -116,20 +152,53 @@ class Runner:
         self.run_dir = store.run_dir(run.run_id)
         self.secret_values = self._secret_values()
         self._validators: dict[str, Any] = {}
+        self.dirty: dict[str, StepRecord] = {}
+        self.pending_events: list[dict[str, Any]] = []
+        self.flush_handle: asyncio.Handle | None = None
 
     # -- events and checkpoints ----------------------------------------------------------
     def emit(self, type_: EventType, **fields: Any) -> None:
         event = {"type": type_.value, "run_id": self.run.run_id, "ts": self.opt.clock(), **fields}
         if self.secret_values:
             event = redact(event, self.secret_values)
-        self.sink(event)
+        if self.dirty:
+            self.pending_events.append(event)  # after the checkpoint that backs it
+        else:
+            self.sink(event)
 
     def checkpoint(self, inst: Instance) -> None:
         rec = inst.record(inst.node.fingerprint)
         if self.secret_values:
             rec.output = redact(rec.output, self.secret_values)
             rec.error = redact(rec.error, self.secret_values)
-        self.store.put_step(self.run.run_id, rec)
+        self.dirty[inst.id] = rec
+
+    def schedule_flush(self) -> None:
+        """Flush once the tasks launched in this turn have taken their first step.
+
+        Called at the end of a turn, after `_pump`: the new tasks' first steps are
+        already queued, so they run first and their `start` checkpoints join the same
+        transaction (they flush before awaiting their agent anyway).
+        """
+        if self.dirty and self.flush_handle is None:
+            self.flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Commit buffered checkpoints in one transaction, then release their events."""
+        if self.flush_handle is not None:
+            # A flush queued by an earlier turn would otherwise run before the tasks
+            # launched since, splitting one transaction in two.
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        if self.dirty:
+            records = list(self.dirty.values())
+            self.dirty.clear()
+            self.store.put_steps(self.run.run_id, records)
+        if self.pending_events:
+            events = self.pending_events
+            self.pending_events = []
+            for event in events:
+                self.sink(event)
 
     def move(self, inst: Instance, event: str) -> None:
         lifecycle.step_fire(inst, event)
@@ -150,10 +219,12 @@ class Runner:
                 if self.waiting_on[sid] == 0:
                     self._deps_settled(self.insts[sid])
             self._pump()
+            self.schedule_flush()
             await self.done.wait()
         finally:
             if beat is not None:
                 beat.cancel()
+            self.flush()
         return self._finish(self.opt.clock() - started)
 
     async def _heartbeat(self) -> None:
@@ -173,6 +244,7 @@ class Runner:
         for inst in self.insts.values():
             if inst.task is not None and not inst.task.done():
                 inst.task.cancel()
+        self.schedule_flush()
         if self.running == 0:
             self.done.set()
 
@@ -181,6 +253,12 @@ class Runner:
             inst = self.queue.popleft()
             self.running += 1
             inst.task = asyncio.ensure_future(self._run_instance(inst))
+        # Instances made ready since the last pump that must wait for a slot: make
+        # `ready` durable once (amortised O(1): each instance passes here once).
+        for inst in self.fresh:
+            if inst.task is None and inst.state == StepStatus.READY.value:
+                self.checkpoint(inst)
+        self.fresh.clear()
 
     def _deps_settled(self, first: Instance) -> None:
         """All needs of ``first`` have settled: skip it or make it ready (iteratively)."""
@@ -204,8 +282,11 @@ class Runner:
                 work.extend(self._settled(inst))
                 continue
             inst.ready_at = self.opt.clock()
-            self.move(inst, "ready")
+            # Checkpointed in _pump only if it has to wait for a slot: a crash between
+            # ready and running is the same as pending, so launching at once saves a write.
+            lifecycle.step_fire(inst, "ready")
             self.queue.append(inst)
+            self.fresh.append(inst)
 
     def _blocked_reason(self, inst: Instance) -> str | None:
         deps = [self.insts[d] for d in inst.node.deps]
@@ -222,12 +303,19 @@ class Runner:
 
     def _settled(self, inst: Instance) -> list[Instance]:
         """Record a finished instance; return dependents whose needs are now all settled."""
-        self.scope.record(inst.id, output=inst.output, status=inst.state, attempts=inst.attempts,
-                          error=inst.error, agent=inst.agent, degraded=inst.degraded)
+        self.scope.record(
+            inst.id,
+            output=inst.output,
+            status=inst.state,
+            attempts=inst.attempts,
+            error=inst.error,
+            agent=inst.agent,
+            degraded=inst.degraded,
+        )
         self.unsettled -= 1
         if self.unsettled == 0:
             self.done.set()
-        out = []
+        out: list[Instance] = []
         if self.interrupted is not None:
             return out
         for dep_id in inst.node.dependents:
@@ -254,8 +342,9 @@ class Runner:
         if inst.state == StepStatus.PENDING.value:
             self.move(inst, "ready")
         self.move(inst, "fail")
-        self.emit(EventType.STEP_FAILED, step=inst.id, attempt=inst.attempts,
-                  error=inst.error, final=True)
+        self.emit(
+            EventType.STEP_FAILED, step=inst.id, attempt=inst.attempts, error=inst.error, final=True
+        )
 
     # -- one instance --------------------------------------------------------------------
     async def _run_instance(self, inst: Instance) -> None:
@@ -264,15 +353,22 @@ class Runner:
         except asyncio.CancelledError:
             if not StepStatus(inst.state).done:
                 inst.ended_at = self.opt.clock()
-                inst.error = {"class": ErrorClass.CANCELLED.value,
-                              "message": "cancelled by a signal"}
+                inst.error = {
+                    "class": ErrorClass.CANCELLED.value,
+                    "message": "cancelled by a signal",
+                }
                 self.move(inst, "cancel")
-                self.emit(EventType.STEP_CANCELLED, step=inst.id, attempt=inst.attempts,
-                          reason="interrupted")
+                self.emit(
+                    EventType.STEP_CANCELLED,
+                    step=inst.id,
+                    attempt=inst.attempts,
+                    reason="interrupted",
+                )
         finally:
             self.running -= 1
             self._after(inst)
             self._pump()
+            self.schedule_flush()
             if self.interrupted is not None and self.running == 0:
                 self.done.set()
 
@@ -283,8 +379,9 @@ class Runner:
         for name in agent.secrets if agent else ():
             value = self.opt.environ.get(name)
             if value is None:
-                raise PermanentError(f"secret {name} is not set",
-                                     hint=f"export {name}=... before running")
+                raise PermanentError(
+                    f"secret {name} is not set", hint=f"export {name}=... before running"
+                )
             secrets[name] = value
         scope = self.scope.for_step(secrets)
         inputs = self.t.render(step.with_, scope) if step.with_ else {}
@@ -298,8 +395,10 @@ class Runner:
         step = inst.node.step
         try:
             if step.kind != "task":
-                raise PermanentError(f"{'for_each' if step.kind == 'map' else 'loop'} steps "
-                                     "are not available in this version of storyflow")
+                raise PermanentError(
+                    f"{'for_each' if step.kind == 'map' else 'loop'} steps "
+                    "are not available in this version of storyflow"
+                )
             inputs, secrets = self._inputs(inst)
             agent = registry.get(step.uses or "")
         except StepFailure as exc:
@@ -307,8 +406,12 @@ class Runner:
             return
         inst.fingerprint = digest([inst.node.fingerprint, inputs])
         prev = self.opt.previous.get(inst.id)
-        if (prev is not None and prev.status in _OK and prev.fingerprint == inst.fingerprint
-                and inst.id not in self.opt.forced):
+        if (
+            prev is not None
+            and prev.status in _OK
+            and prev.fingerprint == inst.fingerprint
+            and inst.id not in self.opt.forced
+        ):
             inst.output, inst.attempts = prev.output, prev.attempts
             inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
             inst.agent, inst.degraded = prev.agent, prev.degraded
@@ -329,27 +432,50 @@ class Runner:
             self.move(inst, "start")
             self.emit(EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts)
             call = Call(
-                run_id=self.run.run_id, step_id=inst.id, attempt=inst.attempts, inputs=inputs,
-                workflow_dir=self.workflow_dir, run_dir=self.run_dir, secrets=secrets,
-                timeout_s=step.timeout_s, output_schema=step.output_schema,
+                run_id=self.run.run_id,
+                step_id=inst.id,
+                attempt=inst.attempts,
+                inputs=inputs,
+                workflow_dir=self.workflow_dir,
+                run_dir=self.run_dir,
+                secrets=secrets,
+                timeout_s=step.timeout_s,
+                output_schema=step.output_schema,
+                seed=self.wf.seed,
             )
+            self.flush()  # durable before the agent runs
             try:
                 output = await self._call(agent, call)
             except StepFailure as exc:
                 inst.ended_at = self.opt.clock()
                 inst.error = {"class": exc.error_class.value, "message": exc.message}
                 if retry.should_retry(step.retry, exc.error_class.value, inst.attempts):
-                    delay = retry.delay_s(step.retry, inst.attempts,
-                                          retry_after_s=exc.retry_after_s, rand=self.opt.rand)
+                    delay = retry.delay_s(
+                        step.retry,
+                        inst.attempts,
+                        retry_after_s=exc.retry_after_s,
+                        rand=self.opt.rand,
+                    )
                     self.move(inst, "retry")
-                    self.emit(EventType.STEP_RETRYING, step=inst.id, attempt=inst.attempts,
-                              delay_s=round(delay, 3), error=inst.error)
+                    self.emit(
+                        EventType.STEP_RETRYING,
+                        step=inst.id,
+                        attempt=inst.attempts,
+                        delay_s=round(delay, 3),
+                        error=inst.error,
+                    )
+                    self.flush()
                     await self.opt.sleep(delay)
                     continue
                 self.move(inst, "fail")
-                self.emit(EventType.STEP_FAILED, step=inst.id, attempt=inst.attempts,
-                          error=inst.error, final=True,
-                          duration_s=round(inst.ended_at - inst.started_at, 6))
+                self.emit(
+                    EventType.STEP_FAILED,
+                    step=inst.id,
+                    attempt=inst.attempts,
+                    error=inst.error,
+                    final=True,
+                    duration_s=round(inst.ended_at - inst.started_at, 6),
+                )
                 return
             inst.output = output
             inst.error = None
@@ -357,8 +483,12 @@ class Runner:
             self.move(inst, "succeed")
             if step.cache:
                 self.store.cache_put(inst.fingerprint, output, self.run.run_id)
-            self.emit(EventType.STEP_SUCCEEDED, step=inst.id, attempt=inst.attempts,
-                      duration_s=round(inst.ended_at - inst.started_at, 6))
+            self.emit(
+                EventType.STEP_SUCCEEDED,
+                step=inst.id,
+                attempt=inst.attempts,
+                duration_s=round(inst.ended_at - inst.started_at, 6),
+            )
             return
 
     async def _call(self, agent: Any, call: Call) -> Any:
@@ -402,16 +532,22 @@ class Runner:
             return Result(RunStatus.INTERRUPTED, {}, None, counts)
         if failed:
             first = failed[0]
-            err = {"class": (first.error or {}).get("class", "permanent"),
-                   "message": f"step {first.id} failed: {(first.error or {}).get('message', '')}"}
+            err = {
+                "class": (first.error or {}).get("class", "permanent"),
+                "message": f"step {first.id} failed: {(first.error or {}).get('message', '')}",
+            }
             return Result(RunStatus.FAILED, {}, err, counts)
         try:
             scope = self.scope.for_step()
             outputs = {k: self.t.render(v, scope) for k, v in self.wf.outputs.items()}
             self._write_artifacts(scope)
         except StepFailure as exc:
-            return Result(RunStatus.FAILED, {}, {"class": exc.error_class.value,
-                                                 "message": exc.message}, counts)
+            return Result(
+                RunStatus.FAILED,
+                {},
+                {"class": exc.error_class.value, "message": exc.message},
+                counts,
+            )
         if self.secret_values:
             outputs = redact(outputs, self.secret_values)
         return Result(RunStatus.SUCCEEDED, outputs, None, counts)
@@ -421,11 +557,14 @@ class Runner:
         for rel, template in self.wf.artifacts.items():
             target = (root / rel).resolve()
             if not target.is_relative_to(root) or target == root:
-                raise PermanentError(f"artifact {rel!r} would be written outside the run folder",
-                                     hint="use a relative path without '..'")
+                raise PermanentError(
+                    f"artifact {rel!r} would be written outside the run folder",
+                    hint="use a relative path without '..'",
+                )
             value = self.t.render(template, scope)
-            text = value if isinstance(value, str) else json.dumps(value, indent=2,
-                                                                  ensure_ascii=False)
+            text = (
+                value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+            )
             if self.secret_values:
                 text = redact(text, self.secret_values)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@ class Scope:
 
     __slots__ = ("base", "steps")
 
-    def __init__(self, workflow: Workflow, inputs: Mapping[str, Any], run_id: str,
-                 environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, workflow: Workflow, inputs: Mapping[str, Any], run_id: str, environ: Mapping[str, str]
+    ) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
         env = {name: environ.get(name, "") for name in workflow.env}
         self.base: dict[str, Any] = {
@@ -25,8 +26,17 @@ class Scope:
             "steps": self.steps,
         }
 
-    def record(self, step_id: str, *, output: Any, status: str, attempts: int,
-               error: Any = None, agent: str | None = None, degraded: bool = False) -> None:
+    def record(
+        self,
+        step_id: str,
+        *,
+        output: Any,
+        status: str,
+        attempts: int,
+        error: Any = None,
+        agent: str | None = None,
+        degraded: bool = False,
+    ) -> None:
         """What ``steps.<id>`` shows once the step has finished."""
         self.steps[step_id] = {
             "output": output,
@@ -37,8 +47,9 @@ class Scope:
             "degraded": degraded,
         }
 
-    def for_step(self, secrets: Mapping[str, str] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def for_step(
+        self, secrets: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """A scope for one step: the shared names plus its secrets and locals (a shallow copy)."""
         scope = dict(self.base)
         scope["secrets"] = dict(secrets or {})

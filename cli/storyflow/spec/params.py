@@ -112,13 +112,19 @@ def _check(name: str, value: Any, schema: Any) -> None:
     if not isinstance(schema, dict):
         return
     from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
+    from jsonschema.exceptions import SchemaError, UnknownType
 
     probe = {k: v for k, v in schema.items() if k not in ("default", "description")}
     try:
+        Draft202012Validator.check_schema(probe)
         errors = list(Draft202012Validator(probe).iter_errors(value))
     except SchemaError as exc:
         raise InputError(f"input {name!r} has an invalid schema: {exc.message}") from exc
+    except UnknownType as exc:
+        raise InputError(f"input {name!r} has an invalid schema: unknown type {exc.type!r}") \
+            from exc
     if errors:
-        raise InputError(f"input {name!r}: {errors[0].message}",
+        first = errors[0]
+        where = name + "".join(f"[{p!r}]" for p in first.absolute_path)
+        raise InputError(f"input {where!r}: {first.message}",
                          hint=schema.get("description") or f"check the value of {name}")

@@ -18,6 +18,7 @@ from storyflow.spec.units import did_you_mean
 from storyflow.spec.yaml_source import PathKey, Source
 
 WORKFLOW_SCHEMA = "workflow.schema.json"
+ARTIFACT_HINT = "use a relative path without '..', like story.md or out/story.md"
 _REPO_SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 
 
@@ -60,7 +61,34 @@ def check(source: Source, data: Any) -> list[Problem]:
     problems: list[Problem] = []
     for err in _validator(WORKFLOW_SCHEMA).iter_errors(data):
         problems.extend(_translate(source, err))
+    inputs = data.get("inputs") if isinstance(data, dict) else None
+    if isinstance(inputs, dict):
+        for name, sub in inputs.items():
+            if isinstance(name, str) and isinstance(sub, dict):
+                problems.extend(_check_input(source, name, sub))
     return problems
+
+
+def _check_input(source: Source, name: str, sub: dict[str, Any]) -> list[Problem]:
+    """An input's schema must be a JSON Schema, and its default must satisfy it."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    at: PathKey = ("inputs", name)
+    try:
+        Draft202012Validator.check_schema(sub)
+    except SchemaError as exc:
+        return [source.problem((*at, *exc.path), f"input {name!r} is not a valid JSON Schema: "
+                               f"{exc.message}",
+                               hint="see https://json-schema.org/understanding-json-schema")]
+    if "default" not in sub:
+        return []
+    probe = {k: v for k, v in sub.items() if k != "default"}
+    err = next(iter(Draft202012Validator(probe).iter_errors(sub["default"])), None)
+    if err is None:
+        return []
+    return [source.problem((*at, "default"), f"the default of input {name!r} does not match "
+                           f"its schema: {err.message}")]
 
 
 _TYPE_NAMES = {
@@ -88,8 +116,12 @@ def _pattern_hint(pattern: str) -> str | None:
         return 'write a rate as "10/s", "60/min" or "1000/h"'
     if pattern.startswith("^[a-z0-9]"):
         return "use lowercase letters, digits, '-' and '_', starting with a letter or digit"
+    if pattern.startswith("^[A-Za-z_]") and "_-]" in pattern:
+        return "use letters, digits, '_' and '-', starting with a letter or '_'"
     if pattern.startswith("^[A-Za-z_]"):
         return "use letters, digits and '_', not starting with a digit"
+    if pattern.startswith("^[A-Za-z0-9_-]"):
+        return "use letters, digits, '-' and '_'"
     return None
 
 
@@ -113,6 +145,17 @@ def _translate(source: Source, err: Any) -> list[Problem]:
                 )
             )
         return out
+    if "propertyNames" in err.schema_path:
+        # A bad key: jsonschema reports it at the mapping, we point at the key itself.
+        name = err.instance
+        at = (*path, name) if isinstance(name, str) else path
+        if path == ("artifacts",) and kind == "pattern":
+            # Same words as the semantic check, so the two merge into one problem.
+            return [source.problem(at, f"artifact path {name!r} leaves the run folder",
+                                   hint=ARTIFACT_HINT, at_key=True)]
+        hint = _pattern_hint(err.validator_value) if kind == "pattern" else None
+        return [source.problem(at, f"invalid name {name!r} in {where}", hint=hint,
+                               at_key=True)]
     if kind == "propertyNames":
         return [source.problem(path, f"invalid name in {where}: {err.message}", at_key=True)]
     if kind == "required":

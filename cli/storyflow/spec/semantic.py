@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storyflow.errors import Problem
+from storyflow.spec.schema import ARTIFACT_HINT
 from storyflow.spec.templates import Reference, Templates
 from storyflow.spec.units import did_you_mean, nearest
 from storyflow.spec.yaml_source import PathKey, Source
@@ -112,7 +113,8 @@ class _Checker:
             spath = (*path, sid)
             if sid in self.steps:
                 first = self.steps[sid].path
-                self.error(spath, f"step id {sid!r} is used twice (also at {'.'.join(map(str, first))})",
+                also = ".".join(map(str, first))
+                self.error(spath, f"step id {sid!r} is used twice (also at {also})",
                            "step ids must be unique across the workflow, loops included",
                            at_key=True)
                 continue
@@ -184,8 +186,9 @@ class _Checker:
                                      extra=locals_)
         if agent and "with" in agent and isinstance(agent_name, str):
             # The agent's `with` renders in this step's scope, so its references count here.
+            # Identical problems from several steps sharing the agent are deduplicated later.
             self._check_template(agent["with"], ("agents", agent_name, "with"), info,
-                                 owner=agent_name, extra=locals_, report=False)
+                                 owner=agent_name, extra=locals_)
         loop = raw.get("loop")
         if isinstance(loop, dict):
             for key in ("until", "best_by"):
@@ -233,12 +236,13 @@ class _Checker:
                 seen.append(cur)
                 cur = _dict(self.agents.get(cur)).get("fallback")
 
-    def _check_artifact_path(self, name: str) -> None:
+    def _check_artifact_path(self, name: Any) -> None:
+        if not isinstance(name, str):
+            return  # the schema reports a name that is not a string
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "~")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
             self.error(("artifacts", name), f"artifact path {name!r} leaves the run folder",
-                       "use a relative path without '..', like story.md or out/story.md",
-                       at_key=True)
+                       ARTIFACT_HINT, at_key=True)
 
     # -- templates ---------------------------------------------------------------------
     def _check_template(
@@ -267,7 +271,8 @@ class _Checker:
                 continue
             if not refs:
                 continue
-            for ref in self.t.references(text, expression=expression):
+            found = self.t.references(text, expression=expression)
+            for ref in sorted(found, key=lambda r: (r.root, r.key or "", r.attr or "")):
                 self._check_reference(ref, spath, info, owner, extra, inner_scope, report)
 
     def _check_reference(
@@ -306,7 +311,8 @@ class _Checker:
             declared = set()
             if isinstance(owner, str):
                 sec = _dict(self.agents.get(owner)).get("secrets")
-                declared = {s for s in sec if isinstance(s, str)} if isinstance(sec, list) else set()
+                if isinstance(sec, list):
+                    declared = {s for s in sec if isinstance(s, str)}
             if key is not None and key not in declared:
                 where = f"agent {owner!r}" if isinstance(owner, str) else "an agent"
                 err(f"secrets.{key} is not declared by {where}",
@@ -331,8 +337,8 @@ class _Checker:
     ) -> None:
         key = ref.key or ""
         target = self.steps.get(key)
-        visible = [s for s, i in self.steps.items() if i.scope is None or i.scope == scope]
         if target is None:
+            visible = [s for s, i in self.steps.items() if i.scope is None or i.scope == scope]
             err(f"unknown step {key!r}", did_you_mean(key, visible, what="steps"))
             return
         if target.scope is not None and target.scope != scope:
@@ -359,12 +365,17 @@ class _Checker:
             owner = self.steps.get(owner.scope) if owner.scope else None
         if owner is None:
             if explicit:
-                self.error(path, f"step {dep!r} is inside loop {target.scope!r} and cannot be needed here")
+                self.error(path, f"step {dep!r} is inside loop {target.scope!r} "
+                           "and cannot be needed here")
             return
         if dep == owner.id:
             if owner is info:
                 self.error(path, f"step {dep!r} depends on itself",
                            "a step cannot read its own output")
+            else:
+                self.error(path, f"step {info.id!r} reads the output of its own loop {dep!r}",
+                           "the loop's output exists only when it ends; use "
+                           "loop.previous.<step> for the previous iteration")
             return
         owner.deps.setdefault(dep, path)
 

@@ -518,6 +518,7 @@ class Templates:
         self._templates: dict[str, Template] = {}
         self._exprs: dict[str, tuple[TemplateExpression, bool]] = {}
         self._bare: dict[str, _Plan] = {}
+        self._chain_cache: dict[tuple[str, bool], list[_Chain]] = {}
         self._ignore = frozenset(self._env.globals)
 
     # ----------------------------------------------------------------- public API
@@ -561,13 +562,17 @@ class Templates:
         return self._run(expr, plan, scope, textual=False)
 
     def check(self, source: str, *, expression: bool = False) -> TemplateError | None:
-        """Compile ``source`` without rendering it; the error found, or None."""
+        """Parse ``source`` without rendering it; the syntax error found, or None.
+
+        Parsing (not compiling) is enough to find syntax errors, and its tree is kept
+        for :meth:`references`; a plain reference needs no Jinja at all.
+        """
+        if not expression and not self.is_template(source):
+            return None
+        if self._plain_path(source, expression=expression) is not None:
+            return None
         try:
-            if expression:
-                plan = self._bare_plan(source)
-                self._expression(plan, source)
-            elif self.is_template(source):
-                self._template(source)
+            self._chains(source, expression=expression)
         except TemplateError as exc:
             return exc
         return None
@@ -576,6 +581,11 @@ class Templates:
         """The scope names ``source`` reads, from its AST; raises TemplateError on bad syntax."""
         if not expression and not self.is_template(source):
             return set()
+        path = self._plain_path(source, expression=expression)
+        if path is not None:
+            root, segs = path
+            return {Reference(root, str(segs[0]) if segs else None,
+                              str(segs[1]) if len(segs) > 1 else None)}
         refs: set[Reference] = set()
         for chain in self._chains(source, expression=expression):
             segs = chain.segments
@@ -654,7 +664,23 @@ class Templates:
             )
         return expr
 
+    def _plain_path(self, source: str, *, expression: bool) -> _Path | None:
+        """The dotted path when ``source`` is just ``{{ a.b[0].c }}`` (or that bare expression)."""
+        plan = (self._bare.get(source) or self._bare_plan(source)) if expression else (
+            self._plans.get(source) or self._plan(source))
+        return plan.path
+
     def _chains(self, source: str, *, expression: bool) -> list[_Chain]:
+        key = (source, expression)
+        cached = self._chain_cache.get(key)
+        if cached is None:
+            cached = self._compute_chains(source, expression=expression)
+            if len(self._chain_cache) >= MAX_CACHE:
+                self._chain_cache.clear()
+            self._chain_cache[key] = cached
+        return cached
+
+    def _compute_chains(self, source: str, *, expression: bool) -> list[_Chain]:
         collector = _Collector(self._ignore)
         if expression:
             found = _single_expression(source)

@@ -79,8 +79,10 @@ class Source:
 def json_path(path: PathKey) -> str:
     out = "$"
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
+        elif not isinstance(part, str):
+            out += f"[{part!r}]"  # a null, boolean or float key: YAML allows them
         elif part.replace("_", "a").replace("-", "a").isalnum():
             out += f".{part}"
         else:
@@ -90,6 +92,9 @@ def json_path(path: PathKey) -> str:
 
 def _nearest(path: PathKey, first: dict[PathKey, Pos], second: dict[PathKey, Pos]) -> Pos:
     p = tuple(path)
+    if p not in first and p not in second and any(not isinstance(k, str | int) for k in p):
+        # The index holds keys as written (text); the data has null/float/bool keys.
+        p = tuple(k if isinstance(k, str | int) else str(k) for k in p)
     while True:
         if p in first:
             return first[p]
@@ -126,6 +131,7 @@ def load(path: str | Path, text: str | None = None) -> Source:
     src = Source(name, text)
     src.data, error = _safe_load(text, allow_duplicates=False)
     if error is None:
+        _reject_recursion(src)
         return src
     from ruamel.yaml.constructor import DuplicateKeyError
 
@@ -141,10 +147,71 @@ def load(path: str | Path, text: str | None = None) -> Source:
                 )
             )
         src.data, _ = _safe_load(text, allow_duplicates=True)
+        _reject_recursion(src)
         return src
-    src.problems.append(_syntax_problem(name, error))
+    src.problems.append(_syntax_problem(name, error, text))
     src.data = None
     return src
+
+
+MAX_EXPANDED_NODES = 1_000_000
+"""Values a file may hold once its aliases are expanded (a "billion laughs" guard)."""
+
+
+def _reject_recursion(src: Source) -> None:
+    """Reject data no check can walk: an alias inside its own anchor (``a: &x [*x]``),
+    or aliases nested so deep that the data expands past `MAX_EXPANDED_NODES`."""
+    if "&" not in src.text:
+        return  # no anchor, so no alias: nothing can repeat (the common, fast case)
+    found = _recursion(src.data)
+    if found is None:
+        return
+    where, recursive = found
+    src.data = None
+    if recursive:
+        src.problems.append(
+            src.problem(where, "a YAML alias refers to a mapping or list that contains it",
+                        hint="an alias (*name) cannot be used inside its own anchor (&name)")
+        )
+    else:
+        src.problems.append(
+            src.problem(where, f"YAML aliases expand this file past {MAX_EXPANDED_NODES:,} "
+                        "values", hint="use fewer nested aliases (*name)")
+        )
+
+
+def _recursion(data: Any) -> tuple[PathKey, bool] | None:
+    """Where the data contains itself (path, True) or expands too far (path, False).
+
+    Iterative; each shared container (an alias used many times) is walked once and
+    its expanded size remembered.
+    """
+    size: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[Any, PathKey, bool]] = [(data, (), False)]
+    while stack:
+        node, path, leaving = stack.pop()
+        if not isinstance(node, dict | list):
+            continue
+        ident = id(node)
+        if leaving:
+            open_.discard(ident)
+            children = node.values() if isinstance(node, dict) else node
+            total = 1 + sum(size.get(id(c), 1) for c in children)
+            if total > MAX_EXPANDED_NODES:
+                return path, False
+            size[ident] = total
+            continue
+        if ident in open_:
+            return path, True
+        if ident in size:
+            continue
+        open_.add(ident)
+        stack.append((node, path, True))
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            stack.append((value, (*path, key), False))
+    return None
 
 
 def _safe_load(text: str, *, allow_duplicates: bool) -> tuple[Any, Exception | None]:
@@ -161,7 +228,7 @@ def _safe_load(text: str, *, allow_duplicates: bool) -> tuple[Any, Exception | N
         return None, exc
 
 
-def _syntax_problem(name: str, exc: Exception) -> Problem:
+def _syntax_problem(name: str, exc: Exception, text: str | None = None) -> Problem:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     line = (mark.line + 1) if mark is not None else 1
     col = (mark.column + 1) if mark is not None else 1
@@ -169,11 +236,23 @@ def _syntax_problem(name: str, exc: Exception) -> Problem:
     context = getattr(exc, "context", None)
     message = f"YAML syntax error: {what}" + (f" ({context})" if context else "")
     hint = "check indentation and quoting near this line"
-    if "\t" in str(what) or "tab" in str(what):
+    if "\t" in str(what) or "tab" in str(what) or _tab_at(text, mark):
         hint = "YAML indentation uses spaces, not tabs"
     elif "mapping values are not allowed" in str(what):
         hint = "quote strings that contain ': ' (for example prompt: \"Title: ...\")"
     return Problem(message, file=name, line=line, col=col, hint=hint)
+
+
+def _tab_at(text: str | None, mark: Any) -> bool:
+    """Whether the syntax error sits on a tab in the line's indentation."""
+    if text is None or mark is None:
+        return False
+    lines = text.splitlines()
+    if not 0 <= mark.line < len(lines):
+        return False
+    line = lines[mark.line]
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    return "\t" in indent and mark.column <= len(indent)
 
 
 def _index_positions(
@@ -192,27 +271,38 @@ def _index_positions(
         return keys, values, duplicates
     if root is None:
         return keys, values, duplicates
-    for path, key_node, node in _walk(root, ()):
-        mark = node.start_mark
-        block = getattr(node, "style", None) in ("|", ">")
-        values[path] = Pos(mark.line + 1, mark.column + 1, block)
+    duplicated: set[PathKey] = set()
+    for path, key_node, node, alias in _walk(root, ()):
+        if not alias:  # an alias's node starts at its anchor: point at the key instead
+            mark = node.start_mark
+            block = getattr(node, "style", None) in ("|", ">")
+            values[path] = Pos(mark.line + 1, mark.column + 1, block)
         if key_node is not None:
             km = key_node.start_mark
             kpos = Pos(km.line + 1, km.column + 1)
             if path in keys:
-                duplicates.append((path, kpos, keys[path]))
+                # Under a duplicated key every path repeats: report the key, not its contents.
+                if not any(path[:i] in duplicated for i in range(len(path))):
+                    duplicates.append((path, kpos, keys[path]))
+                duplicated.add(path)
             else:
                 keys[path] = kpos
     return keys, values, duplicates
 
 
-def _walk(node: Any, path: PathKey) -> Iterator[tuple[PathKey, Any, Any]]:
+def _walk(node: Any, path: PathKey) -> Iterator[tuple[PathKey, Any, Any, bool]]:
+    """(path, key node, node, is an alias) for every node, each anchored node walked once."""
     from ruamel.yaml.nodes import MappingNode, SequenceNode
 
     stack: list[tuple[Any, PathKey, Any]] = [(node, path, None)]
+    seen: set[int] = set()
     while stack:
         current, cur_path, key_node = stack.pop()
-        yield cur_path, key_node, current
+        alias = id(current) in seen
+        yield cur_path, key_node, current, alias
+        if alias:
+            continue  # its anchor was walked already (and it may contain itself)
+        seen.add(id(current))
         if isinstance(current, MappingNode):
             for k, v in reversed(current.value):
                 key = k.value if isinstance(k.value, str) else str(k.value)
@@ -240,6 +330,6 @@ def load_data_file(path: Path) -> Any:
         raise ValueError(f"{path}: not valid UTF-8") from exc
     data, error = _safe_load(text, allow_duplicates=False)
     if error is not None:
-        p = _syntax_problem(str(path), error)
+        p = _syntax_problem(str(path), error, text)
         raise ValueError(f"{p.file}:{p.line}:{p.col}: {p.message}") from error
     return data

@@ -64,6 +64,7 @@ _SETTINGS: dict[str, Any] = {
     "sqlite_synchronous": 1,  # NORMAL: a process crash loses nothing committed
     "statistics": 0,
     "eviction_policy": "none",
+    "cull_limit": 0,  # nothing expires: skip diskcache's expired-key query on every set
     "size_limit": 2**40,
 }
 _DIR_MODE = 0o700
@@ -236,6 +237,15 @@ class Store:
             self._cache.set(step_key(run_id, rec.id), rec.to_dict())
         except FOREIGN_ERRORS as exc:
             raise translate(exc, self.root, "save a step") from exc
+
+    def put_steps(self, run_id: str, recs: Iterable[StepRecord]) -> None:
+        """Checkpoint several step instances in one transaction (one commit)."""
+        try:
+            with self._cache.transact():
+                for rec in recs:
+                    self._cache.set(step_key(run_id, rec.id), rec.to_dict())
+        except FOREIGN_ERRORS as exc:
+            raise translate(exc, self.root, "save steps") from exc
 
     def get_step(self, run_id: str, instance_id: str) -> StepRecord | None:
         """The step instance's last checkpoint, if any."""

@@ -22,7 +22,9 @@ def _label(node: Node) -> str:
     what = step.agent or step.uses or "loop"
     if step.kind == "map":
         items = step.for_each if isinstance(step.for_each, str) else f"{len(step.for_each)} items"
-        order = "in order" if step.sequential else f"≤{step.max_parallel}" if step.max_parallel else ""
+        order = (
+            "in order" if step.sequential else f"≤{step.max_parallel}" if step.max_parallel else ""
+        )
         return f"{step.id} ({what}) × for_each {items}" + (f" [{order}]" if order else "")
     if step.kind == "loop" and step.loop is not None:
         loop = step.loop
@@ -35,8 +37,45 @@ def _label(node: Node) -> str:
     return f"{step.id} ({what})"
 
 
-def _mid(step_id: str, prefix: str = "") -> str:
-    return prefix + re.sub(r"[^A-Za-z0-9_]", "_", step_id)
+_MERMAID_RESERVED = frozenset(
+    {
+        "end",
+        "graph",
+        "subgraph",
+        "flowchart",
+        "direction",
+        "style",
+        "class",
+        "classdef",
+        "click",
+        "linkstyle",
+        "default",
+    }
+)
+"""Words Mermaid reads as keywords: a node id spelt like one breaks the diagram."""
+
+
+class _MermaidIds:
+    """A unique, valid Mermaid id per step path (step ids may hold '-', loops nest)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, ...], str] = {}
+        self._used: set[str] = set()
+
+    def __call__(self, path: tuple[str, ...]) -> str:
+        found = self._ids.get(path)
+        if found is not None:
+            return found
+        base = "__".join(re.sub(r"[^A-Za-z0-9_]", "_", part) for part in path)
+        if base.lower() in _MERMAID_RESERVED:
+            base += "_"
+        candidate, n = base, 1
+        while candidate in self._used:
+            n += 1
+            candidate = f"{base}_{n}"
+        self._used.add(candidate)
+        self._ids[path] = candidate
+        return candidate
 
 
 def _mermaid_quote(text: str) -> str:
@@ -45,19 +84,21 @@ def _mermaid_quote(text: str) -> str:
 
 def _mermaid(plan: Plan) -> str:
     lines = ["flowchart TD"]
-    _mermaid_body(plan, lines, "", "  ")
+    _mermaid_body(plan, lines, (), "  ", _MermaidIds())
     return "\n".join(lines) + "\n"
 
 
-def _mermaid_body(plan: Plan, lines: list[str], prefix: str, indent: str) -> None:
+def _mermaid_body(
+    plan: Plan, lines: list[str], prefix: tuple[str, ...], indent: str, ids: _MermaidIds
+) -> None:
     for sid in plan.order:
         node = plan.nodes[sid]
-        mid = _mid(sid, prefix)
+        mid = ids((*prefix, sid))
         label = _mermaid_quote(_label(node))
         if node.body is not None:
             lines.append(f"{indent}subgraph {mid} [{label}]")
             lines.append(f"{indent}  direction TB")
-            _mermaid_body(node.body, lines, prefix + mid + "__", indent + "  ")
+            _mermaid_body(node.body, lines, (*prefix, sid), indent + "  ", ids)
             lines.append(f"{indent}end")
         elif node.step.kind == "map":
             lines.append(f"{indent}{mid}[[{label}]]")
@@ -69,11 +110,11 @@ def _mermaid_body(plan: Plan, lines: list[str], prefix: str, indent: str) -> Non
             lines.append(f"{indent}{mid}[{label}]")
     for sid in plan.order:
         for dep in plan.nodes[sid].deps:
-            lines.append(f"{indent}{_mid(dep, prefix)} --> {_mid(sid, prefix)}")
+            lines.append(f"{indent}{ids((*prefix, dep))} --> {ids((*prefix, sid))}")
     for sid in plan.order:
         node = plan.nodes[sid]
         if node.body is not None and node.step.loop and node.step.loop.until:
-            mid = _mid(sid, prefix)
+            mid = ids((*prefix, sid))
             cond = _mermaid_quote(f"until {node.step.loop.until}")
             lines.append(f"{indent}{mid} -. {cond} .-> {mid}")
 
@@ -83,8 +124,11 @@ def _dot_quote(text: str) -> str:
 
 
 def _dot(plan: Plan, title: str) -> str:
-    lines = [f"digraph {_dot_quote(title or 'workflow')} {{", "  rankdir=TB;",
-             "  node [shape=box, style=rounded];"]
+    lines = [
+        f"digraph {_dot_quote(title or 'workflow')} {{",
+        "  rankdir=TB;",
+        "  node [shape=box, style=rounded];",
+    ]
     _dot_body(plan, lines, "", "  ")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -97,7 +141,7 @@ def _dot_body(plan: Plan, lines: list[str], prefix: str, indent: str) -> None:
         if node.body is not None:
             lines.append(f"{indent}subgraph {_dot_quote('cluster_' + prefix + sid)} {{")
             lines.append(f"{indent}  label={_dot_quote(_label(node))}; style=dashed;")
-            lines.append(f"{indent}  {nid} [shape=point, label=\"\"];")
+            lines.append(f'{indent}  {nid} [shape=point, label=""];')
             _dot_body(node.body, lines, prefix + sid + ".", indent + "  ")
             lines.append(f"{indent}}}")
             continue

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from storyflow.events import StepStatus
 
 if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
+    from rich.console import Console, JustifyMethod, RenderableType
     from rich.live import Live
     from rich.text import Text
 
@@ -77,9 +77,17 @@ _ASCII = _Glyphs(">", "+", "x", "~", "-", "/", "=", " | ", "...", " / ")
 _BASE_KEYS = frozenset({"type", "run_id", "ts", "step"})
 # Display order of statuses in counts; any other status follows in arrival order.
 _STATUS_ORDER = (
-    StepStatus.PENDING.value, StepStatus.READY.value, StepStatus.RUNNING.value,
-    StepStatus.RETRYING.value, StepStatus.SUCCEEDED.value, StepStatus.CACHED.value, "kept",
-    StepStatus.FAILED.value, StepStatus.SKIPPED.value, StepStatus.CANCELLED.value, "degraded",
+    StepStatus.PENDING.value,
+    StepStatus.READY.value,
+    StepStatus.RUNNING.value,
+    StepStatus.RETRYING.value,
+    StepStatus.SUCCEEDED.value,
+    StepStatus.CACHED.value,
+    "kept",
+    StepStatus.FAILED.value,
+    StepStatus.SKIPPED.value,
+    StepStatus.CANCELLED.value,
+    "degraded",
 )
 
 
@@ -317,8 +325,24 @@ class _Active:
         self.note = ""
 
 
-_STYLES = {"running": "cyan", "retrying": "yellow", "succeeded": "green", "cached": "green",
-           "kept": "green", "failed": "red", "cancelled": "red", "degraded": "yellow"}
+_STYLES = {
+    "running": "cyan",
+    "retrying": "yellow",
+    "succeeded": "green",
+    "cached": "green",
+    "kept": "green",
+    "failed": "red",
+    "cancelled": "red",
+    "degraded": "yellow",
+}
+
+_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("step", "left"),
+    ("status", "left"),
+    ("attempt", "right"),
+    ("time", "right"),
+    ("", "left"),
+)
 
 
 class LiveSink:
@@ -417,7 +441,10 @@ class LiveSink:
             }
         self._console.print(
             summary_line(summary, ascii=self._g is _ASCII),
-            markup=False, highlight=False, emoji=False, soft_wrap=True,
+            markup=False,
+            highlight=False,
+            emoji=False,
+            soft_wrap=True,
         )
 
     def _start_live(self) -> None:
@@ -525,8 +552,10 @@ class LiveSink:
         g = self._g
         with self._lock:
             now = self._clock()
-            rows = [(step, rec.attempt, rec.since, rec.retry_at, rec.error, rec.note)
-                    for step, rec in islice(self._active.items(), self._max_rows)]
+            rows = [
+                (step, rec.attempt, rec.since, rec.retry_at, rec.error, rec.note)
+                for step, rec in islice(self._active.items(), self._max_rows)
+            ]
             n_active, n_retrying = len(self._active), self._retrying
             counts = {"running": n_active - n_retrying, "retrying": n_retrying, **self._counts}
             done, planned = self._done, max(self._planned, self._done + n_active)
@@ -534,31 +563,37 @@ class LiveSink:
             elapsed, status = self._elapsed(now), self._status
 
         header = Text.assemble(
-            (self._workflow or "run", "bold"), f"{g.sep}run {self._run_id}",
-            f"{g.sep}{format_duration(elapsed)}", (f"{g.sep}{status}" if status else ""),
+            (self._workflow or "run", "bold"),
+            f"{g.sep}run {self._run_id}",
+            f"{g.sep}{format_duration(elapsed)}",
+            (f"{g.sep}{status}" if status else ""),
         )
         bar = Table.grid(expand=True, padding=(0, 1))
         bar.add_column(ratio=1)
         bar.add_column(justify="right", no_wrap=True)
         percent = f" ({100 * done // planned}%)" if planned else ""
-        bar.add_row(ProgressBar(total=max(planned, 1), completed=done),
-                    f"{done:,}/{planned:,}{percent}")
+        bar.add_row(
+            ProgressBar(total=max(planned, 1), completed=done), f"{done:,}/{planned:,}{percent}"
+        )
         parts: list[RenderableType] = [header, bar, self._counts_text(counts)]
 
         if rows:
             table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-            for name, justify in (("step", "left"), ("status", "left"), ("attempt", "right"),
-                                  ("time", "right"), ("", "left")):
-                table.add_column(name, justify=justify, no_wrap=True,  # type: ignore[arg-type]
-                                 overflow="ellipsis")
+            for name, justify in _COLUMNS:
+                table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
             for step, attempt, since, retry_at, error, note in rows:
                 if retry_at is None:
                     row = ("running", format_duration(now - since), _one_line(note, g)[:80])
                 else:
                     left = format_duration(max(retry_at - now, 0.0))
                     row = ("retrying", f"retry in {left}", error)
-                table.add_row(Text(step), Text(row[0], style=_STYLES[row[0]]),
-                              str(attempt or ""), row[1], Text(row[2], style="dim"))
+                table.add_row(
+                    Text(step),
+                    Text(row[0], style=_STYLES[row[0]]),
+                    str(attempt or ""),
+                    row[1],
+                    Text(row[2], style="dim"),
+                )
             parts.append(table)
             if n_active > len(rows):
                 parts.append(Text(f"{g.more} and {n_active - len(rows):,} more", style="dim"))
