@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/storyflow run workflows/short-story.yaml
+	@id=$$($(BIN)/storyflow runs --limit 1 --json | $(BIN)/python -c "import json,sys; print(json.load(sys.stdin)[0]['run_id'])"); \
+	  echo; $(BIN)/storyflow show $$id --output story | head -12; echo "[…]"
 
 test: $(STAMP)
 	$(BIN)/check-jsonschema --schemafile schemas/workflow.schema.json workflows/*.yaml
@@ -24,7 +26,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_cli.py
+	$(BIN)/python bench/bench_engine.py
 
 clean:
 	rm -rf $(VENV) .storyflow build dist .pytest_cache .mypy_cache .ruff_cache

@@ -578,7 +578,7 @@ def test_registry_get_returns_a_cached_instance(
     assert registry.get(kind) is agent
 
 
-@pytest.mark.parametrize("kind", ["llm", "workflow", "human", "builtin/grammar"])
+@pytest.mark.parametrize("kind", ["llm", "workflow", "human"])
 def test_registry_unimplemented_builtin_is_not_available(
     plugins: list[EntryPoint], kind: str
 ) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+
 from conftest import CLI_TIMEOUT_S, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,8 @@ def parse_events(stdout: str) -> list[dict[str, Any]]:
     return events
 
 
-def of_type(events: list[dict[str, Any]], type_: str, step: str | None = None) -> list[dict[str, Any]]:
+def of_type(events: list[dict[str, Any]], type_: str,
+            step: str | None = None) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == type_ and (step is None or e.get("step") == step)]
 
 
@@ -324,7 +326,8 @@ def py(me: str, *deps: str, fn: str = "step", extra: str = "") -> str:
     """A python step as a YAML flow mapping whose output depends on ``deps``' outputs."""
     dep_list = ", ".join(f'"{{{{ steps.{d}.output }}}}"' for d in deps)
     more = f", {extra}" if extra else ""
-    return f'{{uses: python, with: {{callable: "agents:{fn}", me: {me}, deps: [{dep_list}]{more}}}}}'
+    call = f'callable: "agents:{fn}", me: {me}, deps: [{dep_list}]{more}'
+    return f"{{uses: python, with: {{{call}}}}}"
 
 
 def _alive(pid: int) -> bool:
@@ -400,12 +403,17 @@ name: chain
 inputs:
   premise: {{type: string, default: "a lighthouse"}}
 steps:
-  outline: {{uses: python, with: {{callable: "agents:step", me: outline, deps: ["{{{{ inputs.premise }}}}"]}}}}
+  outline:
+    uses: python
+    with: {{callable: "agents:step", me: outline, deps: ["{{{{ inputs.premise }}}}"]}}
   draft: {py("draft", "outline")}
   notes: {py("notes", "outline")}
   story:
     uses: template
-    with: {{template: "# {{{{ inputs.premise }}}}\\n{{{{ steps.draft.output }}}} / {{{{ steps.notes.output }}}}"}}
+    with:
+      template: |-
+        # {{{{ inputs.premise }}}}
+        {{{{ steps.draft.output }}}} / {{{{ steps.notes.output }}}}
 outputs:
   story: "{{{{ steps.story.output }}}}"
   parts: "{{{{ [steps.draft.output, steps.notes.output] }}}}"
@@ -551,7 +559,8 @@ def test_changed_step_and_its_downstream_rerun_and_the_plan_is_printed_first(
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
     plan_at = next(i for i, line in enumerate(lines) if "changed steps: draft" in line)
-    first_step_at = next(i for i, line in enumerate(lines) if re.search(r"\bdraft attempt 1\b", line))
+    first_step_at = next(i for i, line in enumerate(lines)
+                         if re.search(r"\bdraft attempt 1\b", line))
     assert plan_at < first_step_at, result.stdout
     assert any("re-run or run: draft, polish" in line for line in lines[:first_step_at]), lines
     assert project.executions() == Counter(
@@ -595,7 +604,10 @@ def test_cache_true_step_is_reused_by_a_later_run(project: Project) -> None:
         apiVersion: storyflow/v1
         name: cached
         steps:
-          research: {{uses: python, with: {{callable: "agents:step", me: research, deps: []}}, cache: true}}
+          research:
+            uses: python
+            with: {{callable: "agents:step", me: research, deps: []}}
+            cache: true
           write: {py("write", "research")}
         outputs:
           text: "{{{{ steps.write.output }}}}"
@@ -757,7 +769,8 @@ def test_command_exit_75_is_transient(project: Project) -> None:
         steps:
           once:
             uses: command
-            with: {run: "if [ -e tried ]; then echo fine; else touch tried; echo busy >&2; exit 75; fi"}
+            with:
+              run: "if [ -e tried ]; then echo fine; else touch tried; echo busy >&2; exit 75; fi"
             retry: {attempts: 2, delay: 0}
           always:
             uses: command
@@ -847,7 +860,9 @@ def test_signal_checkpoints_the_run_and_resume_finishes_it(
     counts = project.executions()
     for step in succeeded_before:
         assert counts[step] == 1, (step, counts)
-    assert counts["long"] == 2 and counts["last"] == 1
+    # `long` ran again (it may not have reached its first line before the signal)
+    assert of_type(resumed, "step.succeeded", "long")
+    assert 1 <= counts["long"] <= 2 and counts["last"] == 1
     assert set(counts) == {"first", "aside", "long", "last"}
     assert project.show(run_id)["status"] == "succeeded"
 
@@ -857,6 +872,10 @@ def test_a_second_resume_of_a_live_run_exits_4_naming_the_holder(project: Projec
     live = project.live("run", wf, "--json", env={"SF_SLOW": "1"})
     run_id = live.wait_for(lambda e: e["type"] == "run.started")["run_id"]
     live.wait_for(lambda e: e["type"] == "step.started" and e["step"] == "long")
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while project.executions()["long"] == 0:  # `long` is inside its agent now
+        assert time.monotonic() < deadline, "the step never started executing"
+        time.sleep(0.02)
 
     held = project.cli("resume", run_id)
     assert held.returncode == 4, (held.stdout, held.stderr)
@@ -1011,8 +1030,6 @@ def test_run_references_that_do_not_resolve_exit_2(project: Project) -> None:
     assert sorted(r["run_id"] for r in project.runs()) == ["tale-1", "tale-2"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: --run-id is not validated; '../x' puts the run "
-                   "folder (event log, artifacts) outside the state directory")
 def test_run_id_cannot_leave_the_state_directory(project: Project) -> None:
     wf = project.workflow("""
         apiVersion: storyflow/v1
@@ -1103,9 +1120,6 @@ def test_secret_values_are_redacted_from_events_show_and_stdout(project: Project
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a `cache: true` step's output is written to the "
-                   "cross-run cache (store.cache_put) without redaction, so the secret is "
-                   "stored in clear in state/db/cache.db")
 def test_secret_values_are_redacted_from_the_output_cache(project: Project) -> None:
     wf = project.workflow(SECRETIVE % {"cache": "\n    cache: true", "extra": ""})
     result = project.cli("run", wf, "--json", env={"MY_TOKEN": SECRET})
@@ -1115,16 +1129,78 @@ def test_secret_values_are_redacted_from_the_output_cache(project: Project) -> N
     assert not leaked
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a checkpoint keeps the *redacted* output, so on "
-                   "resume the steps downstream of a step whose output held a secret render "
-                   "different inputs, get a new fingerprint and run again although they "
-                   "succeeded and their definition is unchanged")
-def test_resume_keeps_succeeded_steps_downstream_of_a_secret_bearing_output(
+def test_resume_reruns_a_secret_bearing_step_and_keeps_its_dependents(
         project: Project) -> None:
-    wf = project.workflow(SECRETIVE % {"cache": "", "extra": f"  late: {py('late', 'echo', fn='broken')}\n"})
+    # The checkpoint holds only the redacted output, which cannot stand in for the real
+    # one: `peek` runs again, and `echo`, whose inputs come out the same, is kept.
+    late = f"  late: {py('late', 'echo', fn='broken')}\n"
+    wf = project.workflow(SECRETIVE % {"cache": "", "extra": late})
     env = {"MY_TOKEN": SECRET}
     run_id = project.run_json("run", wf, code=1, env=env)[0]["run_id"]
     project.edit_agents(BROKEN_BODY, FIXED_BODY)
     resumed = project.run_json("resume", run_id, env=env)
-    assert {e["step"] for e in of_type(resumed, "step.kept")} == {"peek", "echo"}
-    assert project.executions() == Counter({"peek": 1, "echo": 1, "late": 2})
+    assert {e["step"] for e in of_type(resumed, "step.kept")} == {"echo"}
+    assert project.executions() == Counter({"peek": 2, "echo": 1, "late": 2})
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the resume plan (stderr, and run.resumed.kept) "
+                   "lists a step whose checkpoint was redacted as kept, but it runs again")
+def test_resume_plan_matches_what_is_kept_when_an_output_was_redacted(
+        project: Project) -> None:
+    late = f"  late: {py('late', 'echo', fn='broken')}\n"
+    wf = project.workflow(SECRETIVE % {"cache": "", "extra": late})
+    env = {"MY_TOKEN": SECRET}
+    run_id = project.run_json("run", wf, code=1, env=env)[0]["run_id"]
+    project.edit_agents(BROKEN_BODY, FIXED_BODY)
+    resumed = project.run_json("resume", run_id, env=env)
+    planned = resumed[0]
+    assert planned["type"] == "run.resumed"
+    actually_kept = {e["step"] for e in of_type(resumed, "step.kept")}
+    assert set(planned["kept"]) == actually_kept
+    assert set(planned["rerun"]) == {e["step"] for e in of_type(resumed, "step.started")}
+
+
+# --- stdout closed by the reader ---------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: when the reader of `run --json` goes away (EPIPE, "
+                   "e.g. `| head -1`), the sink's BrokenPipeError kills the run: 'internal "
+                   "error', a 'Task exception was never retrieved' traceback on stderr, and "
+                   "the run is left with status running")
+def test_a_closed_stdout_does_not_crash_the_run(project: Project) -> None:
+    wf = project.workflow(SIGNALLED)
+    stderr_path = project.root / "stderr-epipe.txt"
+    with stderr_path.open("w", encoding="utf-8") as stderr:
+        proc = subprocess.Popen(
+            project.argv("run", wf, "--json"), cwd=project.root,
+            env=project.env({"SF_SLOW": "1"}), stdout=subprocess.PIPE, stderr=stderr,
+            text=True, encoding="utf-8",
+        )
+        try:
+            started = threading.Event()
+            run_ids: list[str] = []
+
+            def read() -> None:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    event = json.loads(line)
+                    run_ids.append(event["run_id"])
+                    if event["type"] == "step.started" and event["step"] == "long":
+                        started.set()
+                        return
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert started.wait(CLI_TIMEOUT_S), "`long` never started"
+            reader.join(CLI_TIMEOUT_S)
+            assert proc.stdout is not None
+            proc.stdout.close()  # the reader is gone: the next write gets EPIPE
+            project.gate.touch()
+            proc.wait(timeout=CLI_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=CLI_TIMEOUT_S)
+    assert "Traceback" not in stderr_path.read_text(encoding="utf-8")
+    assert project.show(run_ids[0])["status"] != "running"
+    assert project.cli("resume", run_ids[0]).returncode == 0

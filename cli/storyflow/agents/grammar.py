@@ -474,8 +474,9 @@ class Expander:
         if not stack:
             where = f" (while expanding #{self._chain[-1]}#)" if self._chain else ""
             known = [s for s, st in self._stacks.items() if st] + self.grammar.symbols
-            raise GrammarError(f"unknown symbol #{symbol}#{where}",
-                               hint=suggest(symbol, known, "symbols"))
+            hint = suggest(symbol, known, "symbols")
+            nearest = f"; {hint}" if hint and hint.startswith("did you mean") else ""
+            raise GrammarError(f"unknown symbol #{symbol}#{where}{nearest}", hint=hint)
         if len(self._chain) >= self.max_depth:
             loop = " → ".join([*self._chain[-6:], symbol])
             raise GrammarError(

@@ -12,17 +12,15 @@ points are discovered on first use and each is loaded at most once per process.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+from collections.abc import Iterator, Mapping
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, cast
 
 from storyflow.agents.base import Agent
-from storyflow.agents.command_agent import CommandAgent
-from storyflow.agents.grammar_agent import GrammarAgent
-from storyflow.agents.python_agent import PythonAgent
-from storyflow.agents.template_agent import TemplateAgent
 from storyflow.errors import PermanentError
 from storyflow.spec.semantic import BUILTIN_KINDS
 from storyflow.spec.units import did_you_mean
@@ -30,12 +28,19 @@ from storyflow.spec.units import did_you_mean
 GROUP = "storyflow.agents"
 """The entry-point group third-party agent kinds register under."""
 
-_IMPLEMENTED: dict[str, Callable[[], Agent]] = {
-    "python": PythonAgent,
-    "command": CommandAgent,
-    "template": TemplateAgent,
-    "builtin/grammar": GrammarAgent,
+_IMPLEMENTED: dict[str, str] = {
+    "python": "storyflow.agents.python_agent:PythonAgent",
+    "command": "storyflow.agents.command_agent:CommandAgent",
+    "template": "storyflow.agents.template_agent:TemplateAgent",
+    "builtin/grammar": "storyflow.agents.grammar_agent:GrammarAgent",
 }
+"""Built-in kind → its class, imported on first use (validation needs none of them)."""
+
+
+def _builtin(kind: str) -> Callable[[], Agent]:
+    module, _, name = _IMPLEMENTED[kind].partition(":")
+    factory: Callable[[], Agent] = getattr(importlib.import_module(module), name)
+    return factory
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,19 +56,44 @@ _plugins: dict[str, EntryPoint] | None = None
 _broken: dict[str, _Broken] = {}
 
 
-def kinds() -> dict[str, tuple[str, ...]]:
+class _Kinds(Mapping[str, tuple[str, ...]]):
+    """Built-in kinds at once; installed plugins only when a name is not built in.
+
+    Scanning entry points reads the metadata of every installed distribution, so a
+    workflow that uses only built-in kinds never pays for it.
+    """
+
+    def _plugin_required(self, name: str) -> tuple[str, ...]:
+        try:
+            return get(name).required
+        except PermanentError:
+            return ()
+
+    def __getitem__(self, kind: str) -> tuple[str, ...]:
+        if kind in BUILTIN_KINDS:
+            return BUILTIN_KINDS[kind]
+        if kind in _discover():
+            return self._plugin_required(kind)
+        raise KeyError(kind)
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in BUILTIN_KINDS or (isinstance(kind, str) and kind in _discover())
+
+    def __iter__(self) -> Iterator[str]:
+        yield from BUILTIN_KINDS
+        yield from _discover()
+
+    def __len__(self) -> int:
+        return len(BUILTIN_KINDS) + len(_discover())
+
+
+def kinds() -> Mapping[str, tuple[str, ...]]:
     """Agent kind → the ``with`` keys it requires, built-in and third-party.
 
     A third-party kind that fails to load is still listed (requiring nothing), so the
     workflow validates and the step fails with the loading error when it runs.
     """
-    table = dict(BUILTIN_KINDS)
-    for name in _discover():
-        try:
-            table[name] = get(name).required
-        except PermanentError:
-            table[name] = ()
-    return table
+    return _Kinds()
 
 
 def get(kind: str) -> Agent:
@@ -75,9 +105,8 @@ def get(kind: str) -> Agent:
     agent = _instances.get(kind)
     if agent is not None:
         return agent
-    factory = _IMPLEMENTED.get(kind)
-    if factory is not None:
-        agent = factory()
+    if kind in _IMPLEMENTED:
+        agent = _builtin(kind)()
     elif kind in BUILTIN_KINDS:
         implemented = ", ".join(sorted(_IMPLEMENTED))
         raise PermanentError(

@@ -185,6 +185,8 @@ def show(
         )
         if s["error"]:
             typer.echo(f"error: {s['error']['class']}: {s['error']['message']}")
+            if s["error"].get("hint"):
+                typer.echo(f"  hint: {s['error']['hint']}")
         if s["output"] is not None:
             typer.echo("output:")
             typer.echo(_dump(s["output"]))

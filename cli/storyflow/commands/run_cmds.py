@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from storyflow.errors import (
 )
 from storyflow.events import EventType, RunStatus
 
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _END_EVENT = {
     RunStatus.SUCCEEDED: "succeed",
     RunStatus.FAILED: "fail",
@@ -70,6 +72,12 @@ def run(
     from storyflow.store import RunRecord, Store
 
     with Store(state_dir()) as store:
+        if run_id is not None and not _RUN_ID.fullmatch(run_id):
+            raise UsageError(
+                f"invalid run id {run_id!r}",
+                hint="use letters, digits, '.', '_' and '-', starting with a letter or digit "
+                "(at most 64 characters)",
+            )
         rid = run_id or store.new_run_id()
         if run_id is not None and store.get_run(run_id) is not None:
             raise UsageError(
@@ -295,6 +303,10 @@ def execute(
         ui.close()
         log.close()
         lease.release()
+    if not json_mode and result.status is RunStatus.SUCCEEDED and wf.artifacts:
+        folder = store.run_dir(record.run_id)
+        for rel in wf.artifacts:
+            typer.echo(f"artifact: {folder / rel}")
     if not json_mode and result.status is not RunStatus.SUCCEEDED:
         if result.error:
             err(f"error: {result.error['message']}")

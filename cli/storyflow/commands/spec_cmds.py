@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
@@ -11,7 +12,7 @@ from storyflow.commands.app import app, err, guarded
 from storyflow.errors import EXIT_USAGE, InputError, Problem, UsageError
 
 
-def known_kinds() -> dict[str, tuple[str, ...]]:
+def known_kinds() -> Mapping[str, tuple[str, ...]]:
     from storyflow.agents.registry import kinds
 
     return kinds()

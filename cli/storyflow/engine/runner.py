@@ -55,6 +55,14 @@ class Options:
     heartbeat_every_s: float = 5.0
 
 
+def _error(exc: StepFailure) -> dict[str, str]:
+    """The persisted form of a step failure."""
+    error = {"class": exc.error_class.value, "message": exc.message}
+    if exc.hint:
+        error["hint"] = exc.hint
+    return error
+
+
 class Instance:
     """One step instance in memory; ``state`` is driven by the lifecycle machine."""
 
@@ -169,7 +177,12 @@ class Runner:
     def checkpoint(self, inst: Instance) -> None:
         rec = inst.record(inst.node.fingerprint)
         if self.secret_values:
-            rec.output = redact(rec.output, self.secret_values)
+            output = redact(rec.output, self.secret_values)
+            if output != rec.output:
+                # Only the redacted form is stored, so this output cannot be restored:
+                # resume re-runs the step instead of handing `***` downstream.
+                rec.meta["redacted"] = True
+            rec.output = output
             rec.error = redact(rec.error, self.secret_values)
         self.dirty[inst.id] = rec
 
@@ -203,6 +216,9 @@ class Runner:
     def move(self, inst: Instance, event: str) -> None:
         lifecycle.step_fire(inst, event)
         self.checkpoint(inst)
+
+    def _holds_secret(self, value: Any) -> bool:
+        return bool(self.secret_values) and redact(value, self.secret_values) != value
 
     def _secret_values(self) -> list[str]:
         names = {n for a in self.wf.agents.values() for n in a.secrets}
@@ -337,7 +353,7 @@ class Runner:
         self._settled(inst)
 
     def _fail_before_start(self, inst: Instance, exc: StepFailure) -> None:
-        inst.error = {"class": exc.error_class.value, "message": exc.message}
+        inst.error = _error(exc)
         inst.ended_at = self.opt.clock()
         if inst.state == StepStatus.PENDING.value:
             self.move(inst, "ready")
@@ -411,6 +427,7 @@ class Runner:
             and prev.status in _OK
             and prev.fingerprint == inst.fingerprint
             and inst.id not in self.opt.forced
+            and not prev.meta.get("redacted")
         ):
             inst.output, inst.attempts = prev.output, prev.attempts
             inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
@@ -448,7 +465,7 @@ class Runner:
                 output = await self._call(agent, call)
             except StepFailure as exc:
                 inst.ended_at = self.opt.clock()
-                inst.error = {"class": exc.error_class.value, "message": exc.message}
+                inst.error = _error(exc)
                 if retry.should_retry(step.retry, exc.error_class.value, inst.attempts):
                     delay = retry.delay_s(
                         step.retry,
@@ -481,7 +498,7 @@ class Runner:
             inst.error = None
             inst.ended_at = self.opt.clock()
             self.move(inst, "succeed")
-            if step.cache:
+            if step.cache and not self._holds_secret(output):
                 self.store.cache_put(inst.fingerprint, output, self.run.run_id)
             self.emit(
                 EventType.STEP_SUCCEEDED,

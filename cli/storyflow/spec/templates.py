@@ -583,9 +583,9 @@ class Templates:
             return set()
         path = self._plain_path(source, expression=expression)
         if path is not None:
-            root, segs = path
-            return {Reference(root, str(segs[0]) if segs else None,
-                              str(segs[1]) if len(segs) > 1 else None)}
+            root, parts = path
+            return {Reference(root, str(parts[0]) if parts else None,
+                              str(parts[1]) if len(parts) > 1 else None)}
         refs: set[Reference] = set()
         for chain in self._chains(source, expression=expression):
             segs = chain.segments

@@ -281,9 +281,14 @@ class PlainSink:
     def _step_failed(self, e: Event) -> str:
         attempt = e.get("attempt")
         text = f"{self._g.fail} {e['step']}" + (f" attempt {attempt}" if attempt else "")
-        if e.get("error"):
-            text += ": " + _error_text(e["error"], self._g)
-        return text + (" (will retry)" if e.get("final") is False else "")
+        error = e.get("error")
+        if error:
+            text += ": " + _error_text(error, self._g)
+        if e.get("final") is False:
+            return text + " (will retry)"
+        if isinstance(error, Mapping) and error.get("hint"):
+            text += f" (hint: {_one_line(error['hint'], self._g)})"
+        return text
 
     def _step_retrying(self, e: Event) -> str:
         delay = e.get("delay_s")
