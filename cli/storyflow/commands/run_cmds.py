@@ -124,9 +124,6 @@ def resume(
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
 ) -> None:
     """Continue a failed, interrupted or waiting run from its checkpoint."""
-    from storyflow.engine.plan import plan
-    from storyflow.spec import load_workflow
-    from storyflow.spec.units import did_you_mean
     from storyflow.store import Store
 
     with Store(state_dir()) as store:
@@ -144,65 +141,89 @@ def resume(
                 f"run {record.run_id} is a child of run {record.parent_run}",
                 hint=f"resume the parent: storyflow resume {record.parent_run}",
             )
-        wf = load_workflow(
-            record.workflow_path,
-            kinds=known_kinds(),
-            environment=record.environment,
-            sets=record.sets,
-        )
-        compiled = plan(wf)
-        for step in from_steps:
-            if step not in compiled.nodes:
-                raise UsageError(
-                    f"--from: unknown step {step!r}",
-                    hint=did_you_mean(step, compiled.nodes, what="steps"),
-                )
-        previous = store.get_steps(record.run_id, compiled.order)
-        changed = [
-            sid
-            for sid in compiled.order
-            if sid in previous and previous[sid].meta.get("def") != compiled.nodes[sid].fingerprint
-        ]
-        forced = compiled.downstream([*changed, *from_steps])
-        kept = [
-            sid
-            for sid in compiled.order
-            if sid not in forced
-            and sid in previous
-            and previous[sid].status in ("succeeded", "cached")
-        ]
-        todo = [sid for sid in compiled.order if sid not in kept]
-        if not json_mode:
-            err(f"resuming run {record.run_id} ({wf.name})")
-            if record.source_hash != wf.source_hash:
-                err(
-                    f"  the workflow file changed since the run started; "
-                    f"changed steps: {', '.join(changed) or 'none'}"
-                )
-            err(
-                f"  kept: {len(kept)} step{'s' if len(kept) != 1 else ''}"
-                + (f" · re-run or run: {', '.join(todo)}" if todo else " · nothing left to run")
-            )
-        previous_status = record.status
-        record.status = RunStatus.RUNNING.value
-        record.source_hash = wf.source_hash
-        record.meta["steps"] = list(compiled.order)
-        record.error = None
-        store.put_run(record)
-        code = execute(
-            store,
-            wf,
-            compiled,
-            record,
-            json_mode=json_mode,
-            progress=not no_progress,
-            max_parallel=max_parallel,
-            previous=previous,
-            forced=frozenset(forced),
-            resumed={"kept": kept, "rerun": todo, "changed": changed},
-            previous_status=previous_status,
-        )
+        # Hold the run before printing a plan or touching its record (exit 4 if live).
+        lease = store.acquire_lease(record.run_id)
+        try:
+            code = _resume(store, record, lease, from_steps, max_parallel, json_mode, no_progress)
+        finally:
+            lease.release()
     raise typer.Exit(code)
+
+
+def _resume(
+    store: Any,
+    record: Any,
+    lease: Any,
+    from_steps: list[str],
+    max_parallel: int,
+    json_mode: bool,
+    no_progress: bool,
+) -> int:
+    from storyflow.engine.plan import plan
+    from storyflow.spec import load_workflow
+    from storyflow.spec.units import did_you_mean
+
+    wf = load_workflow(
+        record.workflow_path,
+        kinds=known_kinds(),
+        environment=record.environment,
+        sets=record.sets,
+    )
+    compiled = plan(wf)
+    for step in from_steps:
+        if step not in compiled.nodes:
+            raise UsageError(
+                f"--from: unknown step {step!r}",
+                hint=did_you_mean(step, compiled.nodes, what="steps"),
+            )
+    previous = store.get_steps(record.run_id, compiled.order)
+    changed = [
+        sid
+        for sid in compiled.order
+        if sid in previous and previous[sid].meta.get("def") != compiled.nodes[sid].fingerprint
+    ]
+    forced = compiled.downstream([*changed, *from_steps])
+    kept = [
+        sid
+        for sid in compiled.order
+        if sid not in forced
+        and sid in previous
+        and previous[sid].status in ("succeeded", "cached")
+        and not previous[sid].meta.get("redacted")  # cannot be restored: re-runs
+    ]
+    todo = [sid for sid in compiled.order if sid not in kept]
+    if not json_mode:
+        err(f"resuming run {record.run_id} ({wf.name})")
+        if record.source_hash != wf.source_hash:
+            err(
+                f"  the workflow file changed since the run started; "
+                f"changed steps: {', '.join(changed) or 'none'}"
+            )
+        err(
+            f"  kept: {len(kept)} step{'s' if len(kept) != 1 else ''}"
+            + (f" · re-run or run: {', '.join(todo)}" if todo else " · nothing left to run")
+        )
+    previous_status = record.status
+    record.status = RunStatus.RUNNING.value
+    record.source_hash = wf.source_hash
+    record.meta["steps"] = list(compiled.order)
+    record.error = None
+    store.put_run(record)
+    code = execute(
+        store,
+        wf,
+        compiled,
+        record,
+        json_mode=json_mode,
+        progress=not no_progress,
+        max_parallel=max_parallel,
+        previous=previous,
+        forced=frozenset(forced),
+        resumed={"kept": kept, "rerun": todo, "changed": changed},
+        previous_status=previous_status,
+        lease=lease,
+    )
+    return code
 
 
 def execute(
@@ -218,6 +239,7 @@ def execute(
     forced: frozenset[str] = frozenset(),
     resumed: dict[str, Any] | None = None,
     previous_status: str | None = None,
+    lease: Any = None,
 ) -> int:
     """Hold the lease, run the plan with events to the log and the display; the exit code."""
     import asyncio
@@ -228,13 +250,21 @@ def execute(
     from storyflow.store import EventLog
     from storyflow.ui.progress import make_sink
 
-    lease = store.acquire_lease(record.run_id)
+    lease = lease or store.acquire_lease(record.run_id)
     log = EventLog(store.run_dir(record.run_id) / "events.jsonl")
     ui = make_sink(json_mode=json_mode, progress=progress, stream=sys.stdout)
 
+    display = [ui]
+
     def sink(event: dict[str, Any]) -> None:
         log.write(event)
-        ui(event)
+        if display:
+            try:
+                display[0](event)
+            except BrokenPipeError:
+                # `storyflow run … | head`: the reader left. The run goes on, logged.
+                display.clear()
+                _silence_stdout()
 
     set_thread_pool_size(max_parallel)
     options = Options(
@@ -300,7 +330,11 @@ def execute(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         loop.close()
-        ui.close()
+        if display:
+            try:
+                ui.close()
+            except BrokenPipeError:
+                _silence_stdout()
         log.close()
         lease.release()
     if not json_mode and result.status is RunStatus.SUCCEEDED and wf.artifacts:
@@ -318,3 +352,12 @@ def execute(
     if result.status is RunStatus.INTERRUPTED:
         return EXIT_SIGTERM if signals_seen and signals_seen[0] == signal.SIGTERM else EXIT_SIGINT
     return EXIT_FAILED
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so later writes (and the exit flush) cannot fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
