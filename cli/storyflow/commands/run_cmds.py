@@ -59,25 +59,31 @@ def run(
     from storyflow.spec import load_workflow
     from storyflow.spec.params import resolve_inputs
 
-    wf = load_workflow(file, kinds=known_kinds(), environment=env, sets=sets)
-    values = resolve_inputs(wf, inputs, inputs_file)
-    compiled = plan(wf)
     if dry_run:
         from storyflow.ui.graph import render
 
+        wf = load_workflow(file, kinds=known_kinds(), environment=env, sets=sets)
+        values = resolve_inputs(wf, inputs, inputs_file)
+        compiled = plan(wf)
         typer.echo(f"{wf.name}: valid, {compiled.count_all()} steps")
         typer.echo("inputs: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
         typer.echo(render(compiled, "text"), nl=False)
         return
+    if run_id is not None and not _RUN_ID.fullmatch(run_id):
+        raise UsageError(
+            f"invalid run id {run_id!r}",
+            hint="use letters, digits, '.', '_' and '-', starting with a letter or digit "
+            "(at most 64 characters)",
+        )
     from storyflow.store import RunRecord, Store
 
     with Store(state_dir()) as store:
-        if run_id is not None and not _RUN_ID.fullmatch(run_id):
-            raise UsageError(
-                f"invalid run id {run_id!r}",
-                hint="use letters, digits, '.', '_' and '-', starting with a letter or digit "
-                "(at most 64 characters)",
-            )
+        wf = load_workflow(
+            file, kinds=known_kinds(), environment=env, sets=sets, known_valid=store.known_valid
+        )
+        values = resolve_inputs(wf, inputs, inputs_file)
+        compiled = plan(wf)
+        store.remember_valid(wf.source_hash)
         rid = run_id or store.new_run_id()
         if run_id is not None and store.get_run(run_id) is not None:
             raise UsageError(
@@ -168,6 +174,8 @@ def _resume(
         kinds=known_kinds(),
         environment=record.environment,
         sets=record.sets,
+        # The run was validated when it started; an unchanged file needs no schema pass.
+        known_valid=lambda h: h == record.source_hash or store.known_valid(h),
     )
     compiled = plan(wf)
     for step in from_steps:

@@ -35,6 +35,8 @@ from storyflow.spec.model import Workflow
 from storyflow.store import RunRecord, StepRecord, Store, redact
 
 Sink = Callable[[dict[str, Any]], None]
+_Prepared = tuple[Any, dict[str, Any], dict[str, str]]
+"""An instance ready for its attempts: the agent, rendered inputs and its secrets."""
 _OK = (StepStatus.SUCCEEDED.value, StepStatus.CACHED.value)
 
 
@@ -267,8 +269,12 @@ class Runner:
     def _pump(self) -> None:
         while self.queue and self.running < self.opt.max_parallel and self.interrupted is None:
             inst = self.queue.popleft()
+            prepared = self._prepare(inst)
+            if prepared is None:  # kept, cached or failed here: no task, no slot
+                self._after(inst)
+                continue
             self.running += 1
-            inst.task = asyncio.ensure_future(self._run_instance(inst))
+            inst.task = asyncio.ensure_future(self._run_instance(inst, prepared))
         # Instances made ready since the last pump that must wait for a slot: make
         # `ready` durable once (amortised O(1): each instance passes here once).
         for inst in self.fresh:
@@ -363,9 +369,9 @@ class Runner:
         )
 
     # -- one instance --------------------------------------------------------------------
-    async def _run_instance(self, inst: Instance) -> None:
+    async def _run_instance(self, inst: Instance, prepared: _Prepared) -> None:
         try:
-            await self._attempts(inst)
+            await self._attempts(inst, *prepared)
         except asyncio.CancelledError:
             if not StepStatus(inst.state).done:
                 inst.ended_at = self.opt.clock()
@@ -405,7 +411,12 @@ class Runner:
             inputs["prompt"] = self.t.render(step.prompt, scope)
         return inputs, secrets
 
-    async def _attempts(self, inst: Instance) -> None:
+    def _prepare(self, inst: Instance) -> _Prepared | None:
+        """The synchronous part before any attempt: render, fingerprint, keep or cache.
+
+        Returns what the attempts need, or None when the instance settled here: a kept
+        step (resume) costs no task and no store write — its record is already there.
+        """
         from storyflow.agents import registry
 
         step = inst.node.step
@@ -419,7 +430,7 @@ class Runner:
             agent = registry.get(step.uses or "")
         except StepFailure as exc:
             self._fail_before_start(inst, exc)
-            return
+            return None
         inst.fingerprint = digest([inst.node.fingerprint, inputs])
         prev = self.opt.previous.get(inst.id)
         if (
@@ -432,9 +443,9 @@ class Runner:
             inst.output, inst.attempts = prev.output, prev.attempts
             inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
             inst.agent, inst.degraded = prev.agent, prev.degraded
-            self.move(inst, "keep")
+            lifecycle.step_fire(inst, "keep")  # the stored record already says so
             self.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
-            return
+            return None
         if step.cache:
             found, output = self.store.cache_get(inst.fingerprint)
             if found:
@@ -442,7 +453,13 @@ class Runner:
                 inst.ended_at = self.opt.clock()
                 self.move(inst, "cache")
                 self.emit(EventType.STEP_CACHED, step=inst.id, attempt=inst.attempts)
-                return
+                return None
+        return agent, inputs, secrets
+
+    async def _attempts(
+        self, inst: Instance, agent: Any, inputs: dict[str, Any], secrets: dict[str, str]
+    ) -> None:
+        step = inst.node.step
         while True:
             inst.attempts += 1
             inst.started_at = self.opt.clock()
@@ -498,7 +515,7 @@ class Runner:
             inst.error = None
             inst.ended_at = self.opt.clock()
             self.move(inst, "succeed")
-            if step.cache and not self._holds_secret(output):
+            if step.cache and inst.fingerprint and not self._holds_secret(output):
                 self.store.cache_put(inst.fingerprint, output, self.run.run_id)
             self.emit(
                 EventType.STEP_SUCCEEDED,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,23 +65,40 @@ def load_workflow(
     environment: str | None = None,
     sets: Sequence[str] = (),
     text: str | None = None,
+    known_valid: Callable[[str], bool] | None = None,
 ) -> Workflow:
-    """Load, check and build a workflow. Raises `WorkflowError` or `InputError`."""
-    from storyflow.spec import build, schema, semantic, yaml_source
+    """Load, check and build a workflow. Raises `WorkflowError` or `InputError`.
+
+    ``known_valid(source_hash)`` lets a caller vouch that this exact source already
+    passed the JSON Schema (a resumed run, a re-run): the schema pass, the dearest
+    check, is then skipped. Semantic checks always run; they also infer dependencies.
+    """
+    from storyflow.spec import build, semantic, yaml_source
 
     src = yaml_source.load(path, text)
+    source_hash = _source_hash(src.text, environment, sets)
+    trusted = known_valid is not None and not src.problems and known_valid(source_hash)
     problems = list(src.problems)
     data = src.data
     if data is None and not problems:
-        problems.append(Problem("the file is empty", file=src.path,
-                                hint="start with apiVersion: storyflow/v1"))
+        problems.append(
+            Problem("the file is empty", file=src.path, hint="start with apiVersion: storyflow/v1")
+        )
     if data is not None and not isinstance(data, dict):
-        problems.append(src.problem((), "a workflow file must be a mapping of keys",
-                                    hint="start with apiVersion: storyflow/v1"))
+        problems.append(
+            src.problem(
+                (),
+                "a workflow file must be a mapping of keys",
+                hint="start with apiVersion: storyflow/v1",
+            )
+        )
     if problems and not isinstance(data, dict):
         raise WorkflowError(problems)
     assert isinstance(data, dict)
-    problems += schema.check(src, data)
+    if not trusted:
+        from storyflow.spec import schema
+
+        problems += schema.check(src, data)
     analysis = semantic.check(src, data, template_engine(), kinds)
     problems += analysis.problems
     if any(p.severity == "error" for p in problems):
@@ -89,24 +106,47 @@ def load_workflow(
 
     if environment is not None or sets:
         data = apply_parameters(data, environment, sets)
-        after = schema.check(src, data)
+        after = [] if trusted else _schema_problems(src, data)
         analysis = semantic.check(src, data, template_engine(), kinds)
         after += analysis.problems
         if any(p.severity == "error" for p in after):
             origin = f"--env {environment}" if environment else "--set"
             raise WorkflowError(
-                [Problem(f"after {origin}: {p.message}", file=p.file, line=p.line, col=p.col,
-                         path=p.path, hint=p.hint) for p in _dedupe(after)]
+                [
+                    Problem(
+                        f"after {origin}: {p.message}",
+                        file=p.file,
+                        line=p.line,
+                        col=p.col,
+                        path=p.path,
+                        hint=p.hint,
+                    )
+                    for p in _dedupe(after)
+                ]
             )
-    digest = hashlib.sha256(src.text.encode())
-    digest.update(repr((environment, list(sets))).encode())
     return build.build(
         data,
         analysis,
         path=str(path),
         environment=environment,
-        source_hash=digest.hexdigest()[:16],
+        source_hash=source_hash,
     )
+
+
+def _schema_problems(src: Any, data: Any) -> list[Problem]:
+    from storyflow.spec import schema
+
+    problems: list[Problem] = schema.check(src, data)
+    return problems
+
+
+def _source_hash(text: str, environment: str | None, sets: Sequence[str]) -> str:
+    """Identifies the workflow as run: its bytes, its parameters, this storyflow."""
+    from storyflow import __version__
+
+    digest = hashlib.sha256(text.encode())
+    digest.update(repr((environment, list(sets), __version__)).encode())
+    return digest.hexdigest()[:16]
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
@@ -143,8 +183,9 @@ def apply_parameters(
     for item in sets:
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted.strip():
-            raise InputError(f"--set {item!r} is not path=value",
-                             hint="for example --set config.temperature=0.2")
+            raise InputError(
+                f"--set {item!r} is not path=value", hint="for example --set config.temperature=0.2"
+            )
         _set_path(data, dotted.strip(), parse_scalar(raw))
     return data
 

@@ -29,6 +29,7 @@ from storyflow.store._records import RunRecord, StepRecord
 #   step:<run_id>:<instance_id>      StepRecord.to_dict()
 #   cache:<fingerprint>              {"output", "run_id", "at"} for `cache: true` steps
 #   lease:<run_id>                   {"pid", "host", "token", "heartbeat"}
+#   valid:<source_hash>              1: this exact workflow source passed the schema
 # Run ids never contain ":", so the step key splits unambiguously.
 
 FORMAT_KEY = "meta:format"
@@ -49,6 +50,10 @@ def cache_key(fingerprint: str) -> str:
 
 def lease_key(run_id: str) -> str:
     return f"lease:{run_id}"
+
+
+def valid_key(source_hash: str) -> str:
+    return f"valid:{source_hash}"
 
 
 # --- Format version ----------------------------------------------------------------
@@ -276,6 +281,17 @@ class Store:
         entry = {"output": output, "run_id": run_id, "at": self.clock()}
         with Fence(self.root, "write the output cache"):
             self._cache.set(cache_key(fingerprint), entry)
+
+    # --- workflows already validated --------------------------------------------------
+
+    def known_valid(self, source_hash: str) -> bool:
+        """Whether this exact source (bytes, parameters, storyflow version) passed the schema."""
+        with Fence(self.root, "read the validation cache"):
+            return self._cache.get(valid_key(source_hash)) is not None
+
+    def remember_valid(self, source_hash: str) -> None:
+        with Fence(self.root, "write the validation cache"):
+            self._cache.set(valid_key(source_hash), 1)
 
     # --- leases ----------------------------------------------------------------------
 
