@@ -18,7 +18,7 @@ def _when(ts: float | None) -> str:
 
 
 def _dur(start: float | None, end: float | None) -> str:
-    from storyflow.spec.units import format_duration
+    from storyflow.ui.progress import format_duration
 
     if start is None or end is None:
         return "-"

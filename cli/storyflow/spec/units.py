@@ -36,18 +36,6 @@ def rate_per_s(value: str) -> float:
     return float(m.group(1)) / _RATE_UNITS[m.group(2)]
 
 
-def format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
 def nearest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid name to ``word``, if any is close enough."""
     options = [c for c in choices if isinstance(c, str)]

@@ -12,8 +12,9 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
+
+from storyflow.store._closing import Closing
 
 _FILE_MODE = 0o600
 
@@ -35,7 +36,7 @@ def _decode(line: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
-class EventLog:
+class EventLog(Closing):
     """Appends events to a run's log file."""
 
     def __init__(self, path: Path) -> None:
@@ -53,17 +54,6 @@ class EventLog:
     def close(self) -> None:
         """Flush and close the file."""
         self._file.close()
-
-    def __enter__(self) -> EventLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -12,12 +12,12 @@ import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import diskcache
 
 from storyflow.errors import RunHeldError
+from storyflow.store._closing import Closing
 from storyflow.store._fence import Fence
 
 
@@ -52,7 +52,7 @@ def _held_error(run_id: str, record: dict[str, Any]) -> RunHeldError:
     )
 
 
-class Lease:
+class Lease(Closing):
     """This process's hold on one run. Refresh it with `heartbeat`, end it with `release`."""
 
     def __init__(
@@ -97,16 +97,7 @@ class Lease:
             if current is not None and current.get("token") == self.token:
                 self._cache.delete(self._key)
 
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
+    close = release  # `with lease:` releases it
 
 
 def acquire(

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import diskcache
 
 from storyflow.errors import StoreError, UsageError
+from storyflow.store._closing import Closing
 from storyflow.store._fence import FOREIGN_ERRORS, Fence, translate
 from storyflow.store._lease import Lease, acquire
 from storyflow.store._records import RunRecord, StepRecord
@@ -84,7 +84,7 @@ def _make_private_dir(path: Path, *, force_mode: bool) -> None:
         path.chmod(_DIR_MODE)  # mkdir's mode is filtered by the umask
 
 
-class Store:
+class Store(Closing):
     """The persistent state of every run, under one state directory."""
 
     def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
@@ -134,17 +134,6 @@ class Store:
     def close(self) -> None:
         """Close the database connection. The store is unusable afterwards."""
         self._cache.close()
-
-    def __enter__(self) -> Store:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def run_dir(self, run_id: str) -> Path:
         """The run's folder (event log, artifacts), created 0700 on first use."""
