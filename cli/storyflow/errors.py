@@ -10,6 +10,7 @@
         ├── TransientError                  retryable: flaky network, rate limits, exit 75
         ├── StepTimeout                     the attempt ran past its timeout
         ├── InvalidOutput                   output failed to parse or to match output_schema
+        ├── CircuitOpen                     the agent's breaker is open: failed fast, not called
         └── PermanentError                  anything else; never retried by default
 
 `TransientError` is public API: a python agent raises it to ask for a retry.
@@ -141,6 +142,12 @@ class InvalidOutput(StepFailure):
     """The output failed to parse or did not match the step's output_schema."""
 
     error_class = ErrorClass.INVALID_OUTPUT
+
+
+class CircuitOpen(StepFailure):
+    """The agent's circuit breaker is open: the call failed fast without reaching it."""
+
+    error_class = ErrorClass.CIRCUIT_OPEN
 
 
 class PermanentError(StepFailure):

@@ -78,3 +78,14 @@ class EventType(StrEnum):
     STEP_CACHED = "step.cached"
     STEP_CANCELLED = "step.cancelled"
     STEP_KEPT = "step.kept"
+    STEP_FALLBACK = "step.fallback"
+    BREAKER_OPENED = "breaker.opened"
+    BREAKER_CLOSED = "breaker.closed"
+
+
+class BreakerState(StrEnum):
+    """Where an agent's circuit breaker stands (in memory, for one process of a run)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"

@@ -182,6 +182,7 @@ def show(
         typer.echo(
             f"step {s['id']}: {s['status']} · {s['attempts']} attempt(s)"
             f" · {_dur(s['started_at'], s['ended_at'])}"
+            + (f" · degraded (served by {s['agent']})" if s["degraded"] else "")
         )
         if s["error"]:
             typer.echo(f"error: {s['error']['class']}: {s['error']['message']}")

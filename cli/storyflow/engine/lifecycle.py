@@ -1,4 +1,4 @@
-"""Lifecycle state machines for runs and step instances. The only transitions importer.
+"""Lifecycle state machines for runs, step instances and breakers. The only transitions importer.
 
 One `transitions.Machine` per kind is built once per process and drives every
 instance through its events directly (``Event.trigger(instance)``), so no instance
@@ -10,6 +10,12 @@ model, a direct trigger ~12 µs. There are no auto-transitions, so an illegal mo
        │              │  ╲cache→ cached     │ ╲fail→ failed
        │              │  ╲keep→ succeeded   ╰─retry→ retrying ─start→ running
        ╰─skip─────────┴──→ skipped      (any unfinished) ─cancel→ cancelled
+
+An agent's circuit breaker (`storyflow.engine.breaker`) is the third kind:
+
+    closed ─trip→ open ─probe→ half_open ─close→ closed
+                   ↑                │
+                   ╰──────trip──────╯
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 from functools import cache
 from typing import Any
 
-from storyflow.events import RunStatus, StepStatus
+from storyflow.events import BreakerState, RunStatus, StepStatus
 
 _S = StepStatus
 STEP_TRANSITIONS: list[dict[str, Any]] = [
@@ -57,6 +63,14 @@ RUN_TRANSITIONS: list[dict[str, Any]] = [
 ]
 
 
+_B = BreakerState
+BREAKER_TRANSITIONS: list[dict[str, Any]] = [
+    {"trigger": "trip", "source": [_B.CLOSED.value, _B.HALF_OPEN.value], "dest": _B.OPEN.value},
+    {"trigger": "probe", "source": _B.OPEN.value, "dest": _B.HALF_OPEN.value},
+    {"trigger": "close", "source": _B.HALF_OPEN.value, "dest": _B.CLOSED.value},
+]
+
+
 class IllegalTransition(RuntimeError):
     """An event was triggered from a state that does not allow it (a bug, never user input)."""
 
@@ -69,6 +83,8 @@ def _machine(kind: str) -> Any:
     logging.getLogger("transitions").setLevel(logging.WARNING)
     if kind == "step":
         states, table, initial = [s.value for s in StepStatus], STEP_TRANSITIONS, "pending"
+    elif kind == "breaker":
+        states, table, initial = [s.value for s in BreakerState], BREAKER_TRANSITIONS, "closed"
     else:
         states, table, initial = [s.value for s in RunStatus], RUN_TRANSITIONS, "running"
     return Machine(

@@ -10,6 +10,18 @@ awaits an agent or a retry delay, and right after any step settles (``call_soon`
 so a step's success is durable before any dependent's agent runs, and a crash loses
 at most the attempts in flight. A chain of steps pays one transaction per step.
 Per step the work is O(1): counters, not scans.
+
+Ready instances start in the order they became ready, up to ``max_parallel``. With
+pools (`storyflow.engine.pools`), an instance whose pool is full or out of tokens is
+parked with its pool and the scheduler moves on, so one busy pool never holds up the
+others; a pool that can take its oldest parked instance again offers it back, and the
+oldest ready instance, parked or not, starts first. What one instance does — retries,
+breakers, fallbacks — is `storyflow.engine.attempts`.
+
+Stopping: a signal (`interrupt`) or the workflow's ``timeout`` cancels the running
+attempts (a command's process group is killed) and the ready instances; pending ones
+stay pending for ``resume``. A timeout ends the run ``failed`` with class ``timeout``;
+each process of a run gets the whole ``timeout`` afresh.
 """
 
 from __future__ import annotations
@@ -25,11 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storyflow.agents.base import Call
-from storyflow.engine import lifecycle, retry
+from storyflow.engine import lifecycle
+from storyflow.engine.attempts import Attempts, Server, error_record
 from storyflow.engine.plan import Node, Plan, digest
+from storyflow.engine.pools import Pool, Pools
 from storyflow.engine.scope import Scope
-from storyflow.errors import InvalidOutput, PermanentError, StepFailure, StepTimeout
+from storyflow.errors import PermanentError, StepFailure
 from storyflow.events import ErrorClass, EventType, RunStatus, StepStatus
 from storyflow.spec.model import Workflow
 from storyflow.store import RunRecord, StepRecord, Store, redact
@@ -42,7 +55,7 @@ _OK = (StepStatus.SUCCEEDED.value, StepStatus.CACHED.value)
 
 @dataclass
 class Options:
-    """How a run executes; clock, sleep and randomness are injected for tests."""
+    """How a run executes; clocks, sleep and randomness are injected for tests."""
 
     max_parallel: int = 8
     forced: frozenset[str] = frozenset()
@@ -50,19 +63,27 @@ class Options:
     previous: Mapping[str, StepRecord] = field(default_factory=dict)
     """Records of an earlier process of this run (resume)."""
     clock: Callable[[], float] = time.time
+    """Wall-clock epoch seconds, for records and events."""
+    monotonic: Callable[[], float] = time.monotonic
+    """For breaker cooldowns and pool rates."""
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    """Waits out a retry delay."""
     rand: Callable[[], float] = random.random
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     heartbeat: Callable[[], None] | None = None
     heartbeat_every_s: float = 5.0
 
 
-def _error(exc: StepFailure) -> dict[str, str]:
-    """The persisted form of a step failure."""
-    error = {"class": exc.error_class.value, "message": exc.message}
-    if exc.hint:
-        error["hint"] = exc.hint
-    return error
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """Why the run is stopping before every step has settled."""
+
+    reason: str
+    """The ``reason`` of the ``step.cancelled`` events."""
+    error: dict[str, str]
+    """The error recorded on each cancelled instance."""
+    signum: int | None = None
+    """The signal, for an interruption; None for the run's timeout."""
 
 
 class Instance:
@@ -75,11 +96,14 @@ class Instance:
         "ended_at",
         "error",
         "fingerprint",
+        "grant",
         "id",
         "node",
         "output",
         "ready_at",
         "reason",
+        "seq",
+        "slot",
         "started_at",
         "state",
         "task",
@@ -100,6 +124,12 @@ class Instance:
         self.degraded = False
         self.reason: str | None = None
         self.task: asyncio.Task[None] | None = None
+        self.seq = 0
+        """Order in which instances became ready."""
+        self.slot: Pool | None = None
+        """The pool whose slot this instance holds."""
+        self.grant: Pool | None = None
+        """The pool the scheduler took a slot and a token from for the first attempt."""
 
     def record(self, definition: str) -> StepRecord:
         return StepRecord(
@@ -155,13 +185,19 @@ class Runner:
         self.queue: deque[Instance] = deque()
         self.fresh: list[Instance] = []
         self.running = 0
+        self.seq = 0
         self.unsettled = len(self.insts)
         self.done = asyncio.Event()
-        self.interrupted: int | None = None
+        self.stop: _Stop | None = None
         self.workflow_dir = Path(workflow.path).resolve().parent
         self.run_dir = store.run_dir(run.run_id)
         self.secret_values = self._secret_values()
-        self._validators: dict[str, Any] = {}
+        self.attempts = Attempts(self)
+        self.pools = (
+            Pools(workflow.pools, options.monotonic, self._pools_ready, self.flush)
+            if workflow.pools
+            else None
+        )
         self.dirty: dict[str, StepRecord] = {}
         self.pending_events: list[dict[str, Any]] = []
         self.flush_handle: asyncio.Handle | None = None
@@ -219,7 +255,7 @@ class Runner:
         lifecycle.step_fire(inst, event)
         self.checkpoint(inst)
 
-    def _holds_secret(self, value: Any) -> bool:
+    def holds_secret(self, value: Any) -> bool:
         return bool(self.secret_values) and redact(value, self.secret_values) != value
 
     def _secret_values(self) -> list[str]:
@@ -230,6 +266,9 @@ class Runner:
     async def execute(self) -> Result:
         started = self.opt.clock()
         beat = asyncio.ensure_future(self._heartbeat()) if self.opt.heartbeat else None
+        deadline = None
+        if self.wf.timeout_s is not None:
+            deadline = asyncio.get_running_loop().call_later(self.wf.timeout_s, self._time_out)
         try:
             if not self.insts:
                 self.done.set()
@@ -242,6 +281,10 @@ class Runner:
         finally:
             if beat is not None:
                 beat.cancel()
+            if deadline is not None:
+                deadline.cancel()
+            if self.pools is not None:
+                self.pools.close()
             self.flush()
         return self._finish(self.opt.clock() - started)
 
@@ -253,12 +296,28 @@ class Runner:
 
     def interrupt(self, signum: int) -> None:
         """Cancel running steps; ready ones are cancelled, pending ones stay for resume."""
-        if self.interrupted is not None:
+        error = {"class": ErrorClass.CANCELLED.value, "message": "cancelled by a signal"}
+        self._halt(_Stop("interrupted", error, signum))
+
+    def _time_out(self) -> None:
+        if self.done.is_set():
+            return  # every step settled just in time
+        error = {
+            "class": ErrorClass.TIMEOUT.value,
+            "message": f"stopped when the run's timeout ({self.wf.timeout_s:g}s) elapsed",
+        }
+        self._halt(_Stop("run timed out", error))
+
+    def _halt(self, stop: _Stop) -> None:
+        if self.stop is not None:
             return
-        self.interrupted = signum
+        self.stop = stop
         while self.queue:
             inst = self.queue.popleft()
             self._settle_cancelled(inst)
+        if self.pools is not None:
+            for inst, _ in self.pools.drain():
+                self._settle_cancelled(inst)
         for inst in self.insts.values():
             if inst.task is not None and not inst.task.done():
                 inst.task.cancel()
@@ -267,20 +326,81 @@ class Runner:
             self.done.set()
 
     def _pump(self) -> None:
-        while self.queue and self.running < self.opt.max_parallel and self.interrupted is None:
-            inst = self.queue.popleft()
-            prepared = self._prepare(inst)
-            if prepared is None:  # kept, cached or failed here: no task, no slot
-                self._after(inst)
-                continue
-            self.running += 1
-            inst.task = asyncio.ensure_future(self._run_instance(inst, prepared))
+        if self.pools is not None:
+            self._pump_pools(self.pools)
+        else:
+            while self.queue and self.running < self.opt.max_parallel and self.stop is None:
+                inst = self.queue.popleft()
+                prepared = self._prepare(inst)
+                if prepared is None:  # kept, cached or failed here: no task, no slot
+                    self._after(inst)
+                    continue
+                self._launch(inst, prepared)
         # Instances made ready since the last pump that must wait for a slot: make
         # `ready` durable once (amortised O(1): each instance passes here once).
         for inst in self.fresh:
             if inst.task is None and inst.state == StepStatus.READY.value:
                 self.checkpoint(inst)
         self.fresh.clear()
+
+    def _launch(self, inst: Instance, prepared: _Prepared) -> None:
+        self.running += 1
+        inst.task = asyncio.ensure_future(self._run_instance(inst, prepared))
+
+    def _pump_pools(self, pools: Pools) -> None:
+        """`_pump` when the workflow has pools: the oldest ready instance that can start
+        does, parked or not; one that cannot is parked with its pool."""
+        while self.running < self.opt.max_parallel and self.stop is None:
+            parked = pools.next_seq()
+            if self.queue and (parked is None or self.queue[0].seq < parked):
+                inst = self.queue.popleft()
+                prepared = self._prepare(inst)
+                if prepared is None:
+                    self._after(inst)
+                    continue
+                pool = pools.get(self.attempts.entry_pool(inst))
+                if pool is not None:
+                    if not pools.admits_now(pool):
+                        pools.park(pool, inst.seq, (inst, prepared))
+                        continue
+                    pools.take(pool)
+                    inst.slot = inst.grant = pool
+                self._launch(inst, prepared)
+            elif parked is not None:
+                (inst, prepared), pool = pools.pop()
+                inst.slot = inst.grant = pool
+                self._launch(inst, prepared)
+            else:
+                return
+
+    def _pools_ready(self) -> None:
+        """A pool can take a parked instance again (called from its timer)."""
+        self._pump()
+        self.schedule_flush()
+
+    async def pool_for(self, inst: Instance, name: str | None) -> None:
+        """Hold what the next attempt needs from pool ``name`` (a slot and a token)."""
+        assert self.pools is not None
+        pool = self.pools.get(name)
+        grant, inst.grant = inst.grant, None
+        if grant is not None and grant is pool:
+            return  # the scheduler took both for this attempt
+        if inst.slot is not pool:
+            self.release_slot(inst)
+            if pool is not None:
+                await self.pools.acquire(pool, slot=True)
+                inst.slot = pool
+        elif pool is not None and pool.bucket is not None:
+            await self.pools.acquire(pool, slot=False)  # the slot is held: a token
+
+    def release_slot(self, inst: Instance, *, pump: bool = True) -> None:
+        """Give back the pool slot ``inst`` holds; a parked instance may start (``pump``)."""
+        if inst.slot is not None and self.pools is not None:
+            slot, inst.slot, inst.grant = inst.slot, None, None
+            self.pools.release(slot)
+            if pump and slot.waiting:
+                self._pump()
+                self.schedule_flush()
 
     def _deps_settled(self, first: Instance) -> None:
         """All needs of ``first`` have settled: skip it or make it ready (iteratively)."""
@@ -304,6 +424,8 @@ class Runner:
                 work.extend(self._settled(inst))
                 continue
             inst.ready_at = self.opt.clock()
+            inst.seq = self.seq
+            self.seq += 1
             # Checkpointed in _pump only if it has to wait for a slot: a crash between
             # ready and running is the same as pending, so launching at once saves a write.
             lifecycle.step_fire(inst, "ready")
@@ -338,7 +460,7 @@ class Runner:
         if self.unsettled == 0:
             self.done.set()
         out: list[Instance] = []
-        if self.interrupted is not None:
+        if self.stop is not None:
             return out
         for dep_id in inst.node.dependents:
             self.waiting_on[dep_id] -= 1
@@ -352,14 +474,15 @@ class Runner:
             self._deps_settled(nxt)
 
     def _settle_cancelled(self, inst: Instance) -> None:
+        assert self.stop is not None
         inst.ended_at = self.opt.clock()
-        inst.error = {"class": ErrorClass.CANCELLED.value, "message": "cancelled by a signal"}
+        inst.error = dict(self.stop.error)
         self.move(inst, "cancel")
-        self.emit(EventType.STEP_CANCELLED, step=inst.id, reason="interrupted")
+        self.emit(EventType.STEP_CANCELLED, step=inst.id, reason=self.stop.reason)
         self._settled(inst)
 
     def _fail_before_start(self, inst: Instance, exc: StepFailure) -> None:
-        inst.error = _error(exc)
+        inst.error = error_record(exc)
         inst.ended_at = self.opt.clock()
         if inst.state == StepStatus.PENDING.value:
             self.move(inst, "ready")
@@ -371,32 +494,38 @@ class Runner:
     # -- one instance --------------------------------------------------------------------
     async def _run_instance(self, inst: Instance, prepared: _Prepared) -> None:
         try:
-            await self._attempts(inst, *prepared)
+            await self.attempts.run(inst, *prepared)
         except asyncio.CancelledError:
             if not StepStatus(inst.state).done:
+                stop = self.stop or _Stop(
+                    "interrupted",
+                    {"class": ErrorClass.CANCELLED.value, "message": "cancelled by a signal"},
+                )
                 inst.ended_at = self.opt.clock()
-                inst.error = {
-                    "class": ErrorClass.CANCELLED.value,
-                    "message": "cancelled by a signal",
-                }
+                inst.error = dict(stop.error)
+                inst.degraded = False
                 self.move(inst, "cancel")
                 self.emit(
                     EventType.STEP_CANCELLED,
                     step=inst.id,
                     attempt=inst.attempts,
-                    reason="interrupted",
+                    reason=stop.reason,
                 )
         finally:
             self.running -= 1
+            self.release_slot(inst, pump=False)  # the pump below starts what it can
             self._after(inst)
             self._pump()
             self.schedule_flush()
-            if self.interrupted is not None and self.running == 0:
+            if self.stop is not None and self.running == 0:
                 self.done.set()
 
-    def _inputs(self, inst: Instance) -> tuple[dict[str, Any], dict[str, str]]:
+    def inputs_for(
+        self, inst: Instance, server: Server
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The rendered ``with`` (and ``prompt``) of a server of ``inst``, and its secrets."""
         step = inst.node.step
-        agent = self.wf.agents.get(step.agent) if step.agent else None
+        agent = self.wf.agents.get(server.agent) if server.agent else None
         secrets = {}
         for name in agent.secrets if agent else ():
             value = self.opt.environ.get(name)
@@ -406,7 +535,7 @@ class Runner:
                 )
             secrets[name] = value
         scope = self.scope.for_step(secrets)
-        inputs = self.t.render(step.with_, scope) if step.with_ else {}
+        inputs = self.t.render(server.with_, scope) if server.with_ else {}
         if step.prompt is not None:
             inputs["prompt"] = self.t.render(step.prompt, scope)
         return inputs, secrets
@@ -426,7 +555,7 @@ class Runner:
                     f"{'for_each' if step.kind == 'map' else 'loop'} steps "
                     "are not available in this version of storyflow"
                 )
-            inputs, secrets = self._inputs(inst)
+            inputs, secrets = self.inputs_for(inst, step)
             agent = registry.get(step.uses or "")
         except StepFailure as exc:
             self._fail_before_start(inst, exc)
@@ -456,104 +585,6 @@ class Runner:
                 return None
         return agent, inputs, secrets
 
-    async def _attempts(
-        self, inst: Instance, agent: Any, inputs: dict[str, Any], secrets: dict[str, str]
-    ) -> None:
-        step = inst.node.step
-        while True:
-            inst.attempts += 1
-            inst.started_at = self.opt.clock()
-            self.move(inst, "start")
-            self.emit(EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts)
-            call = Call(
-                run_id=self.run.run_id,
-                step_id=inst.id,
-                attempt=inst.attempts,
-                inputs=inputs,
-                workflow_dir=self.workflow_dir,
-                run_dir=self.run_dir,
-                secrets=secrets,
-                timeout_s=step.timeout_s,
-                output_schema=step.output_schema,
-                seed=self.wf.seed,
-            )
-            self.flush()  # durable before the agent runs
-            try:
-                output = await self._call(agent, call)
-            except StepFailure as exc:
-                inst.ended_at = self.opt.clock()
-                inst.error = _error(exc)
-                if retry.should_retry(step.retry, exc.error_class.value, inst.attempts):
-                    delay = retry.delay_s(
-                        step.retry,
-                        inst.attempts,
-                        retry_after_s=exc.retry_after_s,
-                        rand=self.opt.rand,
-                    )
-                    self.move(inst, "retry")
-                    self.emit(
-                        EventType.STEP_RETRYING,
-                        step=inst.id,
-                        attempt=inst.attempts,
-                        delay_s=round(delay, 3),
-                        error=inst.error,
-                    )
-                    self.flush()
-                    await self.opt.sleep(delay)
-                    continue
-                self.move(inst, "fail")
-                self.emit(
-                    EventType.STEP_FAILED,
-                    step=inst.id,
-                    attempt=inst.attempts,
-                    error=inst.error,
-                    final=True,
-                    duration_s=round(inst.ended_at - inst.started_at, 6),
-                )
-                return
-            inst.output = output
-            inst.error = None
-            inst.ended_at = self.opt.clock()
-            self.move(inst, "succeed")
-            if step.cache and inst.fingerprint and not self._holds_secret(output):
-                self.store.cache_put(inst.fingerprint, output, self.run.run_id)
-            self.emit(
-                EventType.STEP_SUCCEEDED,
-                step=inst.id,
-                attempt=inst.attempts,
-                duration_s=round(inst.ended_at - inst.started_at, 6),
-            )
-            return
-
-    async def _call(self, agent: Any, call: Call) -> Any:
-        step_schema = call.output_schema
-        try:
-            if call.timeout_s is not None:
-                output = await asyncio.wait_for(agent.run(call), call.timeout_s)
-            else:
-                output = await agent.run(call)
-        except TimeoutError as exc:
-            raise StepTimeout(f"timed out after {call.timeout_s:g}s") from exc
-        except (StepFailure, asyncio.CancelledError):
-            raise
-        except Exception as exc:  # an agent bug must fail the step, not the engine
-            raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
-        if step_schema is not None:
-            self._check_output(call.step_id, step_schema, output)
-        return output
-
-    def _check_output(self, step_id: str, schema: dict[str, Any], output: Any) -> None:
-        validator = self._validators.get(step_id)
-        if validator is None:
-            from jsonschema import Draft202012Validator
-
-            validator = self._validators[step_id] = Draft202012Validator(schema)
-        errors = sorted(validator.iter_errors(output), key=lambda e: list(e.absolute_path))
-        if errors:
-            e = errors[0]
-            where = "".join(f"[{p!r}]" for p in e.absolute_path) or "output"
-            raise InvalidOutput(f"output does not match output_schema at {where}: {e.message}")
-
     # -- the end ---------------------------------------------------------------------------
     def _finish(self, duration_s: float) -> Result:
         counts: dict[str, int] = {}
@@ -562,8 +593,14 @@ class Runner:
             counts[inst.state] = counts.get(inst.state, 0) + 1
             if inst.state == StepStatus.FAILED.value and not inst.node.step.allow_failure:
                 failed.append(inst)
-        if self.interrupted is not None:
+        if self.stop is not None and self.stop.signum is not None:
             return Result(RunStatus.INTERRUPTED, {}, None, counts)
+        if self.stop is not None:
+            error = {
+                "class": ErrorClass.TIMEOUT.value,
+                "message": f"run timed out after {self.wf.timeout_s:g}s",
+            }
+            return Result(RunStatus.FAILED, {}, error, counts)
         if failed:
             first = failed[0]
             err = {

@@ -10,6 +10,7 @@ from storyflow.spec.model import (
     Agent,
     Breaker,
     Budget,
+    Fallback,
     Loop,
     Pool,
     RetryPolicy,
@@ -115,6 +116,43 @@ def retry_policy(*layers: Mapping[str, Any] | None) -> RetryPolicy:
     )
 
 
+def _fallbacks(
+    raw: Mapping[str, Any],
+    agent: Agent | None,
+    agents: Mapping[str, Agent],
+    defaults: Mapping[str, Any],
+) -> tuple[Fallback, ...]:
+    """The step's fallback chain: its own ``fallback`` (else its agent's), then each one's.
+
+    A fallback gets its own ``with`` with the step's merged over it — except for a step
+    with an inline ``uses:``, whose ``with`` configures that kind and is not passed on.
+    The validator refuses loops among agents; a step-level fallback that leads back to
+    an agent already in the chain (the step's own included) ends the chain there.
+    """
+    seen = {agent.name} if agent else set()
+    chain: list[Fallback] = []
+    name = raw.get("fallback") or (agent.fallback if agent else None)
+    own_with = (raw.get("with") or {}) if agent is not None else {}
+    while isinstance(name, str) and name in agents and name not in seen:
+        seen.add(name)
+        fb = agents[name]
+        timeout = raw.get(
+            "timeout", fb.timeout_s if fb.timeout_s is not None else defaults.get("timeout")
+        )
+        chain.append(
+            Fallback(
+                agent=name,
+                uses=fb.uses,
+                with_={**fb.with_, **own_with},
+                retry=retry_policy(defaults.get("retry"), fb.retry, raw.get("retry")),
+                timeout_s=_dur(timeout),
+                pool=raw.get("pool") or fb.pool or defaults.get("pool"),
+            )
+        )
+        name = fb.fallback
+    return tuple(chain)
+
+
 def _step(
     sid: str,
     raw: dict[str, Any],
@@ -164,6 +202,7 @@ def _step(
         pool=raw.get("pool") or (agent.pool if agent else None) or defaults.get("pool"),
         cache=bool(raw.get("cache", defaults.get("cache", False))),
         fallback=raw.get("fallback") or (agent.fallback if agent else None),
+        fallbacks=_fallbacks(raw, agent, agents, defaults),
         allow_failure=bool(raw.get("allow_failure", defaults.get("allow_failure", False))),
         budget=_budget(raw.get("budget")),
         description=raw.get("description"),

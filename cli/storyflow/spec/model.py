@@ -87,6 +87,28 @@ class Agent:
 
 
 @dataclass(frozen=True, slots=True)
+class Fallback:
+    """One agent of a step's fallback chain, resolved for that step.
+
+    Holds the same fields the engine reads from a `Step` to call its agent, so either
+    can serve: a fallback is the step run by another agent.
+    """
+
+    agent: str
+    """The fallback agent's name (a key of ``agents``)."""
+    uses: str
+    """Its agent kind."""
+    with_: dict[str, Any] = field(default_factory=dict)
+    """The fallback agent's ``with`` with the step's own ``with`` merged over it."""
+    retry: RetryPolicy = RetryPolicy()
+    """Retry keys merged: defaults → the fallback agent → the step."""
+    timeout_s: float | None = None
+    """The step's own ``timeout``, else the fallback agent's, else the default."""
+    pool: str | None = None
+    """The step's own ``pool``, else the fallback agent's, else the default."""
+
+
+@dataclass(frozen=True, slots=True)
 class Loop:
     """A bounded revise loop: nested steps repeated until a condition holds."""
 
@@ -132,6 +154,9 @@ class Step:
     pool: str | None = None
     cache: bool = False
     fallback: str | None = None
+    """The first fallback agent: the step's own ``fallback``, else its agent's."""
+    fallbacks: tuple[Fallback, ...] = ()
+    """The whole fallback chain, in the order the agents are tried."""
     allow_failure: bool = False
     budget: Budget | None = None
     description: str | None = None

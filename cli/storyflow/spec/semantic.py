@@ -13,7 +13,7 @@ from typing import Any
 from storyflow.errors import Problem
 from storyflow.spec.schema import ARTIFACT_HINT
 from storyflow.spec.templates import Reference, Templates
-from storyflow.spec.units import did_you_mean, nearest
+from storyflow.spec.units import did_you_mean, nearest, rate_per_s
 from storyflow.spec.yaml_source import PathKey, Source
 
 STEP_ATTRS = ("output", "status", "attempts", "error", "agent", "degraded")
@@ -97,6 +97,7 @@ class _Checker:
         self._check_agents()
         defaults = _dict(self.data.get("defaults"))
         self._check_pool(defaults.get("pool"), ("defaults", "pool"))
+        self._check_pool_rates()
         for info in self.steps.values():
             self._check_step(info)
         for name, value in _dict(self.data.get("outputs")).items():
@@ -204,6 +205,20 @@ class _Checker:
     def _check_pool(self, pool: Any, path: PathKey) -> None:
         if isinstance(pool, str) and pool not in self.pools:
             self.error(path, f"unknown pool {pool!r}", did_you_mean(pool, self.pools, what="pools"))
+
+    def _check_pool_rates(self) -> None:
+        for name, raw in self.pools.items():
+            rate = _dict(raw).get("rate")
+            if not isinstance(rate, str):
+                continue
+            try:
+                per_s = rate_per_s(rate)
+            except ValueError:
+                continue  # the schema reports a malformed rate
+            if per_s <= 0:
+                self.error(("pools", name, "rate"), f"pool {name!r} has a rate of zero: "
+                           "no step in it could ever start",
+                           "give a positive rate such as 1/min, or leave rate out")
 
     def _check_agents(self) -> None:
         for name, raw in self.agents.items():

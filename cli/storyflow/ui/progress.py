@@ -70,10 +70,12 @@ class _Glyphs:
     sep: str
     more: str
     newline: str
+    fallback: str
+    breaker: str
 
 
-_UNICODE = _Glyphs("▶", "✓", "✗", "↻", "⤼", "⊘", "≡", " · ", "…", " ⏎ ")
-_ASCII = _Glyphs(">", "+", "x", "~", "-", "/", "=", " | ", "...", " / ")
+_UNICODE = _Glyphs("▶", "✓", "✗", "↻", "⤼", "⊘", "≡", " · ", "…", " ⏎ ", "↪", "◆")
+_ASCII = _Glyphs(">", "+", "x", "~", "-", "/", "=", " | ", "...", " / ", "->", "*")
 _BASE_KEYS = frozenset({"type", "run_id", "ts", "step"})
 # Display order of statuses in counts; any other status follows in arrival order.
 _STATUS_ORDER = (
@@ -146,6 +148,26 @@ def _error_text(error: object, glyphs: _Glyphs) -> str:
     return _one_line(error, glyphs)
 
 
+def _degraded(event: Event) -> str:
+    """``degraded (served by offline-writer)``, or plain ``degraded`` with no agent named."""
+    agent = event.get("agent")
+    return f"degraded (served by {agent})" if agent else "degraded"
+
+
+def _breaker_text(event: Event) -> str:
+    """What a ``breaker.*`` event says, without its glyph."""
+    agent = event.get("agent", "?")
+    if event.get("type") == "breaker.closed":
+        return f"breaker {agent} closed: its trial call succeeded"
+    cooldown = event.get("cooldown_s")
+    when = f"{format_duration(cooldown)}" if isinstance(cooldown, int | float) else "a cooldown"
+    if event.get("trial"):
+        return f"breaker {agent} opened again: its trial call failed; next trial in {when}"
+    failures = event.get("failures")
+    after = f" after {failures} failures in a row" if failures else ""
+    return f"breaker {agent} opened{after}; calls fail fast, trial in {when}"
+
+
 def _extras(event: Event, glyphs: _Glyphs) -> str:
     """`` · 120 tok · $0.0012 · degraded`` for whichever of these the event carries."""
     text = ""
@@ -156,7 +178,7 @@ def _extras(event: Event, glyphs: _Glyphs) -> str:
     if cost:
         text += f"{glyphs.sep}${cost:.4f}"
     if event.get("degraded"):
-        text += f"{glyphs.sep}degraded"
+        text += f"{glyphs.sep}{_degraded(event)}"
     return text
 
 
@@ -229,6 +251,9 @@ class PlainSink:
             "step.skipped": self._step_skipped,
             "step.cancelled": self._step_skipped,
             "step.log": self._step_log,
+            "step.fallback": self._step_fallback,
+            "breaker.opened": self._breaker,
+            "breaker.closed": self._breaker,
             "run.succeeded": self._run_ended,
             "run.failed": self._run_ended,
             "run.interrupted": self._run_ended,
@@ -265,7 +290,8 @@ class PlainSink:
 
     def _step_started(self, e: Event) -> str:
         attempt = e.get("attempt")
-        return f"{self._g.start} {e['step']}" + (f" attempt {attempt}" if attempt else "")
+        text = f"{self._g.start} {e['step']}" + (f" attempt {attempt}" if attempt else "")
+        return text + (f" (fallback {e['agent']})" if e.get("degraded") and e.get("agent") else "")
 
     def _step_succeeded(self, e: Event) -> str:
         duration = e.get("duration_s")
@@ -300,6 +326,15 @@ class PlainSink:
         reason = e.get("reason")
         why = f": {_one_line(reason, self._g)}" if reason else ""
         return f"{glyph} {e['step']} {e['type'].partition('.')[2]}{why}"
+
+    def _step_fallback(self, e: Event) -> str:
+        text = f"{self._g.fallback} {e['step']} falls back to {e.get('fallback', '?')}"
+        error = e.get("error")
+        why = f": {_error_text(error, self._g)}" if error else ""
+        return text + f" ({e.get('agent', '?')}{why})"
+
+    def _breaker(self, e: Event) -> str:
+        return f"{self._g.breaker} {_breaker_text(e)}"
 
     def _step_log(self, e: Event) -> str:
         return f"  {e['step']}: {_one_line(e.get('message', ''), self._g)}"
@@ -388,6 +423,10 @@ class LiveSink:
         self._active: dict[str, _Active] = {}
         self._retrying = 0
         self._failures: deque[tuple[str, str]] = deque(maxlen=3)
+        self._notices: deque[tuple[str, str]] = deque(maxlen=3)
+        """Recent degraded steps and breaker changes, newest last."""
+        self._breakers: dict[str, float] = {}
+        """Open breakers: agent → when (our clock) its trial call is due."""
         self._tokens = 0
         self._cost = 0.0
         self._summary: Event | None = None
@@ -403,6 +442,9 @@ class LiveSink:
             "step.failed": self._on_step_failed,
             "step.retrying": self._on_step_retrying,
             "step.log": self._on_step_log,
+            "step.fallback": self._on_step_fallback,
+            "breaker.opened": self._on_breaker,
+            "breaker.closed": self._on_breaker,
             "run.succeeded": self._on_run_ended,
             "run.failed": self._on_run_ended,
             "run.interrupted": self._on_run_ended,
@@ -481,11 +523,14 @@ class LiveSink:
         step = str(e.get("step"))
         rec = self._active.get(step)
         if rec is None:
-            self._active[step] = _Active(e.get("attempt"), self._clock())
-            return
-        if rec.retry_at is not None:
-            self._retrying -= 1
-        rec.attempt, rec.since, rec.retry_at, rec.note = e.get("attempt"), self._clock(), None, ""
+            rec = self._active[step] = _Active(e.get("attempt"), self._clock())
+        else:
+            if rec.retry_at is not None:
+                self._retrying -= 1
+            rec.attempt, rec.since, rec.retry_at = e.get("attempt"), self._clock(), None
+            rec.note = ""
+        if e.get("degraded") and e.get("agent"):
+            rec.note = f"served by {e['agent']}"
 
     def _finish(self, step: str, status: str) -> None:
         rec = self._active.pop(step, None)
@@ -499,6 +544,7 @@ class LiveSink:
         self._add_usage(e)
         if e.get("degraded"):
             self._counts["degraded"] = self._counts.get("degraded", 0) + 1
+            self._notices.append((self._g.fallback, f"{e.get('step')} {_degraded(e)}"))
 
     def _add_usage(self, e: Event) -> None:
         self._tokens += e.get("tokens") or 0
@@ -527,6 +573,22 @@ class LiveSink:
         error = e.get("error")
         if isinstance(error, Mapping) and error.get("class"):
             rec.error = str(error["class"])
+
+    def _on_step_fallback(self, e: Event) -> None:
+        rec = self._active.get(str(e.get("step")))
+        if rec is not None:
+            rec.note = f"falling back to {e.get('fallback', '?')}"
+            error = e.get("error")
+            if isinstance(error, Mapping) and error.get("class"):
+                rec.error = str(error["class"])
+
+    def _on_breaker(self, e: Event) -> None:
+        agent = str(e.get("agent", "?"))
+        if e["type"] == "breaker.opened":
+            self._breakers[agent] = self._clock() + float(e.get("cooldown_s") or 0.0)
+        else:
+            self._breakers.pop(agent, None)
+        self._notices.append((self._g.breaker, _breaker_text(e)))
 
     def _on_step_log(self, e: Event) -> None:
         rec = self._active.get(str(e.get("step")))
@@ -565,6 +627,8 @@ class LiveSink:
             counts = {"running": n_active - n_retrying, "retrying": n_retrying, **self._counts}
             done, planned = self._done, max(self._planned, self._done + n_active)
             failures, tokens, cost = list(self._failures), self._tokens, self._cost
+            notices = list(self._notices)
+            breakers = list(islice(self._breakers.items(), self._max_rows))
             elapsed, status = self._elapsed(now), self._status
 
         header = Text.assemble(
@@ -604,6 +668,11 @@ class LiveSink:
                 parts.append(Text(f"{g.more} and {n_active - len(rows):,} more", style="dim"))
         if tokens or cost:
             parts.append(Text(f"tokens {tokens:,}{g.sep}cost ${cost:.4f}"))
+        for agent, trial_at in breakers:
+            when = f"trial in {format_duration(trial_at - now)}" if trial_at > now else "trial due"
+            parts.append(Text(f"{g.breaker} breaker {agent} open{g.sep}{when}", style="yellow"))
+        for glyph, notice in notices:
+            parts.append(Text(f"{glyph} {notice}"[:200], style="yellow", no_wrap=True))
         for step, message in failures:
             line = Text(f"{g.fail} {step}  ", style="red", no_wrap=True, overflow="ellipsis")
             line.append(message[:200])

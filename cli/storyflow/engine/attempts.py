@@ -1,0 +1,306 @@
+"""One step instance's attempts: retries, breakers, fallbacks and pool slots.
+
+A step is *served* by its agent, then, if that agent fails for good, by each agent of
+its fallback chain in turn (`Step.fallbacks`); each server has its own retry policy,
+timeout, pool and breaker. For every attempt:
+
+1. If the agent's breaker is open, the attempt fails fast as ``circuit_open`` without
+   calling the agent (and without waiting for a pool).
+2. Otherwise the attempt takes a slot and a token of the server's pool (a step's first
+   attempt got them from the scheduler), then the breaker admits it (as its trial call
+   when half-open), then the agent runs, bounded by the timeout.
+3. The outcome goes to the breaker. A failure retries as the server's policy says —
+   unless the breaker is open now and a fallback remains: then the fallback serves at
+   once. The pool slot is given back during a retry delay.
+
+A fallback serving the step makes it *degraded*: its record names the agent that
+served; its events carry ``agent`` and ``degraded``. Breaker state changes are events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol
+
+from storyflow.agents.base import Call
+from storyflow.engine import retry
+from storyflow.engine.breaker import Admission, Breaker
+from storyflow.errors import (
+    CircuitOpen,
+    InvalidOutput,
+    PermanentError,
+    StepFailure,
+    StepTimeout,
+)
+from storyflow.events import EventType
+from storyflow.spec.model import RetryPolicy
+
+if TYPE_CHECKING:
+    from storyflow.engine.runner import Instance, Runner
+
+
+class Server(Protocol):
+    """What serving a step needs: a `Step` (its own agent) or a `Fallback` has it."""
+
+    @property
+    def agent(self) -> str | None: ...
+    @property
+    def uses(self) -> str | None: ...
+    @property
+    def with_(self) -> dict[str, Any]: ...
+    @property
+    def retry(self) -> RetryPolicy: ...
+    @property
+    def timeout_s(self) -> float | None: ...
+    @property
+    def pool(self) -> str | None: ...
+
+
+def error_record(exc: StepFailure) -> dict[str, str]:
+    """The persisted form of a step failure."""
+    error = {"class": exc.error_class.value, "message": exc.message}
+    if exc.hint:
+        error["hint"] = exc.hint
+    return error
+
+
+class Attempts:
+    """Serves step instances for one runner; holds the run's breakers."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.r = runner
+        self.breakers = {
+            name: Breaker(name, agent.breaker)
+            for name, agent in runner.wf.agents.items()
+            if agent.breaker is not None
+        }
+        self._validators: dict[str, Any] = {}
+
+    def entry_pool(self, inst: Instance) -> str | None:
+        """The pool the scheduler takes for a step's first attempt: its own agent's,
+        unless that agent's breaker would refuse it — then the first server's that would
+        be let through (no pool at all if every one would fail fast)."""
+        step = inst.node.step
+        if not self.breakers:
+            return step.pool
+        now = self.r.opt.monotonic()
+        servers: tuple[Server, ...] = (step, *step.fallbacks)
+        for server in servers:
+            breaker = self.breakers.get(server.agent) if server.agent else None
+            if breaker is None or breaker.allows(now):
+                return server.pool
+        return None
+
+    async def run(self, inst: Instance, agent: Any, inputs: dict[str, Any],
+                  secrets: dict[str, str]) -> None:
+        """Serve ``inst`` by its agent, then by its fallbacks; settle it."""
+        r = self.r
+        step = inst.node.step
+        server: Server = step
+        exc = await self._serve(inst, step, agent, inputs, secrets, last=not step.fallbacks)
+        for i, fallback in enumerate(step.fallbacks):
+            if exc is None:
+                break
+            r.move(inst, "retry")
+            r.emit(
+                EventType.STEP_FALLBACK,
+                step=inst.id,
+                attempt=inst.attempts,
+                agent=server.agent or server.uses,
+                fallback=fallback.agent,
+                error=inst.error,
+            )
+            server = fallback
+            inst.agent, inst.degraded = fallback.agent, True
+            last = i == len(step.fallbacks) - 1
+            try:
+                inputs, secrets = r.inputs_for(inst, fallback)
+                agent = _agent_kind(fallback.uses)
+            except StepFailure as failure:
+                exc = self._failed_before_call(inst, failure)
+                continue
+            exc = await self._serve(inst, fallback, agent, inputs, secrets, last=last)
+        if exc is not None:
+            inst.degraded = False  # nothing was served
+            r.move(inst, "fail")
+            r.emit(
+                EventType.STEP_FAILED,
+                step=inst.id,
+                attempt=inst.attempts,
+                error=inst.error,
+                final=True,
+                duration_s=round((inst.ended_at or 0.0) - (inst.started_at or 0.0), 6),
+                **self._tag(inst),
+            )
+            return
+        r.move(inst, "succeed")
+        if step.cache and inst.fingerprint and not inst.degraded and not r.holds_secret(
+            inst.output
+        ):
+            r.store.cache_put(inst.fingerprint, inst.output, r.run.run_id)
+        r.emit(
+            EventType.STEP_SUCCEEDED,
+            step=inst.id,
+            attempt=inst.attempts,
+            duration_s=round((inst.ended_at or 0.0) - (inst.started_at or 0.0), 6),
+            **self._tag(inst),
+        )
+
+    @staticmethod
+    def _tag(inst: Instance) -> dict[str, Any]:
+        """Event fields naming a fallback that serves: none while the step's own agent does."""
+        return {"agent": inst.agent, "degraded": True} if inst.degraded else {}
+
+    def _failed_before_call(self, inst: Instance, exc: StepFailure) -> StepFailure:
+        """A fallback could not even be called (a template, a secret): a failed attempt."""
+        r = self.r
+        inst.attempts += 1
+        inst.started_at = inst.ended_at = r.opt.clock()
+        r.move(inst, "start")
+        inst.error = error_record(exc)
+        return exc
+
+    async def _serve(self, inst: Instance, server: Server, agent: Any, inputs: dict[str, Any],
+                     secrets: dict[str, str], *, last: bool) -> StepFailure | None:
+        """Attempts by one server until it succeeds (None) or fails for good (the error).
+
+        On success ``inst.output`` is set; either way the instance is left ``running``.
+        """
+        r = self.r
+        breaker = self.breakers.get(server.agent) if self.breakers and server.agent else None
+        policy = server.retry
+        tries = 0
+        while True:
+            tries += 1
+            exc: StepFailure | None = None
+            admission = Admission.CALL
+            if breaker is not None and not breaker.allows(r.opt.monotonic()):
+                exc = _circuit_open(breaker, r.opt.monotonic())
+            else:
+                if r.pools is not None:
+                    await r.pool_for(inst, server.pool)
+                if breaker is not None:
+                    admission = breaker.admit(r.opt.monotonic())
+                    if admission is Admission.REFUSED:
+                        exc = _circuit_open(breaker, r.opt.monotonic())
+            inst.attempts += 1
+            inst.started_at = r.opt.clock()
+            r.move(inst, "start")
+            if exc is None:
+                exc = await self._attempt(inst, server, agent, inputs, secrets, breaker, admission)
+                if exc is None:
+                    return None
+            inst.ended_at = r.opt.clock()
+            inst.error = error_record(exc)
+            fall_back_now = not last and breaker is not None and not breaker.allows(
+                r.opt.monotonic()
+            )
+            if fall_back_now or not retry.should_retry(policy, exc.error_class.value, tries):
+                return exc
+            delay = retry.delay_s(policy, tries, retry_after_s=exc.retry_after_s,
+                                  rand=r.opt.rand)
+            r.move(inst, "retry")
+            r.emit(
+                EventType.STEP_RETRYING,
+                step=inst.id,
+                attempt=inst.attempts,
+                delay_s=round(delay, 3),
+                error=inst.error,
+                **self._tag(inst),
+            )
+            r.release_slot(inst)  # a step waiting out its delay holds no pool slot
+            r.flush()
+            await r.opt.sleep(delay)
+
+    async def _attempt(self, inst: Instance, server: Server, agent: Any,
+                       inputs: dict[str, Any], secrets: dict[str, str],
+                       breaker: Breaker | None, admission: Admission) -> StepFailure | None:
+        """One call of the agent; the outcome goes to the breaker."""
+        r = self.r
+        step = inst.node.step
+        r.emit(EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts, **self._tag(inst))
+        call = Call(
+            run_id=r.run.run_id,
+            step_id=inst.id,
+            attempt=inst.attempts,
+            inputs=inputs,
+            workflow_dir=r.workflow_dir,
+            run_dir=r.run_dir,
+            secrets=secrets,
+            timeout_s=server.timeout_s,
+            output_schema=step.output_schema,
+            seed=r.wf.seed,
+        )
+        r.flush()  # durable before the agent runs
+        try:
+            output = await self._call(agent, call)
+        except StepFailure as exc:
+            if breaker is not None and breaker.failed(admission, r.opt.monotonic()):
+                self._opened(inst, breaker, trial=admission is Admission.TRIAL)
+            return exc
+        except asyncio.CancelledError:
+            if breaker is not None:
+                breaker.abandoned(admission, r.opt.monotonic())
+            raise
+        if breaker is not None and breaker.succeeded(admission):
+            r.emit(EventType.BREAKER_CLOSED, agent=breaker.id, step=inst.id)
+        inst.output = output
+        inst.error = None
+        inst.ended_at = r.opt.clock()
+        return None
+
+    def _opened(self, inst: Instance, breaker: Breaker, *, trial: bool) -> None:
+        self.r.emit(
+            EventType.BREAKER_OPENED,
+            agent=breaker.id,
+            step=inst.id,
+            failures=breaker.failures,
+            trial=trial,
+            cooldown_s=breaker.cooldown_s,
+        )
+
+    async def _call(self, agent: Any, call: Call) -> Any:
+        """Run the agent within the timeout; its output checked against output_schema."""
+        try:
+            if call.timeout_s is not None:
+                output = await asyncio.wait_for(agent.run(call), call.timeout_s)
+            else:
+                output = await agent.run(call)
+        except TimeoutError as exc:
+            raise StepTimeout(f"timed out after {call.timeout_s:g}s") from exc
+        except (StepFailure, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # an agent bug must fail the step, not the engine
+            raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+        if call.output_schema is not None:
+            self._check_output(call.step_id, call.output_schema, output)
+        return output
+
+    def _check_output(self, step_id: str, schema: dict[str, Any], output: Any) -> None:
+        validator = self._validators.get(step_id)
+        if validator is None:
+            from jsonschema import Draft202012Validator
+
+            validator = self._validators[step_id] = Draft202012Validator(schema)
+        errors = sorted(validator.iter_errors(output), key=lambda e: list(e.absolute_path))
+        if errors:
+            e = errors[0]
+            where = "".join(f"[{p!r}]" for p in e.absolute_path) or "output"
+            raise InvalidOutput(f"output does not match output_schema at {where}: {e.message}")
+
+
+def _agent_kind(uses: str) -> Any:
+    from storyflow.agents import registry
+
+    return registry.get(uses)
+
+
+def _circuit_open(breaker: Breaker, now: float) -> CircuitOpen:
+    wait = breaker.retry_in_s(now)
+    when = f"a trial call in {wait:.1f}s" if wait > 0 else "a trial call is under way"
+    return CircuitOpen(
+        f"agent {breaker.id}'s circuit breaker is open after {breaker.failures} failures "
+        f"in a row ({when}); the call was not made",
+        retry_after_s=wait or None,
+    )
+
