@@ -36,7 +36,8 @@ from storyflow.events import EventType
 from storyflow.spec.model import RetryPolicy
 
 if TYPE_CHECKING:
-    from storyflow.engine.runner import Instance, Runner
+    from storyflow.engine.instance import Instance
+    from storyflow.engine.runner import Runner
 
 
 class Server(Protocol):
@@ -76,6 +77,27 @@ class Attempts:
         }
         self._validators: dict[str, Any] = {}
 
+    def inputs_for(
+        self, inst: Instance, server: Server
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The rendered ``with`` (and ``prompt``) of a server of ``inst``, and its secrets."""
+        r = self.r
+        step = inst.node.step
+        agent = r.wf.agents.get(server.agent) if server.agent else None
+        secrets = {}
+        for name in agent.secrets if agent else ():
+            value = r.opt.environ.get(name)
+            if value is None:
+                raise PermanentError(
+                    f"secret {name} is not set", hint=f"export {name}=... before running"
+                )
+            secrets[name] = value
+        scope = r.scope.for_step(secrets)
+        inputs = r.t.render(server.with_, scope) if server.with_ else {}
+        if step.prompt is not None:
+            inputs["prompt"] = r.t.render(step.prompt, scope)
+        return inputs, secrets
+
     def entry_pool(self, inst: Instance) -> str | None:
         """The pool the scheduler takes for a step's first attempt: its own agent's,
         unless that agent's breaker would refuse it — then the first server's that would
@@ -114,7 +136,7 @@ class Attempts:
             inst.agent, inst.degraded = fallback.agent, True
             last = i == len(step.fallbacks) - 1
             try:
-                inputs, secrets = r.inputs_for(inst, fallback)
+                inputs, secrets = self.inputs_for(inst, fallback)
                 agent = _agent_kind(fallback.uses)
             except StepFailure as failure:
                 exc = self._failed_before_call(inst, failure)

@@ -1,0 +1,112 @@
+"""The end of a run: how it ended (`Result`), its outputs and its artifacts.
+
+An interrupted run (a signal) ends ``interrupted``; a run stopped by its ``timeout``
+ends ``failed`` with class ``timeout``; a failed step (unless ``allow_failure``) fails
+the run with the first such step's error. Otherwise the workflow's ``outputs`` are
+rendered and its ``artifacts`` written inside the run folder; an error there fails the
+run. Secret values are redacted from both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storyflow.engine.instance import Instance
+from storyflow.engine.scope import Scope
+from storyflow.errors import PermanentError, StepFailure
+from storyflow.events import ErrorClass, RunStatus, StepStatus
+from storyflow.spec.model import Workflow
+from storyflow.store import redact
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Why the run is stopping before every step has settled."""
+
+    reason: str
+    """The ``reason`` of the ``step.cancelled`` events."""
+    error: dict[str, str]
+    """The error recorded on each cancelled instance."""
+    signum: int | None = None
+    """The signal, for an interruption; None for the run's timeout."""
+
+
+@dataclass
+class Result:
+    """How a run ended."""
+
+    status: RunStatus
+    outputs: dict[str, Any]
+    error: dict[str, str] | None
+    counts: dict[str, int]
+
+
+def finish(
+    wf: Workflow,
+    insts: Iterable[Instance],
+    stop: Stop | None,
+    *,
+    templates: Any,
+    scope: Scope,
+    run_dir: Path,
+    secret_values: list[str],
+) -> Result:
+    """The result of a run whose every step has settled (or that stopped early)."""
+    counts: dict[str, int] = {}
+    failed = []
+    for inst in insts:
+        counts[inst.state] = counts.get(inst.state, 0) + 1
+        if inst.state == StepStatus.FAILED.value and not inst.node.step.allow_failure:
+            failed.append(inst)
+    if stop is not None and stop.signum is not None:
+        return Result(RunStatus.INTERRUPTED, {}, None, counts)
+    if stop is not None:
+        error = {
+            "class": ErrorClass.TIMEOUT.value,
+            "message": f"run timed out after {wf.timeout_s:g}s",
+        }
+        return Result(RunStatus.FAILED, {}, error, counts)
+    if failed:
+        first = failed[0]
+        err = {
+            "class": (first.error or {}).get("class", "permanent"),
+            "message": f"step {first.id} failed: {(first.error or {}).get('message', '')}",
+        }
+        return Result(RunStatus.FAILED, {}, err, counts)
+    try:
+        names = scope.for_step()
+        outputs = {k: templates.render(v, names) for k, v in wf.outputs.items()}
+        _write_artifacts(wf, templates, names, run_dir, secret_values)
+    except StepFailure as exc:
+        return Result(
+            RunStatus.FAILED,
+            {},
+            {"class": exc.error_class.value, "message": exc.message},
+            counts,
+        )
+    if secret_values:
+        outputs = redact(outputs, secret_values)
+    return Result(RunStatus.SUCCEEDED, outputs, None, counts)
+
+
+def _write_artifacts(
+    wf: Workflow, templates: Any, names: dict[str, Any], run_dir: Path, secret_values: list[str]
+) -> None:
+    root = run_dir.resolve()
+    for rel, template in wf.artifacts.items():
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root) or target == root:
+            raise PermanentError(
+                f"artifact {rel!r} would be written outside the run folder",
+                hint="use a relative path without '..'",
+            )
+        value = templates.render(template, names)
+        text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+        if secret_values:
+            text = redact(text, secret_values)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")

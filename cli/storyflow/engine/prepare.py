@@ -1,0 +1,81 @@
+"""Before a step instance's first attempt: kept, cached, failed, or ready to be served.
+
+All of it is synchronous, done by the scheduler as it takes a ready instance: the
+step's inputs are rendered and fingerprinted; a step that succeeded with the same
+fingerprint in an earlier process of the run is *kept* (resume) — no task and no store
+write, its record is already there — unless it is forced or its stored output was
+redacted; a ``cache`` step found in the output cache is *cached*. A step whose inputs
+cannot be rendered (or whose ``when`` cannot be evaluated) fails without an attempt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from storyflow.engine import lifecycle
+from storyflow.engine.attempts import error_record
+from storyflow.engine.instance import OK
+from storyflow.engine.plan import digest
+from storyflow.errors import PermanentError, StepFailure
+from storyflow.events import EventType, StepStatus
+
+if TYPE_CHECKING:
+    from storyflow.engine.instance import Instance
+    from storyflow.engine.runner import Runner
+
+Prepared = tuple[Any, dict[str, Any], dict[str, str]]
+"""An instance ready for its attempts: the agent, rendered inputs and its secrets."""
+
+
+def prepare(r: Runner, inst: Instance) -> Prepared | None:
+    """What the attempts of ``inst`` need, or None when it settled here."""
+    from storyflow.agents import registry
+
+    step = inst.node.step
+    try:
+        if step.kind != "task":
+            raise PermanentError(
+                f"{'for_each' if step.kind == 'map' else 'loop'} steps "
+                "are not available in this version of storyflow"
+            )
+        inputs, secrets = r.attempts.inputs_for(inst, step)
+        agent = registry.get(step.uses or "")
+    except StepFailure as exc:
+        fail_before_start(r, inst, exc)
+        return None
+    inst.fingerprint = digest([inst.node.fingerprint, inputs])
+    prev = r.opt.previous.get(inst.id)
+    if (
+        prev is not None
+        and prev.status in OK
+        and prev.fingerprint == inst.fingerprint
+        and inst.id not in r.opt.forced
+        and not prev.meta.get("redacted")
+    ):
+        inst.output, inst.attempts = prev.output, prev.attempts
+        inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
+        inst.agent, inst.degraded = prev.agent, prev.degraded
+        lifecycle.step_fire(inst, "keep")  # the stored record already says so
+        r.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
+        return None
+    if step.cache:
+        found, output = r.store.cache_get(inst.fingerprint)
+        if found:
+            inst.output = output
+            inst.ended_at = r.opt.clock()
+            r.move(inst, "cache")
+            r.emit(EventType.STEP_CACHED, step=inst.id, attempt=inst.attempts)
+            return None
+    return agent, inputs, secrets
+
+
+def fail_before_start(r: Runner, inst: Instance, exc: StepFailure) -> None:
+    """Settle ``inst`` as failed without an attempt."""
+    inst.error = error_record(exc)
+    inst.ended_at = r.opt.clock()
+    if inst.state == StepStatus.PENDING.value:
+        r.move(inst, "ready")
+    r.move(inst, "fail")
+    r.emit(
+        EventType.STEP_FAILED, step=inst.id, attempt=inst.attempts, error=inst.error, final=True
+    )

@@ -1,0 +1,373 @@
+"""`LiveSink`: a rich live view of a run, for terminals.
+
+The only sink that draws with ``rich``, and it imports rich lazily, inside the functions
+that draw, so that merely importing this module (as `storyflow.ui.progress` does) never
+loads it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+from storyflow.ui.lines import (
+    ASCII,
+    Event,
+    breaker_text,
+    degraded_text,
+    error_text,
+    format_duration,
+    glyphs_for,
+    narrow_encoding,
+    one_line,
+    ordered_counts,
+    summary_line,
+)
+
+if TYPE_CHECKING:
+    from rich.console import Console, JustifyMethod, RenderableType
+    from rich.live import Live
+    from rich.text import Text
+
+__all__ = ["LiveSink"]
+
+
+class _Active:
+    """A running or retrying step instance, as the live view shows it."""
+
+    __slots__ = ("attempt", "error", "note", "retry_at", "since")
+
+    def __init__(self, attempt: Any, since: float) -> None:
+        self.attempt = attempt
+        self.since = since
+        self.retry_at: float | None = None
+        self.error = ""
+        self.note = ""
+
+
+_STYLES = {
+    "running": "cyan",
+    "retrying": "yellow",
+    "succeeded": "green",
+    "cached": "green",
+    "kept": "green",
+    "failed": "red",
+    "cancelled": "red",
+    "degraded": "yellow",
+}
+
+_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("step", "left"),
+    ("status", "left"),
+    ("attempt", "right"),
+    ("time", "right"),
+    ("", "left"),
+)
+
+
+class LiveSink:
+    """A rich live view of a run, for terminals.
+
+    Events update counters, the running/retrying instances, the last failures and the
+    token and cost totals, each in O(1); nothing is drawn per event. rich's own refresh
+    thread (at most ``refresh_per_second``) draws `render()`, whose cost is bounded by
+    ``max_rows`` whatever the number of steps. The live display starts with the first
+    event; `close()` stops it and prints `summary_line`.
+    """
+
+    def __init__(
+        self,
+        console: Console,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        refresh_per_second: float = 8,
+        max_rows: int = 12,
+    ) -> None:
+        self._console = console
+        self._clock = clock
+        self._refresh_per_second = refresh_per_second
+        self._max_rows = max_rows
+        self._g = glyphs_for(narrow_encoding(console))
+        self._lock = threading.Lock()
+        self._live: Live | None = None
+        self._closed = False
+        self._seen = False
+        self._workflow = ""
+        self._run_id = ""
+        self._status = ""
+        self._planned = 0
+        self._done = 0
+        self._t0: float | None = None
+        self._t_end: float | None = None
+        self._counts: dict[str, int] = {}
+        self._active: dict[str, _Active] = {}
+        self._retrying = 0
+        self._failures: deque[tuple[str, str]] = deque(maxlen=3)
+        self._notices: deque[tuple[str, str]] = deque(maxlen=3)
+        """Recent degraded steps and breaker changes, newest last."""
+        self._breakers: dict[str, float] = {}
+        """Open breakers: agent → when (our clock) its trial call is due."""
+        self._tokens = 0
+        self._cost = 0.0
+        self._summary: Event | None = None
+        self._handlers: dict[str, Callable[[Event], None]] = {
+            "run.started": self._on_run_started,
+            "run.resumed": self._on_run_started,
+            "step.started": self._on_step_started,
+            "step.succeeded": self._on_step_done,
+            "step.cached": self._on_step_done,
+            "step.kept": self._on_step_done,
+            "step.skipped": self._on_step_done,
+            "step.cancelled": self._on_step_done,
+            "step.failed": self._on_step_failed,
+            "step.retrying": self._on_step_retrying,
+            "step.log": self._on_step_log,
+            "step.fallback": self._on_step_fallback,
+            "breaker.opened": self._on_breaker,
+            "breaker.closed": self._on_breaker,
+            "run.succeeded": self._on_run_ended,
+            "run.failed": self._on_run_ended,
+            "run.interrupted": self._on_run_ended,
+            "run.waiting": self._on_run_ended,
+            "run.summary": self._on_summary,
+        }
+
+    @property
+    def live(self) -> Live | None:
+        """The rich `Live` once the first event has arrived (None before, and if closed)."""
+        return self._live
+
+    def __call__(self, event: Event) -> None:
+        if self._live is None and not self._closed:
+            self._start_live()
+        handler = self._handlers.get(event.get("type"))  # type: ignore[arg-type]
+        with self._lock:
+            self._seen = True
+            if self._t0 is None:
+                self._t0 = self._clock()
+            if handler is not None:
+                handler(event)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._live is not None:
+            self._live.stop()
+            if not self._console.is_terminal:
+                self._console.line()  # rich ends the final frame with a newline on terminals only
+        if not self._seen:
+            return
+        with self._lock:
+            summary = self._summary or {
+                "status": self._status or "running",
+                "steps": dict(self._counts),
+                "duration_s": self._elapsed(self._clock()),
+                "tokens": self._tokens,
+                "cost": self._cost,
+            }
+        self._console.print(
+            summary_line(summary, ascii=self._g is ASCII),
+            markup=False,
+            highlight=False,
+            emoji=False,
+            soft_wrap=True,
+        )
+
+    def _start_live(self) -> None:
+        from rich.live import Live
+
+        self._live = Live(
+            console=self._console,
+            get_renderable=self.render,
+            auto_refresh=True,
+            refresh_per_second=self._refresh_per_second,
+        )
+        self._live.start()
+
+    def _elapsed(self, now: float) -> float:
+        start = self._t0 if self._t0 is not None else now
+        return (self._t_end if self._t_end is not None else now) - start
+
+    # -- event handlers: O(1) each, called under the lock --------------------------------
+
+    def _on_run_started(self, e: Event) -> None:
+        self._workflow = str(e.get("workflow", self._workflow))
+        self._run_id = str(e.get("run_id", self._run_id))
+        self._status = "running"
+        self._t_end = None
+        if isinstance(e.get("steps"), int):
+            self._planned = e["steps"]
+
+    def _on_step_started(self, e: Event) -> None:
+        step = str(e.get("step"))
+        rec = self._active.get(step)
+        if rec is None:
+            rec = self._active[step] = _Active(e.get("attempt"), self._clock())
+        else:
+            if rec.retry_at is not None:
+                self._retrying -= 1
+            rec.attempt, rec.since, rec.retry_at = e.get("attempt"), self._clock(), None
+            rec.note = ""
+        if e.get("degraded") and e.get("agent"):
+            rec.note = f"served by {e['agent']}"
+
+    def _finish(self, step: str, status: str) -> None:
+        rec = self._active.pop(step, None)
+        if rec is not None and rec.retry_at is not None:
+            self._retrying -= 1
+        self._counts[status] = self._counts.get(status, 0) + 1
+        self._done += 1
+
+    def _on_step_done(self, e: Event) -> None:
+        self._finish(str(e.get("step")), e["type"].partition(".")[2])
+        self._add_usage(e)
+        if e.get("degraded"):
+            self._counts["degraded"] = self._counts.get("degraded", 0) + 1
+            self._notices.append((self._g.fallback, f"{e.get('step')} {degraded_text(e)}"))
+
+    def _add_usage(self, e: Event) -> None:
+        self._tokens += e.get("tokens") or 0
+        self._cost += e.get("cost") or 0.0
+
+    def _on_step_failed(self, e: Event) -> None:
+        step = str(e.get("step"))
+        error = e.get("error") or {}
+        self._add_usage(e)
+        if e.get("final") is False:
+            rec = self._active.get(step)
+            if rec is not None:
+                rec.error = str(error.get("class", "")) if isinstance(error, Mapping) else ""
+            return
+        self._finish(step, "failed")
+        self._failures.append((step, error_text(error, self._g)))
+
+    def _on_step_retrying(self, e: Event) -> None:
+        step = str(e.get("step"))
+        rec = self._active.get(step)
+        if rec is None:
+            rec = self._active[step] = _Active(e.get("attempt"), self._clock())
+        if rec.retry_at is None:
+            self._retrying += 1
+        rec.retry_at = self._clock() + float(e.get("delay_s") or 0.0)
+        error = e.get("error")
+        if isinstance(error, Mapping) and error.get("class"):
+            rec.error = str(error["class"])
+
+    def _on_step_fallback(self, e: Event) -> None:
+        rec = self._active.get(str(e.get("step")))
+        if rec is not None:
+            rec.note = f"falling back to {e.get('fallback', '?')}"
+            error = e.get("error")
+            if isinstance(error, Mapping) and error.get("class"):
+                rec.error = str(error["class"])
+
+    def _on_breaker(self, e: Event) -> None:
+        agent = str(e.get("agent", "?"))
+        if e["type"] == "breaker.opened":
+            self._breakers[agent] = self._clock() + float(e.get("cooldown_s") or 0.0)
+        else:
+            self._breakers.pop(agent, None)
+        self._notices.append((self._g.breaker, breaker_text(e)))
+
+    def _on_step_log(self, e: Event) -> None:
+        rec = self._active.get(str(e.get("step")))
+        if rec is not None:
+            rec.note = str(e.get("message", ""))
+
+    def _on_run_ended(self, e: Event) -> None:
+        self._status = str(e.get("status") or e["type"].partition(".")[2])
+        self._t_end = self._clock()
+        if e.get("error"):
+            self._failures.append(("run", error_text(e["error"], self._g)))
+
+    def _on_summary(self, e: Event) -> None:
+        self._summary = e
+        self._status = str(e.get("status", self._status))
+        if self._t_end is None:
+            self._t_end = self._clock()
+
+    # -- drawing: called by rich's refresh thread, or by tests ---------------------------
+
+    def render(self) -> RenderableType:
+        """The current view; its cost is bounded by ``max_rows``, not by the run's size."""
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        g = self._g
+        with self._lock:
+            now = self._clock()
+            rows = [
+                (step, rec.attempt, rec.since, rec.retry_at, rec.error, rec.note)
+                for step, rec in islice(self._active.items(), self._max_rows)
+            ]
+            n_active, n_retrying = len(self._active), self._retrying
+            counts = {"running": n_active - n_retrying, "retrying": n_retrying, **self._counts}
+            done, planned = self._done, max(self._planned, self._done + n_active)
+            failures, tokens, cost = list(self._failures), self._tokens, self._cost
+            notices = list(self._notices)
+            breakers = list(islice(self._breakers.items(), self._max_rows))
+            elapsed, status = self._elapsed(now), self._status
+
+        header = Text.assemble(
+            (self._workflow or "run", "bold"),
+            f"{g.sep}run {self._run_id}",
+            f"{g.sep}{format_duration(elapsed)}",
+            (f"{g.sep}{status}" if status else ""),
+        )
+        bar = Table.grid(expand=True, padding=(0, 1))
+        bar.add_column(ratio=1)
+        bar.add_column(justify="right", no_wrap=True)
+        percent = f" ({100 * done // planned}%)" if planned else ""
+        bar.add_row(
+            ProgressBar(total=max(planned, 1), completed=done), f"{done:,}/{planned:,}{percent}"
+        )
+        parts: list[RenderableType] = [header, bar, self._counts_text(counts)]
+
+        if rows:
+            table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+            for name, justify in _COLUMNS:
+                table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
+            for step, attempt, since, retry_at, error, note in rows:
+                if retry_at is None:
+                    row = ("running", format_duration(now - since), one_line(note, g)[:80])
+                else:
+                    left = format_duration(max(retry_at - now, 0.0))
+                    row = ("retrying", f"retry in {left}", error)
+                table.add_row(
+                    Text(step),
+                    Text(row[0], style=_STYLES[row[0]]),
+                    str(attempt or ""),
+                    row[1],
+                    Text(row[2], style="dim"),
+                )
+            parts.append(table)
+            if n_active > len(rows):
+                parts.append(Text(f"{g.more} and {n_active - len(rows):,} more", style="dim"))
+        if tokens or cost:
+            parts.append(Text(f"tokens {tokens:,}{g.sep}cost ${cost:.4f}"))
+        for agent, trial_at in breakers:
+            when = f"trial in {format_duration(trial_at - now)}" if trial_at > now else "trial due"
+            parts.append(Text(f"{g.breaker} breaker {agent} open{g.sep}{when}", style="yellow"))
+        for glyph, notice in notices:
+            parts.append(Text(f"{glyph} {notice}"[:200], style="yellow", no_wrap=True))
+        for step, message in failures:
+            line = Text(f"{g.fail} {step}  ", style="red", no_wrap=True, overflow="ellipsis")
+            line.append(message[:200])
+            parts.append(line)
+        return Group(*parts)
+
+    def _counts_text(self, counts: Mapping[str, int]) -> Text:
+        from rich.text import Text
+
+        text = Text(no_wrap=True, overflow="ellipsis")
+        for i, (status, n) in enumerate(ordered_counts(counts)):
+            text.append(self._g.sep if i else "")
+            text.append(f"{status} {n:,}", style=_STYLES.get(status, ""))
+        return text if text.plain else Text("starting" + self._g.more)

@@ -1,0 +1,81 @@
+"""The two sinks that only write text: `JsonSink` (``run --json``) and `PlainSink` (CI logs).
+
+Both import nothing beyond the standard library, and never ``rich``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from storyflow.ui.lines import (
+    ASCII,
+    LINE_FORMATS,
+    Event,
+    generic_line,
+    glyphs_for,
+    narrow_encoding,
+    offset_text,
+    summary_line,
+)
+
+__all__ = ["JsonSink", "PlainSink"]
+
+
+class JsonSink:
+    """``run --json``: each event as one compact JSON line, flushed at once."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._ensure_ascii = narrow_encoding(stream) is not None
+
+    def __call__(self, event: Event) -> None:
+        line = json.dumps(
+            event, separators=(",", ":"), ensure_ascii=self._ensure_ascii, default=str
+        )
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+class PlainSink:
+    """One plain line per event, for CI logs and ``--no-progress``; never an ANSI code.
+
+    Lines start with the event's offset from the run's start (``mm:ss.s``), measured from
+    ``clock_start`` (epoch seconds) or else from the first event's ``ts``. There is no
+    colour to switch off, so ``NO_COLOR`` holds trivially. When the stream's encoding
+    cannot carry the symbols, ASCII stand-ins are used and other text is replaced.
+    """
+
+    def __init__(self, stream: TextIO, *, clock_start: float | None = None) -> None:
+        self._stream = stream
+        self._start = clock_start
+        self._last = 0.0
+        self._encoding = narrow_encoding(stream)
+        self._g = glyphs_for(self._encoding)
+        self._ascii = self._g is ASCII
+
+    def __call__(self, event: Event) -> None:
+        etype = event.get("type")
+        if etype == "run.summary":
+            line = summary_line(event, ascii=self._ascii)
+        else:
+            ts = event.get("ts")
+            if isinstance(ts, float | int):
+                if self._start is None:
+                    self._start = ts
+                self._last = ts
+            try:
+                body = LINE_FORMATS[etype](event, self._g)  # type: ignore[index]
+            except Exception:  # unknown type, or fields of unexpected shape
+                body = generic_line(event, self._g)
+            line = offset_text(self._last - (self._start or 0.0)) + " " + body
+        if self._encoding is not None:
+            line = line.encode(self._encoding, "replace").decode(self._encoding)
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
