@@ -166,8 +166,11 @@ class LiveRun:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
+        try:
+            for line in self.proc.stdout:
+                self._lines.put(line)
+        except (ValueError, OSError):  # the pipe was closed under us: that is the end
+            pass
         self._lines.put(None)
 
     def next_event(self, timeout: float = CLI_TIMEOUT_S) -> dict[str, Any] | None:
@@ -211,6 +214,9 @@ class LiveRun:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=CLI_TIMEOUT_S)
+        # The process is gone, so the reader reaches EOF: let it finish before the pipe
+        # is closed, or it may read from a closed file.
+        self._reader.join(CLI_TIMEOUT_S)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self._stderr.close()

@@ -85,8 +85,17 @@ def runs(
 
 def show_document(store: Any, record: Any) -> dict[str, Any]:
     """The `show --json` shape (schemas/show.schema.json)."""
-    ids = record.meta.get("steps", [])
-    steps = store.get_steps(record.run_id, ids)
+    top = record.meta.get("steps", [])
+    steps = store.get_steps(record.run_id, top)
+    ids: list[str] = []
+    for sid in top:
+        ids.append(sid)
+        rec = steps.get(sid)
+        count = rec.meta.get("items") if rec is not None else None
+        if isinstance(count, int) and count > 0:  # a map: its items follow it
+            items = [f"{sid}[{i}]" for i in range(count)]
+            steps.update(store.get_steps(record.run_id, items))
+            ids.extend(items)
     out_steps = []
     for sid in ids:
         rec = steps.get(sid)

@@ -92,7 +92,7 @@ class Attempts:
                     f"secret {name} is not set", hint=f"export {name}=... before running"
                 )
             secrets[name] = value
-        scope = r.scope.for_step(secrets)
+        scope = r.scope.for_step(secrets, inst.extra)
         inputs = r.t.render(server.with_, scope) if server.with_ else {}
         if step.prompt is not None:
             inputs["prompt"] = r.t.render(step.prompt, scope)
@@ -295,7 +295,8 @@ class Attempts:
         except Exception as exc:  # an agent bug must fail the step, not the engine
             raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
         if call.output_schema is not None:
-            self._check_output(call.step_id, call.output_schema, output)
+            # Map items share their step's schema: one validator per step.
+            self._check_output(call.step_id.partition("[")[0], call.output_schema, output)
         return output
 
     def _check_output(self, step_id: str, schema: dict[str, Any], output: Any) -> None:

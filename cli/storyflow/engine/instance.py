@@ -23,11 +23,13 @@ class Instance:
         "degraded",
         "ended_at",
         "error",
+        "extra",
         "fingerprint",
         "grant",
         "id",
         "node",
         "output",
+        "parent",
         "ready_at",
         "reason",
         "seq",
@@ -58,6 +60,10 @@ class Instance:
         """The pool whose slot this instance holds."""
         self.grant: Pool | None = None
         """The pool the scheduler took a slot and a token from for the first attempt."""
+        self.parent: MapInstance | None = None
+        """For a map item: the map it belongs to."""
+        self.extra: dict[str, Any] | None = None
+        """For a map item: its local names (the item, ``index``, ``previous``)."""
 
     def record(self, definition: str) -> StepRecord:
         return StepRecord(
@@ -74,3 +80,31 @@ class Instance:
             degraded=self.degraded,
             meta={"def": definition},
         )
+
+
+class MapInstance(Instance):
+    """A ``for_each`` step as a whole: its items are `Instance` objects of their own.
+
+    Its record holds the status of the whole, the list of item outputs and
+    ``meta["items"]`` (the number of items, so ``show`` can list them).
+    """
+
+    __slots__ = ("active", "items", "limit", "next", "settled")
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        self.items: list[Instance] = []
+        self.next = 0
+        """Index of the next item to make ready."""
+        self.active = 0
+        """Items made ready and not yet settled."""
+        self.settled = 0
+        step = node.step
+        self.limit: int | None = 1 if step.sequential else step.max_parallel
+        """Items of this map running at once (None: only the run's bound)."""
+
+    def record(self, definition: str) -> StepRecord:
+        rec = super().record(definition)
+        if self.items or self.state in OK:
+            rec.meta["items"] = len(self.items)
+        return rec

@@ -33,18 +33,15 @@ def prepare(r: Runner, inst: Instance) -> Prepared | None:
 
     step = inst.node.step
     try:
-        if step.kind != "task":
-            raise PermanentError(
-                f"{'for_each' if step.kind == 'map' else 'loop'} steps "
-                "are not available in this version of storyflow"
-            )
+        if step.loop is not None:
+            raise PermanentError("loop steps are not available in this version of storyflow")
         inputs, secrets = r.attempts.inputs_for(inst, step)
         agent = registry.get(step.uses or "")
     except StepFailure as exc:
         fail_before_start(r, inst, exc)
         return None
     inst.fingerprint = digest([inst.node.fingerprint, inputs])
-    prev = r.opt.previous.get(inst.id)
+    prev = r.opt.previous.get(inst.id) if inst.parent is None else r.item_previous.get(inst.id)
     if (
         prev is not None
         and prev.status in OK

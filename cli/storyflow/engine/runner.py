@@ -38,12 +38,12 @@ from storyflow.engine import lifecycle
 from storyflow.engine.attempts import Attempts
 from storyflow.engine.commit import Journal, Sink
 from storyflow.engine.finish import Result, Stop, finish
-from storyflow.engine.instance import OK, Instance
-from storyflow.engine.plan import Plan
+from storyflow.engine.instance import OK, Instance, MapInstance
+from storyflow.engine.plan import Plan, digest
 from storyflow.engine.pools import Pools
 from storyflow.engine.prepare import Prepared, fail_before_start, prepare
 from storyflow.engine.scope import Scope
-from storyflow.errors import StepFailure
+from storyflow.errors import PermanentError, StepFailure
 from storyflow.events import ErrorClass, EventType, StepStatus
 from storyflow.spec.model import Workflow
 from storyflow.store import RunRecord, StepRecord, Store, redact
@@ -93,7 +93,14 @@ class Runner:
         self.opt = options
         self.t = template_engine()
         self.scope = Scope(workflow, run.inputs, run.run_id, options.environ)
-        self.insts = {sid: Instance(plan.nodes[sid]) for sid in plan.order}
+        self.insts: dict[str, Instance] = {}
+        """Every instance, by id: the plan's steps, then map items as maps expand."""
+        for sid in plan.order:
+            node = plan.nodes[sid]
+            is_map = node.step.for_each is not None
+            self.insts[sid] = MapInstance(node) if is_map else Instance(node)
+        self.item_previous: dict[str, StepRecord] = {}
+        """Records of map items from an earlier process of this run (resume)."""
         self.waiting_on = {sid: len(plan.nodes[sid].deps) for sid in plan.order}
         self.queue: deque[Instance] = deque()
         self.fresh: list[Instance] = []
@@ -193,6 +200,12 @@ class Runner:
         for inst in self.insts.values():
             if inst.task is not None and not inst.task.done():
                 inst.task.cancel()
+            elif isinstance(inst, MapInstance) and inst.state == StepStatus.RUNNING.value:
+                # Its running items are cancelled above; those not yet ready stay pending.
+                inst.ended_at = self.opt.clock()
+                inst.error = dict(stop.error)
+                self.move(inst, "cancel")
+                self.emit(EventType.STEP_CANCELLED, step=inst.id, reason=stop.reason)
         self.journal.schedule_flush()
         if self.running == 0:
             self.done.set()
@@ -295,6 +308,10 @@ class Runner:
                 self.emit(EventType.STEP_SKIPPED, step=inst.id, reason=reason)
                 work.extend(self._settled(inst))
                 continue
+            if inst.node.step.for_each is not None:
+                assert isinstance(inst, MapInstance)
+                work.extend(self._expand(inst))
+                continue
             inst.ready_at = self.opt.clock()
             inst.seq = self.seq
             self.seq += 1
@@ -319,6 +336,8 @@ class Runner:
 
     def _settled(self, inst: Instance) -> list[Instance]:
         """Record a finished instance; return dependents whose needs are now all settled."""
+        if inst.parent is not None:
+            return self._item_settled(inst, inst.parent)
         self.scope.record(
             inst.id,
             output=inst.output,
@@ -339,6 +358,108 @@ class Runner:
             if self.waiting_on[dep_id] == 0:
                 out.append(self.insts[dep_id])
         return out
+
+    # -- maps ----------------------------------------------------------------------------
+    def _expand(self, m: MapInstance) -> list[Instance]:
+        """A map whose needs are met and whose ``when`` holds: evaluate ``for_each`` and
+        make its first items ready; dependents ready at once if it settled here."""
+        step = m.node.step
+        m.ready_at = self.opt.clock()
+        try:
+            scope = self.scope.for_step()
+            fe = step.for_each
+            values = self.t.evaluate(fe, scope) if isinstance(fe, str) else self.t.render(fe, scope)
+            if not isinstance(values, (list, tuple)):
+                raise PermanentError(
+                    f"for_each gave {type(values).__name__}, not a list",
+                    hint="for_each must be an expression giving a list, or a literal list",
+                )
+        except StepFailure as exc:
+            fail_before_start(self, m, exc)
+            return self._settled(m)
+        values = list(values)
+        m.fingerprint = digest([m.node.fingerprint, values])
+        m.attempts = 1
+        m.started_at = self.opt.clock()
+        as_name = step.as_
+        for i, value in enumerate(values):
+            item = Instance(m.node)
+            item.id = f"{m.id}[{i}]"
+            item.parent = m
+            item.extra = {as_name: value, "index": i, "previous": None}
+            m.items.append(item)
+            self.insts[item.id] = item
+        self.unsettled += len(values)
+        lifecycle.step_fire(m, "ready")
+        self.move(m, "start")
+        self.emit(EventType.STEP_STARTED, step=m.id, attempt=m.attempts)
+        if not values:
+            return self._close_map(m)
+        if self.opt.previous and m.id not in self.opt.forced:
+            ids = [item.id for item in m.items]
+            self.item_previous.update(self.store.get_steps(self.run.run_id, ids))
+        self._release(m)
+        return []
+
+    def _release(self, m: MapInstance) -> None:
+        """Make ready the next items of ``m`` its ``max_parallel`` (or order) allows."""
+        items, limit = m.items, m.limit
+        sequential = m.node.step.sequential
+        while m.next < len(items) and (limit is None or m.active < limit):
+            item = items[m.next]
+            if sequential and m.next:
+                assert item.extra is not None
+                item.extra["previous"] = items[m.next - 1].output
+            m.next += 1
+            m.active += 1
+            item.ready_at = self.opt.clock()
+            item.seq = self.seq
+            self.seq += 1
+            lifecycle.step_fire(item, "ready")
+            self.queue.append(item)
+            self.fresh.append(item)
+
+    def _item_settled(self, item: Instance, m: MapInstance) -> list[Instance]:
+        """A map item has settled: release the next, or settle the map after the last."""
+        self.unsettled -= 1
+        m.active -= 1
+        m.settled += 1
+        if self.stop is not None or m.state != StepStatus.RUNNING.value:
+            return []
+        if m.settled == len(m.items):
+            return self._close_map(m)
+        self._release(m)
+        return []
+
+    def _close_map(self, m: MapInstance) -> list[Instance]:
+        """Every item of ``m`` has settled: its output is their outputs, in item order;
+        it fails if an item did."""
+        m.output = [item.output for item in m.items]
+        m.ended_at = self.opt.clock()
+        duration = round(m.ended_at - (m.started_at or m.ended_at), 6)
+        failed = [item for item in m.items if item.state not in OK]
+        if not failed:
+            self.move(m, "succeed")
+            self.emit(
+                EventType.STEP_SUCCEEDED, step=m.id, attempt=m.attempts, duration_s=duration
+            )
+        else:
+            first = failed[0].error or {}
+            m.error = {
+                "class": first.get("class", "permanent"),
+                "message": f"{len(failed)} of {len(m.items)} items failed; "
+                f"{failed[0].id}: {first.get('message', '')}",
+            }
+            self.move(m, "fail")
+            self.emit(
+                EventType.STEP_FAILED,
+                step=m.id,
+                attempt=m.attempts,
+                error=m.error,
+                final=True,
+                duration_s=duration,
+            )
+        return self._settled(m)
 
     def _after(self, inst: Instance) -> None:
         ready = self._settled(inst)
