@@ -312,14 +312,21 @@ class Runner:
                 assert isinstance(inst, MapInstance)
                 work.extend(self._expand(inst))
                 continue
-            inst.ready_at = self.opt.clock()
-            inst.seq = self.seq
-            self.seq += 1
-            # Checkpointed in _pump only if it has to wait for a slot: a crash between
-            # ready and running is the same as pending, so launching at once saves a write.
-            lifecycle.step_fire(inst, "ready")
-            self.queue.append(inst)
-            self.fresh.append(inst)
+            self._enqueue(inst)
+
+    def _enqueue(self, inst: Instance) -> None:
+        """Make ``inst`` ready and queue it, numbered in the order it became ready.
+
+        Its `ready` state is checkpointed in `_pump` only if it has to wait for a slot:
+        a crash between ready and running is the same as pending, so launching at once
+        saves a write.
+        """
+        inst.ready_at = self.opt.clock()
+        inst.seq = self.seq
+        self.seq += 1
+        lifecycle.step_fire(inst, "ready")
+        self.queue.append(inst)
+        self.fresh.append(inst)
 
     def _blocked_reason(self, inst: Instance) -> str | None:
         deps = [self.insts[d] for d in inst.node.deps]
@@ -412,12 +419,7 @@ class Runner:
                 item.extra["previous"] = items[m.next - 1].output
             m.next += 1
             m.active += 1
-            item.ready_at = self.opt.clock()
-            item.seq = self.seq
-            self.seq += 1
-            lifecycle.step_fire(item, "ready")
-            self.queue.append(item)
-            self.fresh.append(item)
+            self._enqueue(item)
 
     def _item_settled(self, item: Instance, m: MapInstance) -> list[Instance]:
         """A map item has settled: release the next, or settle the map after the last."""
