@@ -13,7 +13,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -143,3 +143,27 @@ steps:
 def minimal_workflow(write_workflow: WriteWorkflow) -> Path:
     """The smallest valid workflow, written to ``tmp_path/minimal.yaml``."""
     return write_workflow(MINIMAL_WORKFLOW, "minimal.yaml")
+
+
+def new_run_record(
+    store: Any,
+    wf: Any,
+    compiled: Any,
+    *,
+    run_id: str | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> Any:
+    """The run record `storyflow run` creates, saved: for tests that drive a Runner."""
+    from storyflow.events import RunStatus
+    from storyflow.store import RunRecord
+
+    now = store.clock()
+    record = RunRecord(
+        run_id=run_id or store.new_run_id(), workflow=wf.name,
+        workflow_path=str(Path(wf.path).resolve()), workflow_version=wf.version,
+        source_hash=wf.source_hash, status=RunStatus.RUNNING.value, inputs=inputs or {},
+        environment=None, sets=[], created_at=now, updated_at=now,
+        meta={"steps": list(compiled.order)},
+    )
+    store.put_run(record)
+    return record

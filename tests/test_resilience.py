@@ -33,6 +33,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
+from conftest import new_run_record
 from storyflow import TransientError
 from storyflow.agents.registry import kinds
 from storyflow.engine import retry
@@ -46,7 +47,7 @@ from storyflow.spec import load_workflow
 from storyflow.spec.model import Breaker as BreakerSpec
 from storyflow.spec.model import RetryPolicy
 from storyflow.spec.params import resolve_inputs
-from storyflow.store import RunRecord, StepRecord, Store
+from storyflow.store import StepRecord, Store
 from storyflow.ui.progress import LiveSink, PlainSink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,15 +281,7 @@ class Harness:
         wf = load_workflow(path, kinds=kinds())
         compiled = plan(wf)
         with Store(self.tmp / "state") as store:
-            now = store.clock()
-            record = RunRecord(
-                run_id=store.new_run_id(), workflow=wf.name, workflow_path=str(path),
-                workflow_version=wf.version, source_hash=wf.source_hash,
-                status=RunStatus.RUNNING.value, inputs=resolve_inputs(wf, [], None),
-                environment=None, sets=[],
-                created_at=now, updated_at=now, meta={"steps": list(compiled.order)},
-            )
-            store.put_run(record)
+            record = new_run_record(store, wf, compiled, inputs=resolve_inputs(wf, [], None))
             options = Options(max_parallel=max_parallel)
             if fake_time:
                 options = Options(max_parallel=max_parallel, monotonic=self.time.monotonic,

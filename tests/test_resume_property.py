@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import new_run_record
 from storyflow.agents.registry import kinds
 from storyflow.engine.plan import Plan, plan
 from storyflow.engine.runner import Options, Result, Runner
@@ -126,15 +127,7 @@ def compile_workflow(folder: Path, dag: Dag) -> tuple[Workflow, Plan]:
 
 
 def new_run(store: Store, wf: Workflow, compiled: Plan) -> RunRecord:
-    """The run record `storyflow run` creates."""
-    now = store.clock()
-    record = RunRecord(
-        run_id=RUN_ID, workflow=wf.name, workflow_path=str(Path(wf.path).resolve()),
-        workflow_version=wf.version, source_hash=wf.source_hash, status=RunStatus.RUNNING.value,
-        inputs={}, environment=None, sets=[], created_at=now, updated_at=now,
-        meta={"steps": list(compiled.order)},
-    )
-    store.put_run(record)
+    record: RunRecord = new_run_record(store, wf, compiled, run_id=RUN_ID)
     return record
 
 
