@@ -18,6 +18,22 @@ def discard(message: str) -> None:
     """The default agent logger: drops the line."""
 
 
+def ignore_usage(usage: dict[str, Any]) -> None:
+    """The default usage meter: drops the report."""
+
+
+class CallCache(Protocol):
+    """A content-addressed cache of agent calls, shared across runs (see `Call.cache`)."""
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        """``(True, value)`` when ``key`` was stored, else ``(False, None)``."""
+        ...
+
+    def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """Everything one attempt of one step instance gets."""
@@ -44,6 +60,13 @@ class Call:
     """The agent's logger; each line becomes a step log event."""
     seed: int | None = None
     """The workflow's ``seed``; agents that sample derive their randomness from it."""
+    meter: Callable[[dict[str, Any]], None] = ignore_usage
+    """Reports one model call's usage, once per HTTP call (repairs included):
+    ``{"model": str, "input_tokens": int | None, "output_tokens": int | None,
+    "cached": bool, "truncated": bool}``. The engine totals tokens and prices them
+    from the workflow's ``config.prices`` per step and per run, and checks budgets."""
+    cache: CallCache | None = None
+    """The call cache, or None when the run bypasses it (``--no-cache``)."""
 
 
 @dataclass(frozen=True, slots=True)
