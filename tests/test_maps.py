@@ -341,22 +341,6 @@ def test_many_items_under_a_small_run_limit(workdir: Path) -> None:
     assert agents().STATE["peak"] <= 3
 
 
-def test_loops_are_still_rejected(workdir: Path) -> None:
-    text = """
-    apiVersion: storyflow/v1
-    name: maps
-    steps:
-      polish:
-        loop:
-          max_iterations: 2
-          steps:
-            revise: {uses: template, with: {template: "x"}}
-    """
-    result, _ = run_once(workdir, text)
-    assert result.status is RunStatus.FAILED
-    assert "loop steps are not available" in (result.error or {})["message"]
-
-
 # --- the command line -------------------------------------------------------------------
 
 

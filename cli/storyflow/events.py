@@ -79,6 +79,9 @@ class EventType(StrEnum):
     STEP_CANCELLED = "step.cancelled"
     STEP_KEPT = "step.kept"
     STEP_FALLBACK = "step.fallback"
+    STEP_LOG = "step.log"
+    LOOP_ITERATION = "loop.iteration"
+    LOOP_ITERATED = "loop.iterated"
     BREAKER_OPENED = "breaker.opened"
     BREAKER_CLOSED = "breaker.closed"
 

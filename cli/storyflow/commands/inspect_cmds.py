@@ -83,19 +83,38 @@ def runs(
     typer.echo(_table(rows, ["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION"]))
 
 
-def show_document(store: Any, record: Any) -> dict[str, Any]:
-    """The `show --json` shape (schemas/show.schema.json)."""
+def instance_records(store: Any, record: Any) -> tuple[list[str], dict[str, Any]]:
+    """Every step instance of a run in display order — a map's items and a loop's
+    iterations right after it — and the records the store has for them."""
     top = record.meta.get("steps", [])
     steps = store.get_steps(record.run_id, top)
     ids: list[str] = []
-    for sid in top:
+
+    def walk(sid: str) -> None:
         ids.append(sid)
         rec = steps.get(sid)
-        count = rec.meta.get("items") if rec is not None else None
-        if isinstance(count, int) and count > 0:  # a map: its items follow it
-            items = [f"{sid}[{i}]" for i in range(count)]
-            steps.update(store.get_steps(record.run_id, items))
-            ids.extend(items)
+        if rec is None:
+            return
+        children: list[str] = []
+        count = rec.meta.get("items")
+        if isinstance(count, int) and count > 0:  # a map: its items
+            children = [f"{sid}[{i}]" for i in range(count)]
+        n, body = rec.meta.get("iterations"), rec.meta.get("body")
+        if isinstance(n, int) and isinstance(body, list):  # a loop: its iterations
+            children = [f"{sid}#{k}.{b}" for k in range(1, n + 1) for b in body]
+        if children:
+            steps.update(store.get_steps(record.run_id, children))
+            for child in children:
+                walk(child)
+
+    for sid in top:
+        walk(sid)
+    return ids, steps
+
+
+def show_document(store: Any, record: Any) -> dict[str, Any]:
+    """The `show --json` shape (schemas/show.schema.json)."""
+    ids, steps = instance_records(store, record)
     out_steps = []
     for sid in ids:
         rec = steps.get(sid)

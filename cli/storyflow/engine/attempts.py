@@ -20,6 +20,7 @@ served; its events carry ``agent`` and ``degraded``. Breaker state changes are e
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from storyflow.agents.base import Call
@@ -75,7 +76,7 @@ class Attempts:
             for name, agent in runner.wf.agents.items()
             if agent.breaker is not None
         }
-        self._validators: dict[str, Any] = {}
+        self._validators: dict[int, Any] = {}
 
     def inputs_for(
         self, inst: Instance, server: Server
@@ -252,6 +253,7 @@ class Attempts:
             timeout_s=server.timeout_s,
             output_schema=step.output_schema,
             seed=r.wf.seed,
+            log=self._logger(inst),
         )
         r.flush()  # durable before the agent runs
         try:
@@ -270,6 +272,29 @@ class Attempts:
         inst.error = None
         inst.ended_at = r.opt.clock()
         return None
+
+    def _logger(self, inst: Instance) -> Callable[[str], None]:
+        """The ``log`` of one attempt: each line a ``step.log`` event, from any thread
+        (a sync python callable runs in a worker thread)."""
+        r = self.r
+        loop = asyncio.get_running_loop()
+        step_id, attempt = inst.id, inst.attempts
+
+        def emit(message: str) -> None:
+            r.emit(EventType.STEP_LOG, step=step_id, attempt=attempt, message=message)
+            r.journal.schedule_flush()
+
+        def log(message: str) -> None:
+            try:
+                here = asyncio.get_running_loop() is loop
+            except RuntimeError:
+                here = False
+            if here:
+                emit(str(message))
+            else:
+                loop.call_soon_threadsafe(emit, str(message))
+
+        return log
 
     def _opened(self, inst: Instance, breaker: Breaker, *, trial: bool) -> None:
         self.r.emit(
@@ -295,16 +320,17 @@ class Attempts:
         except Exception as exc:  # an agent bug must fail the step, not the engine
             raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
         if call.output_schema is not None:
-            # Map items share their step's schema: one validator per step.
-            self._check_output(call.step_id.partition("[")[0], call.output_schema, output)
+            self._check_output(call.output_schema, output)
         return output
 
-    def _check_output(self, step_id: str, schema: dict[str, Any], output: Any) -> None:
-        validator = self._validators.get(step_id)
+    def _check_output(self, schema: dict[str, Any], output: Any) -> None:
+        # Map items and loop iterations share their step's schema object: one validator
+        # per step, keyed by the object (steps live as long as the run).
+        validator = self._validators.get(id(schema))
         if validator is None:
             from jsonschema import Draft202012Validator
 
-            validator = self._validators[step_id] = Draft202012Validator(schema)
+            validator = self._validators[id(schema)] = Draft202012Validator(schema)
         errors = sorted(validator.iter_errors(output), key=lambda e: list(e.absolute_path))
         if errors:
             e = errors[0]

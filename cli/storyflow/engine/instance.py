@@ -60,10 +60,11 @@ class Instance:
         """The pool whose slot this instance holds."""
         self.grant: Pool | None = None
         """The pool the scheduler took a slot and a token from for the first attempt."""
-        self.parent: MapInstance | None = None
-        """For a map item: the map it belongs to."""
+        self.parent: Instance | None = None
+        """For a map item its map; for a step of a loop iteration its loop."""
         self.extra: dict[str, Any] | None = None
-        """For a map item: its local names (the item, ``index``, ``previous``)."""
+        """Local names: a map item's (the item, ``index``, ``previous``), a loop
+        iteration's (``loop``)."""
 
     def record(self, definition: str) -> StepRecord:
         return StepRecord(
@@ -108,3 +109,56 @@ class MapInstance(Instance):
         if self.items or self.state in OK:
             rec.meta["items"] = len(self.items)
         return rec
+
+
+class LoopInstance(Instance):
+    """A ``loop`` step as a whole. Each iteration makes one instance per step of the
+    body (``polish#2.revise``), with dependency counters of its own.
+
+    Its record holds the status of the whole, the chosen iteration's outputs by step id,
+    and ``meta["iterations"]`` and ``meta["body"]`` (so ``show`` can list the instances),
+    ``meta["best"]`` (the iteration whose outputs stand) and ``meta["scores"]``.
+    """
+
+    __slots__ = ("current", "history", "iteration", "left", "scores", "waiting")
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node)
+        self.iteration = 0
+        """The iteration under way (1-based); 0 before the first."""
+        self.current: dict[str, Instance] = {}
+        """The instances of the iteration under way, by step id."""
+        self.waiting: dict[str, int] = {}
+        """Per step of the iteration: needs not yet settled."""
+        self.left = 0
+        """Steps of the iteration not yet settled."""
+        self.history: list[dict[str, Any]] = []
+        """Each finished iteration's outputs by step id."""
+        self.scores: list[Any] = []
+        """Each finished iteration's ``best_by`` score."""
+
+    def record(self, definition: str) -> StepRecord:
+        rec = super().record(definition)
+        assert self.node.body is not None
+        rec.meta["iterations"] = self.iteration
+        rec.meta["body"] = list(self.node.body.order)
+        if self.scores:
+            rec.meta["scores"] = self.scores
+        if self.state in OK and self.history:
+            rec.meta["best"] = self.best()
+        return rec
+
+    def best(self) -> int:
+        """The 1-based iteration whose outputs are the loop's: the highest ``best_by``
+        score (the later one on a tie), else the last."""
+        if self.node.step.loop is None or self.node.step.loop.best_by is None or not self.scores:
+            return len(self.history)
+        top = max(range(len(self.scores)), key=lambda i: (_rank(self.scores[i]), i))
+        return top + 1
+
+
+def _rank(score: Any) -> tuple[int, float]:
+    """Scores compare as numbers; anything else (None, text) ranks below every number."""
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        return (0, 0.0)
+    return (1, float(score))

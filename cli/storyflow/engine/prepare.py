@@ -16,7 +16,7 @@ from storyflow.engine import lifecycle
 from storyflow.engine.attempts import error_record
 from storyflow.engine.instance import OK
 from storyflow.engine.plan import digest
-from storyflow.errors import PermanentError, StepFailure
+from storyflow.errors import StepFailure
 from storyflow.events import EventType, StepStatus
 
 if TYPE_CHECKING:
@@ -33,20 +33,18 @@ def prepare(r: Runner, inst: Instance) -> Prepared | None:
 
     step = inst.node.step
     try:
-        if step.loop is not None:
-            raise PermanentError("loop steps are not available in this version of storyflow")
         inputs, secrets = r.attempts.inputs_for(inst, step)
         agent = registry.get(step.uses or "")
     except StepFailure as exc:
         fail_before_start(r, inst, exc)
         return None
     inst.fingerprint = digest([inst.node.fingerprint, inputs])
-    prev = r.opt.previous.get(inst.id) if inst.parent is None else r.item_previous.get(inst.id)
+    prev = r.previous_record(inst)
     if (
         prev is not None
         and prev.status in OK
         and prev.fingerprint == inst.fingerprint
-        and inst.id not in r.opt.forced
+        and not r.forced(inst)
         and not prev.meta.get("redacted")
     ):
         inst.output, inst.attempts = prev.output, prev.attempts

@@ -38,8 +38,8 @@ from storyflow.engine import lifecycle
 from storyflow.engine.attempts import Attempts
 from storyflow.engine.commit import Journal, Sink
 from storyflow.engine.finish import Result, Stop, finish
-from storyflow.engine.instance import OK, Instance, MapInstance
-from storyflow.engine.plan import Plan, digest
+from storyflow.engine.instance import OK, Instance, LoopInstance, MapInstance
+from storyflow.engine.plan import Node, Plan, digest
 from storyflow.engine.pools import Pools
 from storyflow.engine.prepare import Prepared, fail_before_start, prepare
 from storyflow.engine.scope import Scope
@@ -96,11 +96,10 @@ class Runner:
         self.insts: dict[str, Instance] = {}
         """Every instance, by id: the plan's steps, then map items as maps expand."""
         for sid in plan.order:
-            node = plan.nodes[sid]
-            is_map = node.step.for_each is not None
-            self.insts[sid] = MapInstance(node) if is_map else Instance(node)
-        self.item_previous: dict[str, StepRecord] = {}
-        """Records of map items from an earlier process of this run (resume)."""
+            self.insts[sid] = _instance(plan.nodes[sid])
+        self.nested_previous: dict[str, StepRecord] = {}
+        """Records of map items and loop iterations from an earlier process of this run
+        (resume), read as each map expands and each iteration begins."""
         self.waiting_on = {sid: len(plan.nodes[sid].deps) for sid in plan.order}
         self.queue: deque[Instance] = deque()
         self.fresh: list[Instance] = []
@@ -200,8 +199,10 @@ class Runner:
         for inst in self.insts.values():
             if inst.task is not None and not inst.task.done():
                 inst.task.cancel()
-            elif isinstance(inst, MapInstance) and inst.state == StepStatus.RUNNING.value:
-                # Its running items are cancelled above; those not yet ready stay pending.
+            elif isinstance(inst, (MapInstance, LoopInstance)) and (
+                inst.state == StepStatus.RUNNING.value
+            ):
+                # Its running parts are cancelled above; those not yet ready stay pending.
                 inst.ended_at = self.opt.clock()
                 inst.error = dict(stop.error)
                 self.move(inst, "cancel")
@@ -287,6 +288,18 @@ class Runner:
                 self._pump()
                 self.journal.schedule_flush()
 
+    def forced(self, inst: Instance) -> bool:
+        """Whether ``inst`` must re-run: its top-level step is forced (``--from``, changed)."""
+        while inst.parent is not None:
+            inst = inst.parent
+        return inst.id in self.opt.forced
+
+    def previous_record(self, inst: Instance) -> StepRecord | None:
+        """The record of ``inst`` from an earlier process of this run, if any."""
+        if inst.parent is None:
+            return self.opt.previous.get(inst.id)
+        return self.nested_previous.get(inst.id)
+
     def _deps_settled(self, first: Instance) -> None:
         """All needs of ``first`` have settled: skip it or make it ready (iteratively)."""
         work = deque([first])
@@ -295,7 +308,8 @@ class Runner:
             reason = self._blocked_reason(inst)
             if reason is None and inst.node.step.when is not None:
                 try:
-                    if not self.t.evaluate(inst.node.step.when, self.scope.for_step()):
+                    scope = self.scope.for_step(None, inst.extra)
+                    if not self.t.evaluate(inst.node.step.when, scope):
                         reason = "when was false"
                 except StepFailure as exc:
                     fail_before_start(self, inst, exc)
@@ -308,9 +322,11 @@ class Runner:
                 self.emit(EventType.STEP_SKIPPED, step=inst.id, reason=reason)
                 work.extend(self._settled(inst))
                 continue
-            if inst.node.step.for_each is not None:
-                assert isinstance(inst, MapInstance)
+            if isinstance(inst, MapInstance):
                 work.extend(self._expand(inst))
+                continue
+            if isinstance(inst, LoopInstance):
+                work.extend(self._begin_loop(inst))
                 continue
             self._enqueue(inst)
 
@@ -329,7 +345,8 @@ class Runner:
         self.fresh.append(inst)
 
     def _blocked_reason(self, inst: Instance) -> str | None:
-        deps = [self.insts[d] for d in inst.node.deps]
+        siblings = inst.parent.current if isinstance(inst.parent, LoopInstance) else self.insts
+        deps = [siblings[d] for d in inst.node.deps]
         join = inst.node.step.join
         if join == "all_done" or not deps:
             return None
@@ -343,10 +360,11 @@ class Runner:
 
     def _settled(self, inst: Instance) -> list[Instance]:
         """Record a finished instance; return dependents whose needs are now all settled."""
-        if inst.parent is not None:
-            return self._item_settled(inst, inst.parent)
+        parent = inst.parent
+        if isinstance(parent, MapInstance):
+            return self._item_settled(inst, parent)
         self.scope.record(
-            inst.id,
+            inst.node.step.id,
             output=inst.output,
             status=inst.state,
             attempts=inst.attempts,
@@ -360,6 +378,8 @@ class Runner:
         out: list[Instance] = []
         if self.stop is not None:
             return out
+        if isinstance(parent, LoopInstance):
+            return self._inner_settled(inst, parent)
         for dep_id in inst.node.dependents:
             self.waiting_on[dep_id] -= 1
             if self.waiting_on[dep_id] == 0:
@@ -373,7 +393,7 @@ class Runner:
         step = m.node.step
         m.ready_at = self.opt.clock()
         try:
-            scope = self.scope.for_step()
+            scope = self.scope.for_step(None, m.extra)
             fe = step.for_each
             values = self.t.evaluate(fe, scope) if isinstance(fe, str) else self.t.render(fe, scope)
             if not isinstance(values, (list, tuple)):
@@ -393,7 +413,7 @@ class Runner:
             item = Instance(m.node)
             item.id = f"{m.id}[{i}]"
             item.parent = m
-            item.extra = {as_name: value, "index": i, "previous": None}
+            item.extra = {**(m.extra or {}), as_name: value, "index": i, "previous": None}
             m.items.append(item)
             self.insts[item.id] = item
         self.unsettled += len(values)
@@ -402,9 +422,9 @@ class Runner:
         self.emit(EventType.STEP_STARTED, step=m.id, attempt=m.attempts)
         if not values:
             return self._close_map(m)
-        if self.opt.previous and m.id not in self.opt.forced:
+        if self.opt.previous and not self.forced(m):
             ids = [item.id for item in m.items]
-            self.item_previous.update(self.store.get_steps(self.run.run_id, ids))
+            self.nested_previous.update(self.store.get_steps(self.run.run_id, ids))
         self._release(m)
         return []
 
@@ -463,6 +483,158 @@ class Runner:
             )
         return self._settled(m)
 
+    # -- loops ---------------------------------------------------------------------------
+    def _begin_loop(self, lp: LoopInstance) -> list[Instance]:
+        """A loop whose needs are met and whose ``when`` holds: keep it whole when an
+        earlier process finished it with the same inputs, else start its first iteration."""
+        lp.ready_at = self.opt.clock()
+        steps = self.scope.steps
+        lp.fingerprint = digest(
+            [lp.node.fingerprint, {d: steps[d]["output"] for d in lp.node.deps if d in steps}]
+        )
+        prev = self.previous_record(lp)
+        if (
+            prev is not None
+            and prev.status in OK
+            and prev.fingerprint == lp.fingerprint
+            and not self.forced(lp)
+            and not prev.meta.get("redacted")
+        ):
+            lp.output, lp.attempts = prev.output, prev.attempts
+            lp.started_at, lp.ended_at = prev.started_at, prev.ended_at
+            lp.iteration = int(prev.meta.get("iterations", 0))
+            lp.scores = list(prev.meta.get("scores", []))
+            lp.history = [{}] * lp.iteration  # only the count matters once it is kept
+            lifecycle.step_fire(lp, "ready")
+            lifecycle.step_fire(lp, "keep")
+            self.emit(EventType.STEP_KEPT, step=lp.id, attempt=lp.attempts)
+            return self._settled(lp)
+        lp.attempts = 1
+        lp.started_at = self.opt.clock()
+        lifecycle.step_fire(lp, "ready")
+        self.move(lp, "start")
+        self.emit(EventType.STEP_STARTED, step=lp.id, attempt=lp.attempts)
+        return self._next_iteration(lp)
+
+    def _next_iteration(self, lp: LoopInstance) -> list[Instance]:
+        """Make the instances of the loop's next iteration; return those with no needs."""
+        body = lp.node.body
+        assert body is not None
+        lp.iteration += 1
+        n = lp.iteration
+        previous = lp.history[-1] if lp.history else dict.fromkeys(body.order)
+        extra = {**(lp.extra or {}), "loop": {"iteration": n, "previous": previous}}
+        lp.current = {}
+        for sid in body.order:
+            inner = _instance(body.nodes[sid])
+            inner.id = f"{lp.id}#{n}.{sid}"
+            inner.parent = lp
+            inner.extra = extra
+            lp.current[sid] = inner
+            self.insts[inner.id] = inner
+        lp.waiting = {sid: len(body.nodes[sid].deps) for sid in body.order}
+        lp.left = len(body.order)
+        self.unsettled += lp.left
+        if self.opt.previous and not self.forced(lp):
+            ids = [inner.id for inner in lp.current.values()]
+            self.nested_previous.update(self.store.get_steps(self.run.run_id, ids))
+        if n > 1:
+            self.journal.checkpoint(lp)  # the iteration under way, for `show`
+        self.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n)
+        return [lp.current[sid] for sid in body.order if lp.waiting[sid] == 0]
+
+    def _inner_settled(self, inst: Instance, lp: LoopInstance) -> list[Instance]:
+        """A step of the iteration under way has settled: its dependents in the
+        iteration may be ready; after the last, the iteration ends."""
+        lp.left -= 1
+        out: list[Instance] = []
+        for dep_id in inst.node.dependents:
+            lp.waiting[dep_id] -= 1
+            if lp.waiting[dep_id] == 0:
+                out.append(lp.current[dep_id])
+        if lp.left == 0:
+            out.extend(self._end_iteration(lp))
+        return out
+
+    def _end_iteration(self, lp: LoopInstance) -> list[Instance]:
+        """Every step of the iteration has settled: fail, end, or begin the next one."""
+        loop = lp.node.step.loop
+        assert loop is not None
+        n = lp.iteration
+        lp.history.append({sid: inner.output for sid, inner in lp.current.items()})
+        broken = [
+            inner
+            for inner in lp.current.values()
+            if inner.state == StepStatus.CANCELLED.value
+            or (inner.state == StepStatus.FAILED.value and not inner.node.step.allow_failure)
+        ]
+        if broken:
+            err = broken[0].error or {}
+            return self._close_loop(
+                lp,
+                {
+                    "class": err.get("class", ErrorClass.PERMANENT.value),
+                    "message": f"iteration {n}: step {broken[0].node.step.id} failed: "
+                    f"{err.get('message', '')}",
+                },
+            )
+        scope = self.scope.for_step(None, lp.current[next(iter(lp.current))].extra)
+        what = "best_by"
+        try:
+            if loop.best_by is not None:
+                lp.scores.append(self.t.evaluate(loop.best_by, scope))
+            what = "until"
+            done = loop.until is not None and bool(self.t.evaluate(loop.until, scope))
+        except StepFailure as exc:
+            return self._close_loop(
+                lp, {"class": exc.error_class.value, "message": f"{what}: {exc.message}"}
+            )
+        self.emit(
+            EventType.LOOP_ITERATED,
+            step=lp.id,
+            iteration=n,
+            done=done,
+            **({"score": lp.scores[-1]} if loop.best_by is not None else {}),
+        )
+        if done:
+            return self._close_loop(lp, None)
+        if n >= loop.max_iterations:
+            if loop.on_exhausted == "fail":
+                cond = f" ({loop.until})" if loop.until else ""
+                return self._close_loop(
+                    lp,
+                    {
+                        "class": ErrorClass.PERMANENT.value,
+                        "message": f"until{cond} was still false after {n} iterations",
+                    },
+                )
+            return self._close_loop(lp, None)
+        return self._next_iteration(lp)
+
+    def _close_loop(self, lp: LoopInstance, error: dict[str, str] | None) -> list[Instance]:
+        """Settle the loop: its output is the chosen iteration's outputs by step id."""
+        lp.ended_at = self.opt.clock()
+        duration = round(lp.ended_at - (lp.started_at or lp.ended_at), 6)
+        if error is None:
+            lp.output = lp.history[lp.best() - 1]
+            self.move(lp, "succeed")
+            self.emit(
+                EventType.STEP_SUCCEEDED, step=lp.id, attempt=lp.attempts, duration_s=duration
+            )
+        else:
+            lp.output = lp.history[-1] if lp.history else None
+            lp.error = error
+            self.move(lp, "fail")
+            self.emit(
+                EventType.STEP_FAILED,
+                step=lp.id,
+                attempt=lp.attempts,
+                error=error,
+                final=True,
+                duration_s=duration,
+            )
+        return self._settled(lp)
+
     def _after(self, inst: Instance) -> None:
         ready = self._settled(inst)
         for nxt in ready:
@@ -504,3 +676,12 @@ class Runner:
             self.journal.schedule_flush()
             if self.stop is not None and self.running == 0:
                 self.done.set()
+
+
+def _instance(node: Node) -> Instance:
+    """The in-memory instance of a plan node: a map, a loop or a plain step."""
+    if node.step.loop is not None:
+        return LoopInstance(node)
+    if node.step.for_each is not None:
+        return MapInstance(node)
+    return Instance(node)

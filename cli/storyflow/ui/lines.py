@@ -258,6 +258,16 @@ def _step_log(e: Event, g: Glyphs) -> str:
     return f"  {e['step']}: {one_line(e.get('message', ''), g)}"
 
 
+def _loop_iteration(e: Event, g: Glyphs) -> str:
+    return f"{g.retry} {e['step']} iteration {e.get('iteration', '?')}"
+
+
+def _loop_iterated(e: Event, g: Glyphs) -> str:
+    verdict = "until holds" if e.get("done") else "until not yet"
+    score = f"{g.sep}score {one_line(e['score'], g)}" if "score" in e else ""
+    return f"  {e['step']} iteration {e.get('iteration', '?')} ended: {verdict}{score}"
+
+
 def _run_ended(e: Event, g: Glyphs) -> str:
     duration = e.get("duration_s")
     text = str(e["type"]) + (f" in {format_duration(duration)}" if duration is not None else "")
@@ -286,6 +296,8 @@ LINE_FORMATS: Mapping[str, Callable[[Event, Glyphs], str]] = {
     "step.fallback": _step_fallback,
     "breaker.opened": _breaker,
     "breaker.closed": _breaker,
+    "loop.iteration": _loop_iteration,
+    "loop.iterated": _loop_iterated,
     "run.succeeded": _run_ended,
     "run.failed": _run_ended,
     "run.interrupted": _run_ended,
