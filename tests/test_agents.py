@@ -578,12 +578,11 @@ def test_registry_get_returns_a_cached_instance(
     assert registry.get(kind) is agent
 
 
-@pytest.mark.parametrize("kind", ["llm", "workflow", "human"])
-def test_registry_unimplemented_builtin_is_not_available(
-    plugins: list[EntryPoint], kind: str
-) -> None:
-    with pytest.raises(PermanentError, match=f"agent kind '{kind}' is not available"):
-        registry.get(kind)
+def test_registry_implements_every_builtin_kind(plugins: list[EntryPoint]) -> None:
+    for kind in registry.BUILTIN_KINDS:
+        agent = registry.get(kind)
+        assert agent.kind == kind
+        assert registry.get(kind) is agent
 
 
 def test_registry_unknown_kind_suggests_a_name(plugins: list[EntryPoint]) -> None:

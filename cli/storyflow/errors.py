@@ -11,6 +11,7 @@
         ├── StepTimeout                     the attempt ran past its timeout
         ├── InvalidOutput                   output failed to parse or to match output_schema
         ├── CircuitOpen                     the agent's breaker is open: failed fast, not called
+        ├── AnswerNeeded                    a `human` step has no answer yet: the run pauses
         └── PermanentError                  anything else; never retried by default
 
 `TransientError` is public API: a python agent raises it to ask for a retry.
@@ -21,6 +22,7 @@ and chained with ``from``, so no traceback reaches a user unless ``--debug``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from storyflow.events import ErrorClass
 
@@ -124,6 +126,18 @@ class StepFailure(StoryflowError):
         self.retry_after_s = retry_after_s
         if error_class is not None:
             self.error_class = error_class
+
+
+class AnswerNeeded(StepFailure):
+    """A step needs a person's answer and none can be asked for here: the run pauses.
+
+    ``questions`` are ``{"run_id", "step", "question", "schema"}`` dicts (a sub-workflow
+    passes on its own steps' questions)."""
+
+    def __init__(self, questions: list[dict[str, Any]]) -> None:
+        steps = ", ".join(q["step"] for q in questions)
+        super().__init__(f"waiting for an answer: {steps}")
+        self.questions = questions
 
 
 class TransientError(StepFailure):

@@ -80,6 +80,7 @@ class EventType(StrEnum):
     STEP_KEPT = "step.kept"
     STEP_FALLBACK = "step.fallback"
     STEP_LOG = "step.log"
+    STEP_WAITING = "step.waiting"
     LOOP_ITERATION = "loop.iteration"
     LOOP_ITERATED = "loop.iterated"
     BREAKER_OPENED = "breaker.opened"

@@ -31,6 +31,9 @@ _IMPLEMENTED: dict[str, str] = {
     "python": "storyflow.agents.python_agent:PythonAgent",
     "command": "storyflow.agents.command_agent:CommandAgent",
     "template": "storyflow.agents.template_agent:TemplateAgent",
+    "llm": "storyflow.agents.llm_agent:LlmAgent",
+    "workflow": "storyflow.engine.subrun:WorkflowAgent",
+    "human": "storyflow.engine.human:HumanAgent",
     "builtin/grammar": "storyflow.agents.grammar_agent:GrammarAgent",
 }
 """Built-in kind → its class, imported on first use (validation needs none of them)."""

@@ -65,6 +65,18 @@ def report_error(exc: StoryflowError) -> None:
         err(f"  hint: {exc.hint}")
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null so later writes (and the exit flush) cannot fail."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def guarded(fn: F) -> F:
     """Turn storyflow errors into a message and their exit code; no traceback unless --debug."""
 
@@ -79,6 +91,10 @@ def guarded(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
+        except BrokenPipeError:
+            # `storyflow show RUN | head`: the reader has what it wanted.
+            silence_stdout()
+            raise typer.Exit(0) from None
         except Exception as exc:
             if G.debug:
                 raise
@@ -115,7 +131,13 @@ def root(
 
 
 def main() -> None:
-    from storyflow.commands import inspect_cmds, run_cmds, spec_cmds  # noqa: F401  (registers)
+    from storyflow.commands import (  # noqa: F401  (registers)
+        doctor_cmds,
+        inspect_cmds,
+        report_cmds,
+        run_cmds,
+        spec_cmds,
+    )
 
     try:
         app()

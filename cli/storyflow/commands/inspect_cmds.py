@@ -80,7 +80,12 @@ def runs(
         [r.run_id, r.workflow, r.status, _when(r.created_at), _dur(r.created_at, r.ended_at)]
         for r in records
     ]
-    typer.echo(_table(rows, ["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION"]))
+    header = ["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION"]
+    if any(r.parent_run for r in records):  # sub-workflow runs name their parent
+        header.append("PARENT")
+        for row, r in zip(rows, records, strict=True):
+            row.append(f"{r.parent_run} ({r.parent_step})" if r.parent_run else "")
+    typer.echo(_table(rows, header))
 
 
 def instance_records(store: Any, record: Any) -> tuple[list[str], dict[str, Any]]:
@@ -115,6 +120,11 @@ def instance_records(store: Any, record: Any) -> tuple[list[str], dict[str, Any]
 def show_document(store: Any, record: Any) -> dict[str, Any]:
     """The `show --json` shape (schemas/show.schema.json)."""
     ids, steps = instance_records(store, record)
+    children = []
+    for step_id, child_id in (record.meta.get("children") or {}).items():
+        child = store.get_run(child_id)
+        status = child.status if child is not None else "pending"
+        children.append({"step": step_id, "run_id": child_id, "status": status})
     out_steps = []
     for sid in ids:
         rec = steps.get(sid)
@@ -164,6 +174,9 @@ def show_document(store: Any, record: Any) -> dict[str, Any]:
         "created_at": record.created_at,
         "ended_at": record.ended_at,
         "parent_run": record.parent_run,
+        "parent_step": record.parent_step,
+        "children": children,
+        "waiting": record.meta.get("waiting") or [],
         "error": record.error,
         "steps": out_steps,
         "outputs": record.outputs or {},
@@ -232,10 +245,19 @@ def show(
         f"started {_when(doc['created_at'])} · {_dur(doc['created_at'], doc['ended_at'])}"
         f" · {doc['run_dir']}"
     )
+    if doc["parent_run"]:
+        typer.echo(f"child of run {doc['parent_run']} (step {doc['parent_step']})")
+    child_of = {c["step"]: c for c in doc["children"]}
+    asks = {q["step"]: q for q in doc["waiting"]}
     rows = []
     for s in doc["steps"]:
         note = ""
-        if s["error"]:
+        if s["id"] in child_of:
+            c = child_of[s["id"]]
+            note = f"child run {c['run_id']} ({c['status']})"
+        elif s["id"] in asks:
+            note = f"waiting: {asks[s['id']]['question']}"[:70]
+        elif s["error"]:
             note = f"{s['error']['class']}: {s['error']['message']}"[:70]
         elif s["degraded"]:
             note = f"degraded (served by {s['agent']})"

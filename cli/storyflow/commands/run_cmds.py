@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from storyflow.commands.app import app, err, guarded, state_dir
+from storyflow.commands.app import app, err, guarded, silence_stdout, state_dir
 from storyflow.commands.spec_cmds import known_kinds
 from storyflow.errors import (
     EXIT_FAILED,
@@ -24,12 +24,6 @@ from storyflow.errors import (
 from storyflow.events import EventType, RunStatus
 
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_END_EVENT = {
-    RunStatus.SUCCEEDED: "succeed",
-    RunStatus.FAILED: "fail",
-    RunStatus.INTERRUPTED: "interrupt",
-    RunStatus.WAITING: "wait",
-}
 
 
 @app.command()
@@ -125,6 +119,11 @@ def resume(
     ),
     last: bool = typer.Option(False, "--last", help="Resume the newest run."),
     from_steps: list[str] = typer.Option([], "--from", help="Re-run this step and its dependents."),
+    answer_specs: list[str] = typer.Option(
+        [],
+        "--answer",
+        help="Answer a waiting human step: STEP=JSON, STEP=text or STEP=@file (repeatable).",
+    ),
     max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
@@ -147,10 +146,14 @@ def resume(
                 f"run {record.run_id} is a child of run {record.parent_run}",
                 hint=f"resume the parent: storyflow resume {record.parent_run}",
             )
+        # Answers are checked before anything is touched: a bad one changes nothing.
+        answers = parse_answers(record, answer_specs)
         # Hold the run before printing a plan or touching its record (exit 4 if live).
         lease = store.acquire_lease(record.run_id)
         try:
-            code = _resume(store, record, lease, from_steps, max_parallel, json_mode, no_progress)
+            code = _resume(
+                store, record, lease, from_steps, answers, max_parallel, json_mode, no_progress
+            )
         finally:
             lease.release()
     raise typer.Exit(code)
@@ -161,11 +164,13 @@ def _resume(
     record: Any,
     lease: Any,
     from_steps: list[str],
+    answers: dict[str, Any],
     max_parallel: int,
     json_mode: bool,
     no_progress: bool,
 ) -> int:
     from storyflow.engine.plan import plan
+    from storyflow.engine.runs import resume_plan
     from storyflow.spec import load_workflow
     from storyflow.spec.units import did_you_mean
 
@@ -184,22 +189,8 @@ def _resume(
                 f"--from: unknown step {step!r}",
                 hint=did_you_mean(step, compiled.nodes, what="steps"),
             )
-    previous = store.get_steps(record.run_id, compiled.order)
-    changed = [
-        sid
-        for sid in compiled.order
-        if sid in previous and previous[sid].meta.get("def") != compiled.nodes[sid].fingerprint
-    ]
-    forced = compiled.downstream([*changed, *from_steps])
-    kept = [
-        sid
-        for sid in compiled.order
-        if sid not in forced
-        and sid in previous
-        and previous[sid].status in ("succeeded", "cached")
-        and not previous[sid].meta.get("redacted")  # cannot be restored: re-runs
-    ]
-    todo = [sid for sid in compiled.order if sid not in kept]
+    plan_ = resume_plan(store, record, compiled, from_steps)
+    changed, kept, todo = plan_.changed, plan_.kept, plan_.todo
     if not json_mode:
         err(f"resuming run {record.run_id} ({wf.name})")
         if record.source_hash != wf.source_hash:
@@ -225,8 +216,9 @@ def _resume(
         json_mode=json_mode,
         progress=not no_progress,
         max_parallel=max_parallel,
-        previous=previous,
-        forced=frozenset(forced),
+        previous=plan_.previous,
+        forced=plan_.forced,
+        answers=answers,
         resumed={"kept": kept, "rerun": todo, "changed": changed},
         previous_status=previous_status,
         lease=lease,
@@ -248,13 +240,15 @@ def execute(
     resumed: dict[str, Any] | None = None,
     previous_status: str | None = None,
     lease: Any = None,
+    answers: dict[str, Any] | None = None,
 ) -> int:
     """Hold the lease, run the plan with events to the log and the display; the exit code."""
     import asyncio
 
     from storyflow.agents.python_agent import set_thread_pool_size
-    from storyflow.engine.lifecycle import RunLife, run_fire
+    from storyflow.engine.lifecycle import RunLife
     from storyflow.engine.runner import Options, Runner
+    from storyflow.engine.runs import end_run
     from storyflow.store import EventLog
     from storyflow.ui.progress import make_sink
 
@@ -272,7 +266,7 @@ def execute(
             except BrokenPipeError:
                 # `storyflow run … | head`: the reader left. The run goes on, logged.
                 display.clear()
-                _silence_stdout()
+                silence_stdout()
 
     set_thread_pool_size(max_parallel)
     options = Options(
@@ -281,6 +275,8 @@ def execute(
         previous=previous or {},
         clock=store.clock,
         heartbeat=lease.heartbeat,
+        answers=answers or {},
+        ask=_terminal_ask(ui) if not json_mode and _interactive() else None,
     )
     runner = Runner(wf, compiled, store, record, sink, options)
     loop = asyncio.new_event_loop()
@@ -309,31 +305,7 @@ def execute(
         else:
             runner.emit(EventType.RUN_STARTED, **head)
         result = loop.run_until_complete(runner.execute())
-        run_fire(life, _END_EVENT[result.status])
-        record.status = life.state
-        record.outputs = result.outputs
-        record.error = result.error
-        record.ended_at = record.updated_at = store.clock()
-        record.meta["counts"] = result.counts
-        store.put_run(record)
-        duration = record.ended_at - started
-        end_type = {
-            RunStatus.SUCCEEDED: EventType.RUN_SUCCEEDED,
-            RunStatus.FAILED: EventType.RUN_FAILED,
-            RunStatus.INTERRUPTED: EventType.RUN_INTERRUPTED,
-            RunStatus.WAITING: EventType.RUN_WAITING,
-        }[result.status]
-        extra = {"error": result.error} if result.error else {}
-        runner.emit(end_type, status=result.status.value, duration_s=round(duration, 3), **extra)
-        runner.emit(
-            EventType.RUN_SUMMARY,
-            status=result.status.value,
-            outputs=result.outputs,
-            steps=result.counts,
-            duration_s=round(duration, 3),
-            run_dir=str(store.run_dir(record.run_id)),
-            **extra,
-        )
+        end_run(runner.emit, store, record, result, life, started)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
@@ -342,14 +314,16 @@ def execute(
             try:
                 ui.close()
             except BrokenPipeError:
-                _silence_stdout()
+                silence_stdout()
         log.close()
         lease.release()
     if not json_mode and result.status is RunStatus.SUCCEEDED and wf.artifacts:
         folder = store.run_dir(record.run_id)
         for rel in wf.artifacts:
             typer.echo(f"artifact: {folder / rel}")
-    if not json_mode and result.status is not RunStatus.SUCCEEDED:
+    if not json_mode and result.status is RunStatus.WAITING:
+        _print_questions(record.run_id, result.waiting or [])
+    elif not json_mode and result.status is not RunStatus.SUCCEEDED:
         if result.error:
             err(f"error: {result.error['message']}")
         err(f"  continue with: storyflow resume {record.run_id}")
@@ -362,10 +336,113 @@ def execute(
     return EXIT_FAILED
 
 
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so later writes (and the exit flush) cannot fail."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
+def parse_answers(record: Any, specs: list[str]) -> dict[str, Any]:
+    """``--answer STEP=VALUE`` values, each checked against its question's schema.
+
+    VALUE is JSON, else plain text; ``@file`` reads it from a file. Raises UsageError
+    (exit 2) for a step that is not waiting, a file that cannot be read, or an answer
+    that does not match — before anything about the run changes.
+    """
+    if not specs:
+        return {}
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    from storyflow.spec.units import did_you_mean
+
+    waiting = {q["step"]: q for q in record.meta.get("waiting") or []}
+    if record.status != RunStatus.WAITING.value or not waiting:
+        raise UsageError(
+            f"run {record.run_id} is not waiting for an answer (it is {record.status})",
+            hint="--answer continues a run that paused at a human step",
+        )
+    answers: dict[str, Any] = {}
+    for spec in specs:
+        step, sep, text = spec.partition("=")
+        if not sep or not step:
+            raise UsageError(
+                f"--answer {spec!r} is not STEP=VALUE",
+                hint="for example --answer approve=true or --answer notes=@notes.txt",
+            )
+        question = waiting.get(step)
+        if question is None:
+            raise UsageError(
+                f"--answer: step {step!r} is not waiting for an answer",
+                hint=did_you_mean(step, list(waiting), what="waiting steps")
+                or f"waiting: {', '.join(waiting)}",
+            )
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text(encoding="utf-8").rstrip("\n")
+            except OSError as exc:
+                raise UsageError(
+                    f"--answer {step}: cannot read {text[1:]}: {exc.strerror}"
+                ) from exc
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text  # plain text
+        if question["schema"].get("type") == "string" and not isinstance(value, str):
+            value = text  # `--answer title=42` for a string is the text "42"
+        errors = list(Draft202012Validator(question["schema"]).iter_errors(value))
+        if errors:
+            raise UsageError(
+                f"--answer {step}: {errors[0].message}",
+                hint=f"the answer must match {json.dumps(question['schema'])}",
+            )
+        answers[step] = value
+    return answers
+
+
+def _print_questions(run_id: str, questions: list[dict[str, Any]]) -> None:
+    import json
+    import shlex
+
+    err(f"run {run_id} is waiting for {'an answer' if len(questions) == 1 else 'answers'}:")
+    for q in questions:
+        err(f"  {q['step']}: {q['question']}  (answer: {json.dumps(q['schema'])})")
+    example = " ".join(
+        f"--answer {shlex.quote(q['step'] + '=' + _placeholder(q['schema']))}" for q in questions
+    )
+    err(f"  continue with: storyflow resume {run_id} {example}")
+
+
+def _placeholder(schema: dict[str, Any]) -> str:
+    kind = schema.get("type")
+    if schema.get("enum"):
+        import json
+
+        return json.dumps(schema["enum"][0]) if kind != "string" else str(schema["enum"][0])
+    return {"boolean": "true", "integer": "1", "number": "1", "object": "@answer.json",
+            "array": "@answer.json"}.get(str(kind), "...")
+
+
+def _interactive() -> bool:
+    """Whether a person is at the terminal: stdin and stdout are both terminals."""
     try:
-        os.dup2(devnull, sys.stdout.fileno())
-    finally:
-        os.close(devnull)
+        return sys.stdin.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _terminal_ask(ui: Any) -> Any:
+    """The run's ``ask``: one question at a time, the live display paused meanwhile."""
+    import asyncio
+
+    lock = asyncio.Lock()
+
+    async def ask(step: str, question: str, schema: dict[str, Any]) -> Any:
+        from storyflow.ui.ask import prompt_answer
+
+        async with lock:
+            suspend, resume = getattr(ui, "suspend", None), getattr(ui, "resume", None)
+            if suspend is not None:
+                suspend()
+            try:
+                return await asyncio.to_thread(prompt_answer, step, question, schema)
+            finally:
+                if resume is not None:
+                    resume()
+
+    return ask

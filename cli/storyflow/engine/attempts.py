@@ -27,6 +27,7 @@ from storyflow.agents.base import Call
 from storyflow.engine import retry
 from storyflow.engine.breaker import Admission, Breaker
 from storyflow.errors import (
+    AnswerNeeded,
     CircuitOpen,
     InvalidOutput,
     PermanentError,
@@ -116,7 +117,28 @@ class Attempts:
 
     async def run(self, inst: Instance, agent: Any, inputs: dict[str, Any],
                   secrets: dict[str, str]) -> None:
-        """Serve ``inst`` by its agent, then by its fallbacks; settle it."""
+        """Serve ``inst`` by its agent, then by its fallbacks; settle it — or pause it
+        (back to ``pending``) when it needs an answer no one can give here."""
+        try:
+            await self._run(inst, agent, inputs, secrets)
+        except AnswerNeeded as need:
+            r = self.r
+            inst.ended_at = r.opt.clock()
+            inst.error, inst.degraded = None, False
+            inst.waiting = need.questions
+            r.move(inst, "pause")
+            for q in need.questions:
+                r.emit(
+                    EventType.STEP_WAITING,
+                    step=inst.id,
+                    attempt=inst.attempts,
+                    answer_step=q["step"],
+                    question=q["question"],
+                    schema=q["schema"],
+                )
+
+    async def _run(self, inst: Instance, agent: Any, inputs: dict[str, Any],
+                   secrets: dict[str, str]) -> None:
         r = self.r
         step = inst.node.step
         server: Server = step
@@ -258,6 +280,10 @@ class Attempts:
         r.flush()  # durable before the agent runs
         try:
             output = await self._call(agent, call)
+        except AnswerNeeded:
+            if breaker is not None:
+                breaker.abandoned(admission, r.opt.monotonic())
+            raise
         except StepFailure as exc:
             if breaker is not None and breaker.failed(admission, r.opt.monotonic()):
                 self._opened(inst, breaker, trial=admission is Admission.TRIAL)

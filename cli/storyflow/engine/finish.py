@@ -43,6 +43,9 @@ class Result:
     outputs: dict[str, Any]
     error: dict[str, str] | None
     counts: dict[str, int]
+    waiting: list[dict[str, Any]] | None = None
+    """For a run paused for answers: the questions (``run_id``, ``step``, ``question``,
+    ``schema``)."""
 
 
 def finish(
@@ -50,6 +53,7 @@ def finish(
     insts: Iterable[Instance],
     stop: Stop | None,
     *,
+    paused: list[Instance] | None = None,
     templates: Any,
     scope: Scope,
     run_dir: Path,
@@ -77,6 +81,9 @@ def finish(
             "message": f"step {first.id} failed: {(first.error or {}).get('message', '')}",
         }
         return Result(RunStatus.FAILED, {}, err, counts)
+    if paused:
+        questions = [q for inst in paused for q in inst.waiting or ()]
+        return Result(RunStatus.WAITING, {}, None, counts, questions)
     try:
         names = scope.for_step()
         outputs = {k: templates.render(v, names) for k, v in wf.outputs.items()}

@@ -37,6 +37,7 @@ class Instance:
         "started_at",
         "state",
         "task",
+        "waiting",
     )
 
     def __init__(self, node: Node) -> None:
@@ -62,11 +63,16 @@ class Instance:
         """The pool the scheduler took a slot and a token from for the first attempt."""
         self.parent: Instance | None = None
         """For a map item its map; for a step of a loop iteration its loop."""
+        self.waiting: list[dict[str, Any]] | None = None
+        """The questions of a step paused for an answer (``human``)."""
         self.extra: dict[str, Any] | None = None
         """Local names: a map item's (the item, ``index``, ``previous``), a loop
         iteration's (``loop``)."""
 
     def record(self, definition: str) -> StepRecord:
+        meta: dict[str, Any] = {"def": definition}
+        if self.waiting:
+            meta["waiting"] = self.waiting
         return StepRecord(
             id=self.id,
             status=self.state,
@@ -79,7 +85,7 @@ class Instance:
             ended_at=self.ended_at,
             agent=self.agent,
             degraded=self.degraded,
-            meta={"def": definition},
+            meta=meta,
         )
 
 
@@ -120,7 +126,7 @@ class LoopInstance(Instance):
     ``meta["best"]`` (the iteration whose outputs stand) and ``meta["scores"]``.
     """
 
-    __slots__ = ("current", "history", "iteration", "left", "scores", "waiting")
+    __slots__ = ("current", "history", "iteration", "left", "needs", "scores")
 
     def __init__(self, node: Node) -> None:
         super().__init__(node)
@@ -128,7 +134,7 @@ class LoopInstance(Instance):
         """The iteration under way (1-based); 0 before the first."""
         self.current: dict[str, Instance] = {}
         """The instances of the iteration under way, by step id."""
-        self.waiting: dict[str, int] = {}
+        self.needs: dict[str, int] = {}
         """Per step of the iteration: needs not yet settled."""
         self.left = 0
         """Steps of the iteration not yet settled."""

@@ -36,6 +36,8 @@ STEP_TRANSITIONS: list[dict[str, Any]] = [
     {"trigger": "cache", "source": _S.READY.value, "dest": _S.CACHED.value},
     {"trigger": "keep", "source": _S.READY.value, "dest": _S.SUCCEEDED.value},
     {"trigger": "skip", "source": [_S.PENDING.value, _S.READY.value], "dest": _S.SKIPPED.value},
+    # A `human` step with no answer yet: back to pending, asked again on resume.
+    {"trigger": "pause", "source": _S.RUNNING.value, "dest": _S.PENDING.value},
     {
         "trigger": "cancel",
         "source": [_S.PENDING.value, _S.READY.value, _S.RUNNING.value, _S.RETRYING.value],

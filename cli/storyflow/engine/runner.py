@@ -30,6 +30,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,20 @@ class Options:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     heartbeat: Callable[[], None] | None = None
     heartbeat_every_s: float = 5.0
+    answers: Mapping[str, Any] = field(default_factory=dict)
+    """Answers for ``human`` steps by instance id (``resume --answer``), checked already."""
+    ask: Callable[[str, str, dict[str, Any]], Awaitable[Any]] | None = None
+    """Asks a person on the terminal ``(step, question, schema) -> answer``; None when
+    there is no terminal: a ``human`` step then pauses the run."""
+    depth: int = 0
+    """How many parent runs this run has (a sub-workflow's is 1)."""
+    ancestry: tuple[str, ...] = ()
+    """Workflow files of the runs above this one, to refuse a workflow that runs itself."""
+
+
+CURRENT: ContextVar[Runner] = ContextVar("storyflow_runner")
+"""The runner whose step is being served: agents that need the engine (``workflow``,
+``human``) read it."""
 
 
 class Runner:
@@ -108,6 +123,8 @@ class Runner:
         self.unsettled = len(self.insts)
         self.done = asyncio.Event()
         self.stop: Stop | None = None
+        self.paused: list[Instance] = []
+        """Instances waiting for an answer: they block their dependents until resume."""
         self.workflow_dir = Path(workflow.path).resolve().parent
         self.run_dir = store.run_dir(run.run_id)
         self.secret_values = self._secret_values()
@@ -135,6 +152,7 @@ class Runner:
 
     # -- scheduling ------------------------------------------------------------------------
     async def execute(self) -> Result:
+        CURRENT.set(self)
         beat = asyncio.ensure_future(self._heartbeat()) if self.opt.heartbeat else None
         deadline = None
         if self.wf.timeout_s is not None:
@@ -160,6 +178,7 @@ class Runner:
             self.wf,
             self.insts.values(),
             self.stop,
+            paused=self.paused,
             templates=self.t,
             scope=self.scope,
             run_dir=self.run_dir,
@@ -532,7 +551,7 @@ class Runner:
             inner.extra = extra
             lp.current[sid] = inner
             self.insts[inner.id] = inner
-        lp.waiting = {sid: len(body.nodes[sid].deps) for sid in body.order}
+        lp.needs = {sid: len(body.nodes[sid].deps) for sid in body.order}
         lp.left = len(body.order)
         self.unsettled += lp.left
         if self.opt.previous and not self.forced(lp):
@@ -541,7 +560,7 @@ class Runner:
         if n > 1:
             self.journal.checkpoint(lp)  # the iteration under way, for `show`
         self.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n)
-        return [lp.current[sid] for sid in body.order if lp.waiting[sid] == 0]
+        return [lp.current[sid] for sid in body.order if lp.needs[sid] == 0]
 
     def _inner_settled(self, inst: Instance, lp: LoopInstance) -> list[Instance]:
         """A step of the iteration under way has settled: its dependents in the
@@ -549,8 +568,8 @@ class Runner:
         lp.left -= 1
         out: list[Instance] = []
         for dep_id in inst.node.dependents:
-            lp.waiting[dep_id] -= 1
-            if lp.waiting[dep_id] == 0:
+            lp.needs[dep_id] -= 1
+            if lp.needs[dep_id] == 0:
                 out.append(lp.current[dep_id])
         if lp.left == 0:
             out.extend(self._end_iteration(lp))
@@ -671,11 +690,20 @@ class Runner:
         finally:
             self.running -= 1
             self.release_slot(inst, pump=False)  # the pump below starts what it can
-            self._after(inst)
+            if inst.state == StepStatus.PENDING.value:
+                self.paused.append(inst)  # its dependents wait for the answer
+            else:
+                self._after(inst)
             self._pump()
             self.journal.schedule_flush()
-            if self.stop is not None and self.running == 0:
+            if self.running == 0 and (self.stop is not None or self._stalled()):
                 self.done.set()
+
+    def _stalled(self) -> bool:
+        """Nothing runs or can start, yet steps are unsettled: they wait for answers."""
+        return bool(self.paused) and not self.queue and (
+            self.pools is None or self.pools.next_seq() is None
+        )
 
 
 def _instance(node: Node) -> Instance:

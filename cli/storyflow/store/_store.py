@@ -183,6 +183,10 @@ class Store(Closing):
             if exact is not None:
                 return exact
             matches = [r for r in reversed(self._run_ids()) if r.startswith(ref)]
+            # A run and its sub-workflow runs (``RUN.step``) share a prefix: the run wins.
+            tops = [m for m in matches if all(o == m or o.startswith(m + ".") for o in matches)]
+            if len(tops) == 1:
+                matches = tops
             if len(matches) == 1:
                 found = self.get_run(matches[0])
                 if found is not None:
@@ -197,9 +201,12 @@ class Store(Closing):
         raise UsageError(f"no run matches '{ref}'", hint="storyflow runs lists runs")
 
     def last_run(self) -> RunRecord | None:
-        """The newest run by creation time."""
-        ids = self._run_ids()
-        return self.get_run(ids[-1]) if ids else None
+        """The newest run by creation time that is not a sub-workflow's child run."""
+        for run_id in reversed(self._run_ids()):
+            rec = self.get_run(run_id)
+            if rec is not None and rec.parent_run is None:
+                return rec
+        return None
 
     def list_runs(
         self,

@@ -258,6 +258,12 @@ def _step_log(e: Event, g: Glyphs) -> str:
     return f"  {e['step']}: {one_line(e.get('message', ''), g)}"
 
 
+def _step_waiting(e: Event, g: Glyphs) -> str:
+    asks = e.get("answer_step", e["step"])
+    via = f" (via {e['step']})" if asks != e["step"] else ""
+    return f"? {asks}{via} waits for an answer: {one_line(e.get('question', ''), g)}"
+
+
 def _loop_iteration(e: Event, g: Glyphs) -> str:
     return f"{g.retry} {e['step']} iteration {e.get('iteration', '?')}"
 
@@ -296,6 +302,7 @@ LINE_FORMATS: Mapping[str, Callable[[Event, Glyphs], str]] = {
     "step.fallback": _step_fallback,
     "breaker.opened": _breaker,
     "breaker.closed": _breaker,
+    "step.waiting": _step_waiting,
     "loop.iteration": _loop_iteration,
     "loop.iterated": _loop_iterated,
     "run.succeeded": _run_ended,

@@ -152,6 +152,16 @@ class LiveSink:
             if handler is not None:
                 handler(event)
 
+    def suspend(self) -> None:
+        """Stop drawing (a question is being asked on the terminal)."""
+        if self._live is not None:
+            self._live.stop()
+
+    def resume(self) -> None:
+        """Draw again after `suspend`."""
+        if self._live is not None and not self._closed:
+            self._live.start()
+
     def close(self) -> None:
         if self._closed:
             return

@@ -1,0 +1,181 @@
+"""The ``workflow`` agent: a step that runs another workflow file as a child run.
+
+``with: {path: chapter.yaml, inputs: {...}}``. The child run's id is the parent's id
+and the step instance's, so a step that runs again — a retry, a resume after a crash
+or an interruption — finds its child and resumes it, keeping what the child finished;
+a child that succeeded with the same definition and inputs is not run again. The
+child runs in this process, on this event loop, with the parent's store and options;
+its events go to its own log. Its inputs are checked against its own ``inputs``
+schema; its outputs are the step's output. A child that pauses for an answer pauses
+the parent step with the child's questions (``resume PARENT --answer STEP=...``
+reaches the child).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+from storyflow.agents.base import Call
+from storyflow.engine.runner import CURRENT, Options, Runner
+from storyflow.errors import (
+    AnswerNeeded,
+    InputError,
+    PermanentError,
+    StepFailure,
+    TransientError,
+    WorkflowError,
+)
+from storyflow.events import ErrorClass, EventType, RunStatus
+from storyflow.store import EventLog, RunRecord
+
+MAX_DEPTH = 8
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def child_run_id(parent_run_id: str, step_instance: str) -> str:
+    """``PARENT.step``: ``batch[3]`` → ``PARENT.batch-3``,
+    ``polish#2.revise`` → ``PARENT.polish-2.revise``."""
+    return f"{parent_run_id}.{_UNSAFE.sub('-', step_instance).strip('-')}"
+
+
+class WorkflowAgent:
+    """Runs a child workflow; see the module docstring."""
+
+    kind = "workflow"
+    required: tuple[str, ...] = ("path",)
+
+    async def run(self, call: Call) -> Any:
+        from storyflow.agents.registry import kinds
+        from storyflow.engine.lifecycle import RunLife
+        from storyflow.engine.plan import plan
+        from storyflow.engine.runs import end_run, resume_plan
+        from storyflow.spec import load_workflow
+        from storyflow.spec.params import resolve_inputs
+
+        parent = CURRENT.get()
+        store = parent.store
+        rel = call.inputs.get("path")
+        if not isinstance(rel, str) or not rel:
+            raise PermanentError("with.path of a workflow step must name a workflow file")
+        path = (call.workflow_dir / rel).resolve()
+        here = str(Path(parent.wf.path).resolve())
+        if str(path) in (*parent.opt.ancestry, here) or parent.opt.depth >= MAX_DEPTH:
+            raise PermanentError(
+                f"workflow {rel} would run inside itself",
+                hint="a sub-workflow cannot run the workflow that contains it",
+            )
+        if not path.is_file():
+            raise PermanentError(f"workflow file {rel} not found (looked for {path})")
+        given = call.inputs.get("inputs") or {}
+        if not isinstance(given, dict):
+            raise PermanentError("with.inputs of a workflow step must be a mapping")
+        try:
+            wf = load_workflow(path, kinds=kinds(), known_valid=store.known_valid)
+            values = resolve_inputs(wf, given=given)
+        except WorkflowError as exc:
+            first = exc.problems[0].format() if exc.problems else str(exc)
+            more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+            raise PermanentError(f"child workflow {rel} is invalid: {first}{more}",
+                                 hint=f"storyflow validate {path}") from exc
+        except InputError as exc:
+            raise PermanentError(f"child workflow {rel}: {exc.message}", hint=exc.hint) from exc
+        store.remember_valid(wf.source_hash)
+        compiled = plan(wf)
+        rid = child_run_id(parent.run.run_id, call.step_id)
+        record = store.get_run(rid)
+        now = store.clock()
+        if record is not None and record.inputs == values and record.source_hash == wf.source_hash:
+            if record.status == RunStatus.SUCCEEDED.value:
+                call.log(f"child run {rid} already succeeded: its outputs stand")
+                return record.outputs or {}
+            rp = resume_plan(store, record, compiled)
+            previous, forced, previous_status = rp.previous, rp.forced, record.status
+        else:
+            previous, forced, previous_status = {}, frozenset(), None
+            record = RunRecord(
+                run_id=rid,
+                workflow=wf.name,
+                workflow_path=str(path),
+                workflow_version=wf.version,
+                source_hash=wf.source_hash,
+                status=RunStatus.RUNNING.value,
+                inputs=values,
+                environment=None,
+                sets=[],
+                created_at=now,
+                updated_at=now,
+                parent_run=parent.run.run_id,
+                parent_step=call.step_id,
+            )
+        record.status = RunStatus.RUNNING.value
+        record.source_hash = wf.source_hash
+        record.error = None
+        record.meta["steps"] = list(compiled.order)
+        store.put_run(record)
+        children = parent.run.meta.setdefault("children", {})
+        if children.get(call.step_id) != rid:  # the link, for `show` of the parent
+            children[call.step_id] = rid
+            store.put_run(parent.run)
+        po = parent.opt
+        options = Options(
+            max_parallel=po.max_parallel,
+            forced=forced,
+            previous=previous,
+            clock=po.clock,
+            monotonic=po.monotonic,
+            sleep=po.sleep,
+            rand=po.rand,
+            environ=po.environ,
+            answers=po.answers,
+            ask=po.ask,
+            depth=po.depth + 1,
+            ancestry=(*po.ancestry, here),
+        )
+        log = EventLog(store.run_dir(rid) / "events.jsonl")
+        child = Runner(wf, compiled, store, record, log.write, options)
+        head = {"workflow": wf.name, "steps": len(compiled), "inputs": values,
+                "workflow_version": wf.version}
+        verb = "resumes" if previous_status is not None else "starts"
+        call.log(f"child run {rid} {verb}")
+        life = RunLife(resumed_from=previous_status)
+        started = store.clock()
+        try:
+            if previous_status is not None:
+                rerun = [s for s in compiled.order if s not in previous or s in forced]
+                child.emit(EventType.RUN_RESUMED, **head, kept=[], rerun=rerun, changed=[])
+            else:
+                child.emit(EventType.RUN_STARTED, **head)
+            task = asyncio.ensure_future(_execute(child))
+            try:
+                result = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                child.interrupt(signal.SIGINT)  # checkpoint the child, then stop
+                result = await task
+                end_run(child.emit, store, record, result, life, started)
+                raise
+            end_run(child.emit, store, record, result, life, started)
+        finally:
+            log.close()
+        call.log(f"child run {rid} {result.status.value}")
+        if result.status is RunStatus.SUCCEEDED:
+            return result.outputs
+        if result.status is RunStatus.WAITING:
+            raise AnswerNeeded(list(result.waiting or ()))
+        error = result.error or {}
+        message = f"child run {rid} {result.status.value}: {error.get('message', '')}"
+        hint = f"storyflow show {rid}"
+        if error.get("class") in (ErrorClass.TRANSIENT.value, ErrorClass.TIMEOUT.value):
+            raise TransientError(message, hint=hint)
+        raise PermanentError(message, hint=hint)
+
+
+async def _execute(child: Runner) -> Any:
+    """Run the child in a task of its own, so the parent's ``CURRENT`` stays the parent's."""
+    return await child.execute()
+
+
+__all__ = ["StepFailure", "WorkflowAgent", "child_run_id"]
