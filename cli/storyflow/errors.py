@@ -11,6 +11,7 @@
         ├── StepTimeout                     the attempt ran past its timeout
         ├── InvalidOutput                   output failed to parse or to match output_schema
         ├── CircuitOpen                     the agent's breaker is open: failed fast, not called
+        ├── BudgetExceeded                  a call would go over the run's or the step's budget
         ├── AnswerNeeded                    a `human` step has no answer yet: the run pauses
         └── PermanentError                  anything else; never retried by default
 
@@ -138,6 +139,13 @@ class AnswerNeeded(StepFailure):
         steps = ", ".join(q["step"] for q in questions)
         super().__init__(f"waiting for an answer: {steps}")
         self.questions = questions
+
+
+class BudgetExceeded(StepFailure):
+    """A call would go over a token or cost budget: the step stops; raise the budget
+    (``resume RUN --set budget.tokens=N``) and resume."""
+
+    error_class = ErrorClass.BUDGET_EXCEEDED
 
 
 class TransientError(StepFailure):

@@ -47,6 +47,7 @@ def run(
     ),
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
 ) -> None:
     """Validate, compile and run a workflow."""
     from storyflow.engine.plan import plan
@@ -107,6 +108,7 @@ def run(
             json_mode=json_mode,
             progress=not no_progress,
             max_parallel=max_parallel,
+            no_cache=no_cache,
         )
     raise typer.Exit(code)
 
@@ -125,8 +127,12 @@ def resume(
         help="Answer a waiting human step: STEP=JSON, STEP=text or STEP=@file (repeatable).",
     ),
     max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
+    sets: list[str] = typer.Option(
+        [], "--set", help="Override a value from now on, e.g. budget.tokens=N (repeatable)."
+    ),
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
 ) -> None:
     """Continue a failed, interrupted or waiting run from its checkpoint."""
     from storyflow.store import Store
@@ -152,7 +158,8 @@ def resume(
         lease = store.acquire_lease(record.run_id)
         try:
             code = _resume(
-                store, record, lease, from_steps, answers, max_parallel, json_mode, no_progress
+                store, record, lease, from_steps, answers, sets, max_parallel, json_mode,
+                no_progress, no_cache,
             )
         finally:
             lease.release()
@@ -165,9 +172,11 @@ def _resume(
     lease: Any,
     from_steps: list[str],
     answers: dict[str, Any],
+    sets: list[str],
     max_parallel: int,
     json_mode: bool,
     no_progress: bool,
+    no_cache: bool,
 ) -> int:
     from storyflow.engine.plan import plan
     from storyflow.engine.runs import resume_plan
@@ -178,7 +187,7 @@ def _resume(
         record.workflow_path,
         kinds=known_kinds(),
         environment=record.environment,
-        sets=record.sets,
+        sets=[*record.sets, *sets],
         # The run was validated when it started; an unchanged file needs no schema pass.
         known_valid=lambda h: h == record.source_hash or store.known_valid(h),
     )
@@ -205,6 +214,7 @@ def _resume(
     previous_status = record.status
     record.status = RunStatus.RUNNING.value
     record.source_hash = wf.source_hash
+    record.sets = [*record.sets, *sets]
     record.meta["steps"] = list(compiled.order)
     record.error = None
     store.put_run(record)
@@ -219,6 +229,7 @@ def _resume(
         previous=plan_.previous,
         forced=plan_.forced,
         answers=answers,
+        no_cache=no_cache,
         resumed={"kept": kept, "rerun": todo, "changed": changed},
         previous_status=previous_status,
         lease=lease,
@@ -241,6 +252,7 @@ def execute(
     previous_status: str | None = None,
     lease: Any = None,
     answers: dict[str, Any] | None = None,
+    no_cache: bool = False,
 ) -> int:
     """Hold the lease, run the plan with events to the log and the display; the exit code."""
     import asyncio
@@ -276,6 +288,7 @@ def execute(
         clock=store.clock,
         heartbeat=lease.heartbeat,
         answers=answers or {},
+        no_cache=no_cache,
         ask=_terminal_ask(ui) if not json_mode and _interactive() else None,
     )
     runner = Runner(wf, compiled, store, record, sink, options)

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from storyflow.agents.base import Call
 from storyflow.engine import retry
 from storyflow.engine.breaker import Admission, Breaker
+from storyflow.engine.usage import METERED_KINDS
 from storyflow.errors import (
     AnswerNeeded,
+    BudgetExceeded,
     CircuitOpen,
     InvalidOutput,
     PermanentError,
@@ -193,8 +195,25 @@ class Attempts:
 
     @staticmethod
     def _tag(inst: Instance) -> dict[str, Any]:
-        """Event fields naming a fallback that serves: none while the step's own agent does."""
-        return {"agent": inst.agent, "degraded": True} if inst.degraded else {}
+        """Event fields naming a fallback that serves (none while the step's own agent
+        does), and the tokens and cost of a step whose agent reported usage."""
+        tag: dict[str, Any] = {"agent": inst.agent, "degraded": True} if inst.degraded else {}
+        if inst.usage:
+            tag["tokens"] = inst.usage["tokens"]
+            tag["cost"] = inst.usage["cost"]
+        return tag
+
+    def _spender(self, inst: Instance) -> Callable[[int], None] | None:
+        """Counts reported tokens against the ``tokens`` limit of the pool ``inst`` holds."""
+        pools = self.r.pools
+        if pools is None:
+            return None
+
+        def spend(tokens: int) -> None:
+            if inst.slot is not None:
+                pools.spend(inst.slot, tokens)
+
+        return spend
 
     def _failed_before_call(self, inst: Instance, exc: StepFailure) -> StepFailure:
         """A fallback could not even be called (a template, a secret): a failed attempt."""
@@ -264,6 +283,11 @@ class Attempts:
         r = self.r
         step = inst.node.step
         r.emit(EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts, **self._tag(inst))
+        if server.uses in METERED_KINDS:
+            try:
+                r.usage.check(inst, step.budget, inputs)
+            except BudgetExceeded as exc:
+                return exc
         call = Call(
             run_id=r.run.run_id,
             step_id=inst.id,
@@ -276,6 +300,8 @@ class Attempts:
             output_schema=step.output_schema,
             seed=r.wf.seed,
             log=self._logger(inst),
+            meter=r.usage.meter(inst, self._spender(inst)),
+            cache=r.call_cache,
         )
         r.flush()  # durable before the agent runs
         try:

@@ -46,6 +46,8 @@ class Result:
     waiting: list[dict[str, Any]] | None = None
     """For a run paused for answers: the questions (``run_id``, ``step``, ``question``,
     ``schema``)."""
+    usage: dict[str, Any] | None = None
+    """The run's tokens, cost and model calls so far (earlier processes included)."""
 
 
 def finish(

@@ -37,6 +37,7 @@ class Instance:
         "started_at",
         "state",
         "task",
+        "usage",
         "waiting",
     )
 
@@ -63,6 +64,8 @@ class Instance:
         """The pool the scheduler took a slot and a token from for the first attempt."""
         self.parent: Instance | None = None
         """For a map item its map; for a step of a loop iteration its loop."""
+        self.usage: dict[str, Any] | None = None
+        """Tokens, cost and calls its model calls used (agents that report usage)."""
         self.waiting: list[dict[str, Any]] | None = None
         """The questions of a step paused for an answer (``human``)."""
         self.extra: dict[str, Any] | None = None
@@ -73,6 +76,8 @@ class Instance:
         meta: dict[str, Any] = {"def": definition}
         if self.waiting:
             meta["waiting"] = self.waiting
+        if self.usage:
+            meta["usage"] = self.usage
         return StepRecord(
             id=self.id,
             status=self.state,

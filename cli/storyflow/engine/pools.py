@@ -68,6 +68,11 @@ class TokenBucket:
         self._refill(now)
         self.tokens -= 1.0
 
+    def spend(self, now: float, amount: float) -> None:
+        """Use ``amount`` after the fact (LLM tokens as reported): the level may go negative."""
+        self._refill(now)
+        self.tokens -= amount
+
     def wait_s(self, now: float) -> float:
         """Seconds until a token is available (0 if one is)."""
         self._refill(now)
@@ -78,13 +83,21 @@ class TokenBucket:
 class Pool:
     """One pool in one run: slots in use, its bucket and its waiters."""
 
-    __slots__ = ("bucket", "held", "index", "limit", "name", "running", "timer", "waiting")
+    __slots__ = (
+        "bucket", "held", "index", "limit", "name", "running", "timer", "usage", "waiting"
+    )
 
     def __init__(self, spec: PoolSpec, index: int, now: float) -> None:
         self.name = spec.name
         self.index = index
         self.limit = spec.concurrency
         self.bucket = None if not spec.rate_per_s else TokenBucket(spec.rate_per_s, now)
+        self.usage = (
+            None
+            if not spec.tokens_per_s
+            else TokenBucket(spec.tokens_per_s, now, capacity=max(1.0, spec.tokens_per_s * 60))
+        )
+        """LLM tokens: a minute's worth banked; calls wait while it is spent (below 1)."""
         self.running = 0
         """Slots in use."""
         self.waiting: deque[tuple[int, Any]] = deque()
@@ -96,6 +109,8 @@ class Pool:
     def admits(self, now: float, slot: bool = True) -> bool:
         """Whether a call (``slot``) or a token alone could be taken now."""
         if slot and self.limit is not None and self.running >= self.limit:
+            return False
+        if self.usage is not None and not self.usage.available(now):
             return False
         return self.bucket is None or self.bucket.available(now)
 
@@ -109,7 +124,10 @@ class Pool:
         """When a waiter could be served by time alone; None if it needs a slot back."""
         if slot and self.limit is not None and self.running >= self.limit:
             return None
-        return 0.0 if self.bucket is None else self.bucket.wait_s(now)
+        wait = 0.0 if self.bucket is None else self.bucket.wait_s(now)
+        if self.usage is not None:
+            wait = max(wait, self.usage.wait_s(now))
+        return wait
 
 
 class Pools:
@@ -206,6 +224,11 @@ class Pools:
                 pool.running -= 1  # granted, then cancelled before it could be used
             self.wake(pool)
             raise
+
+    def spend(self, pool: Pool, tokens: int) -> None:
+        """Count LLM tokens a call of the pool used (a pool with a ``tokens`` limit)."""
+        if pool.usage is not None and tokens > 0:
+            pool.usage.spend(self._monotonic(), tokens)
 
     def release(self, pool: Pool) -> None:
         """Give a slot back."""

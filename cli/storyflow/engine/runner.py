@@ -44,6 +44,7 @@ from storyflow.engine.plan import Node, Plan, digest
 from storyflow.engine.pools import Pools
 from storyflow.engine.prepare import Prepared, fail_before_start, prepare
 from storyflow.engine.scope import Scope
+from storyflow.engine.usage import StoreCallCache, Usage
 from storyflow.errors import PermanentError, StepFailure
 from storyflow.events import ErrorClass, EventType, StepStatus
 from storyflow.spec.model import Workflow
@@ -80,6 +81,8 @@ class Options:
     """How many parent runs this run has (a sub-workflow's is 1)."""
     ancestry: tuple[str, ...] = ()
     """Workflow files of the runs above this one, to refuse a workflow that runs itself."""
+    no_cache: bool = False
+    """Bypass the call cache (``--no-cache``)."""
 
 
 CURRENT: ContextVar[Runner] = ContextVar("storyflow_runner")
@@ -132,6 +135,8 @@ class Runner:
         # The journal's own bound methods, so `runner.emit` costs no extra call.
         self.emit = self.journal.emit
         self.flush = self.journal.flush
+        self.usage = Usage(workflow.config, workflow.budget, run.meta.get("usage"))
+        self.call_cache = None if options.no_cache else StoreCallCache(store, run.run_id)
         self.attempts = Attempts(self)
         self.pools = (
             Pools(workflow.pools, options.monotonic, self._pools_ready, self.flush)
@@ -174,7 +179,7 @@ class Runner:
             if self.pools is not None:
                 self.pools.close()
             self.flush()
-        return finish(
+        result = finish(
             self.wf,
             self.insts.values(),
             self.stop,
@@ -184,6 +189,8 @@ class Runner:
             run_dir=self.run_dir,
             secret_values=self.secret_values,
         )
+        result.usage = dict(self.usage.totals)
+        return result
 
     async def _heartbeat(self) -> None:
         assert self.opt.heartbeat is not None

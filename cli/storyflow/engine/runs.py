@@ -74,6 +74,8 @@ def end_run(
     record.error = result.error
     record.ended_at = record.updated_at = store.clock()
     record.meta["counts"] = result.counts
+    if result.usage is not None:
+        record.meta["usage"] = result.usage
     if result.waiting:
         record.meta["waiting"] = result.waiting
     else:
@@ -83,6 +85,9 @@ def end_run(
     extra: dict[str, Any] = {"error": result.error} if result.error else {}
     if result.waiting:
         extra["waiting"] = result.waiting
+    if result.usage and result.usage.get("calls"):
+        extra["tokens"] = result.usage["tokens"]
+        extra["cost"] = result.usage["cost"]
     emit(end_type, status=result.status.value, duration_s=round(duration, 3), **extra)
     emit(
         EventType.RUN_SUMMARY,

@@ -134,6 +134,7 @@ class WorkflowAgent:
             ask=po.ask,
             depth=po.depth + 1,
             ancestry=(*po.ancestry, here),
+            no_cache=po.no_cache,
         )
         log = EventLog(store.run_dir(rid) / "events.jsonl")
         child = Runner(wf, compiled, store, record, log.write, options)

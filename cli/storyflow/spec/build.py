@@ -97,6 +97,7 @@ def _pool(name: str, raw: dict[str, Any]) -> Pool:
         concurrency=raw.get("concurrency"),
         rate_per_s=None if rate is None else rate_per_s(rate),
         rate_text=rate,
+        tokens_per_s=None if raw.get("tokens") is None else rate_per_s(raw["tokens"]),
     )
 
 

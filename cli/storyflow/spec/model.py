@@ -62,6 +62,8 @@ class Pool:
     """Token-bucket start rate, converted from ``N/s``, ``N/min`` or ``N/h``."""
     rate_text: str | None = None
     """The rate as the author wrote it."""
+    tokens_per_s: float | None = None
+    """LLM tokens per second the pool may use (from ``tokens: N/min``)."""
 
 
 @dataclass(frozen=True, slots=True)
