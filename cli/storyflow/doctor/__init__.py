@@ -1,0 +1,35 @@
+"""Health checks for `storyflow doctor`, each ``ok``, ``warn`` or ``fail`` with a fix.
+
+Of the machine (`machine_checks`): the Python version, the state directory (writable,
+free space) and the store (opens, format version). Of a workflow file
+(`workflow_checks`): it validates, and each agent it uses can work — a python
+callable imports, a command is on PATH, an LLM endpoint answers and serves the
+configured model, declared secrets are set (names only, never values), a
+sub-workflow validates, a grammar file exists.
+
+Checks read the world (files, PATH, the network) but change nothing: no state
+directory or store is created.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from storyflow.doctor._check import Check
+from storyflow.doctor._machine import MIN_FREE_BYTES, MIN_PYTHON, python_check, state_checks
+from storyflow.doctor._workflow import workflow_checks
+
+__all__ = [
+    "MIN_FREE_BYTES",
+    "MIN_PYTHON",
+    "Check",
+    "machine_checks",
+    "python_check",
+    "state_checks",
+    "workflow_checks",
+]
+
+
+def machine_checks(state_dir: Path) -> list[Check]:
+    """Python, then the state directory and its store."""
+    return [python_check(), *state_checks(state_dir)]

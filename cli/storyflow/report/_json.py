@@ -1,0 +1,123 @@
+"""The `report --format json` document (schemas/report.schema.json)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from storyflow.report._build import percentile
+from storyflow.report._model import AgentReport, InstanceReport, Report, Usage
+
+_DIGITS = 6
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, _DIGITS)
+
+
+def _usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "tokens": usage.tokens,
+        "cost": round(usage.cost, _DIGITS),
+        "model_calls": usage.calls,
+    }
+
+
+def totals(report: Report) -> dict[str, Any]:
+    """Steps by status, attempts, retries, tokens and cost over the whole run."""
+    tasks = report.tasks
+    retries: Counter[str] = Counter()
+    for inst in tasks:
+        retries.update(inst.retries)
+    usage = sum((i.usage for i in tasks), Usage())
+    return {
+        "instances": len(report.instances),
+        "steps": dict(Counter(i.status for i in report.instances)),
+        "attempts": sum(i.attempts for i in tasks),
+        "retries": sum(retries.values()),
+        "retries_by_class": dict(retries),
+        "degraded": sum(1 for i in tasks if i.degraded),
+        **_usage(usage),
+    }
+
+
+def _instance(inst: InstanceReport) -> dict[str, Any]:
+    return {
+        "id": inst.id,
+        "step": inst.step,
+        "parent": inst.parent,
+        "kind": inst.kind,
+        "status": inst.status,
+        "attempts": inst.attempts,
+        "agent": inst.agent,
+        "degraded": inst.degraded,
+        "ready_at": inst.ready_at,
+        "started_at": inst.first_started_at,
+        "ended_at": inst.ended_at,
+        "wait_s": _r(inst.wait_s),
+        "retry_s": _r(inst.retry_s),
+        "run_s": _r(inst.run_s),
+        "duration_s": _r(inst.duration_s),
+        "retries": dict(inst.retries),
+        "error": None
+        if inst.error_class is None
+        else {"class": inst.error_class, "message": inst.error_message or ""},
+        **_usage(inst.usage),
+    }
+
+
+def _agent(agent: AgentReport) -> dict[str, Any]:
+    lat = agent.latencies_s
+    return {
+        "agent": agent.agent,
+        "calls": agent.calls,
+        "p50_s": _r(percentile(lat, 0.50)),
+        "p95_s": _r(percentile(lat, 0.95)),
+        "max_s": _r(max(lat)) if lat else None,
+        "failures": dict(agent.failures),
+        "breaker_openings": agent.breaker_openings,
+        **_usage(agent.usage),
+    }
+
+
+def to_document(report: Report) -> dict[str, Any]:
+    """The report as plain JSON values."""
+    path = report.critical_path
+    share = report.share_pct
+    return {
+        "run_id": report.run_id,
+        "workflow": report.workflow,
+        "workflow_version": report.workflow_version,
+        "status": report.status,
+        "started_at": report.started_at,
+        "ended_at": report.ended_at,
+        "wall_s": _r(report.wall_s),
+        "totals": totals(report),
+        "critical_path": {
+            "source": path.source,
+            "instances": [
+                {
+                    "id": e.id,
+                    "step": e.step,
+                    "gap_s": _r(e.gap_s),
+                    "wait_s": _r(e.wait_s),
+                    "retry_s": _r(e.retry_s),
+                    "run_s": _r(e.run_s),
+                    "segment_s": _r(e.segment_s),
+                    "share_pct": round(share(e.segment_s), 2),
+                }
+                for e in path.entries
+            ],
+            "tail_s": _r(path.tail_s),
+            "bottlenecks": {
+                "wait_s": _r(path.wait_s),
+                "wait_share_pct": round(share(path.wait_s), 2),
+                "retry_s": _r(path.retry_s),
+                "retry_share_pct": round(share(path.retry_s), 2),
+            },
+        },
+        "steps": [_instance(i) for i in report.instances],
+        "agents": [_agent(a) for a in report.agents],
+    }
