@@ -1,0 +1,168 @@
+"""The ``llm`` agent under load: 1,000 calls to a local server answering after 50 ms.
+
+L1  1,000 calls straight through `LlmAgent.run`, 100 at a time (asyncio.gather behind a
+    semaphore), once per connection-pool setting (ideal 0.5 s)
+L2  a whole `storyflow run` of a 1,000-item ``for_each`` map with ``uses: llm``, a pool
+    ``{concurrency: 100}`` and ``--max-parallel 100`` (goal ≤ 1.2 s), next to the same
+    map of python steps that sleep 50 ms: the engine's share of it
+
+The server (tests/llm_server.py) runs in its own process, so it does not compete with
+the client for the GIL.
+
+Figures on the 2-CPU dev container, shared with other test runs (Python 3.11, httpx
+0.28.1, httpcore 1.0.9; median of 3):
+  L1  1 client, httpx default Limits (100 connections, 20 kept alive)   9.2 s
+  L1  1 client, max_keepalive_connections=100                          9.2 s
+  L1  25 clients x 4 connections (llm_agent's CLIENTS, LIMITS)         1.1-1.4 s
+  L2  storyflow run, 1,000 x llm, x100                                 2.7 s
+      the same map of 50 ms python sleeps                              1.2 s
+One client of 100 connections is CPU-bound in httpcore's pool, which scans every
+connection for each request it queues or releases (encode/httpcore#1035): keeping all
+100 alive or only 20 makes no difference next to that. Split into small pools the
+client needs ~1 ms of CPU per call (httpx + httpcore + anyio + h11, flat), so L2 is
+the engine's 1.2 s plus ~1 s of HTTP client work on one core; the 1.2 s goal is out of
+reach with httpx here. Without `sniffio` installed, httpcore's failing
+``import sniffio`` on every request adds another ~0.5 ms per call (L1 1.6 s).
+
+Usage: python bench/bench_llm.py [--quick]   (--quick: L1 only)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "cli"))
+from storyflow.agents.base import Call  # noqa: E402
+from storyflow.agents.llm_agent import CLIENTS, LIMITS, LlmAgent  # noqa: E402
+
+CALLS = 1000
+CONCURRENCY = 100
+DELAY_S = 0.05
+
+
+def start_server() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "llm_server.py"), "--delay", str(DELAY_S)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+async def direct(url: str, limits: httpx.Limits, clients: int) -> float:
+    """Seconds for CALLS agent calls at CONCURRENCY, after one warm-up call."""
+    agent = LlmAgent(limits=limits, clients=clients)
+    gate = asyncio.Semaphore(CONCURRENCY)
+    usage: list[dict[str, Any]] = []
+
+    async def one(i: int) -> Any:
+        call = Call(run_id="bench", step_id=f"s[{i}]", attempt=1,
+                    inputs={"base_url": url, "model": "m", "prompt": f"item {i}"},
+                    workflow_dir=ROOT, run_dir=ROOT, secrets={}, timeout_s=30,
+                    meter=usage.append)
+        async with gate:
+            return await agent.run(call)
+
+    try:
+        await one(-1)
+        start = time.perf_counter()
+        outputs = await asyncio.gather(*(one(i) for i in range(CALLS)))
+        wall = time.perf_counter() - start
+    finally:
+        await agent.aclose()
+    assert outputs == ["hello"] * CALLS and len(usage) == CALLS + 1
+    return wall
+
+
+NAP = """
+import asyncio
+
+
+async def nap(item):
+    await asyncio.sleep(%r)
+    return "hello"
+"""
+
+
+def map_workflow(folder: Path, step: str) -> Path:
+    items = json.dumps(list(range(CALLS)))
+    wf = folder / "map.yaml"
+    wf.write_text(
+        "apiVersion: storyflow/v1\nname: llm-map\n"
+        f"pools:\n  llm: {{concurrency: {CONCURRENCY}}}\n"
+        f"steps:\n  draft:\n    pool: llm\n    for_each: {items}\n{step}"
+        "outputs:\n  n: \"{{ steps.draft.output | length }}\"\n",
+        encoding="utf-8",
+    )
+    return wf
+
+
+def whole_run(wf: Path) -> float:
+    """Wall seconds of one `storyflow run` of ``wf`` (a fresh state folder each time)."""
+    env = {**os.environ, "STORYFLOW_STATE_DIR": tempfile.mkdtemp(dir=wf.parent)}
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "storyflow", "run", str(wf), "--no-progress", "--json",
+         "--max-parallel", str(CONCURRENCY)],
+        cwd=wf.parent, env=env, capture_output=True, text=True, check=False,
+    )
+    wall = time.perf_counter() - start
+    summary = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+    if proc.returncode != 0 or summary.get("outputs", {}).get("n") != CALLS:
+        sys.exit(f"storyflow run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def runs(walls: list[float]) -> str:
+    return f"{statistics.median(walls):.3f} s  (runs: {', '.join(f'{w:.3f}' for w in walls)})"
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    proc, url = start_server()
+    try:
+        settings = {
+            "1 client, httpx default Limits (100, 20 kept alive)": (httpx.Limits(), 1),
+            "1 client, max_keepalive_connections=100": (
+                httpx.Limits(max_connections=100, max_keepalive_connections=100), 1),
+            f"{CLIENTS} clients x {LIMITS.max_connections} (the agent's default)": (
+                LIMITS, CLIENTS),
+        }
+        for name, (limits, clients) in settings.items():
+            walls = [asyncio.run(direct(url, limits, clients)) for _ in range(3)]
+            print(f"L1 {CALLS} calls x{CONCURRENCY}, {name}: {runs(walls)}")
+        if not quick:
+            with tempfile.TemporaryDirectory() as tmp:
+                llm = Path(tmp) / "llm"
+                llm.mkdir()
+                wf = map_workflow(llm, f'    uses: llm\n    with: {{base_url: "{url}", model: m}}\n'
+                                  '    prompt: "Write part {{ item }}"\n')
+                print(f"L2 storyflow run, {CALLS} x llm, x{CONCURRENCY}: "
+                      f"{runs([whole_run(wf) for _ in range(3)])}  (goal <= 1.2 s)")
+                floor = Path(tmp) / "floor"
+                floor.mkdir()
+                (floor / "nap.py").write_text(NAP % DELAY_S, encoding="utf-8")
+                wf = map_workflow(floor, '    uses: python\n'
+                                  '    with: {callable: "nap:nap", item: "{{ item }}"}\n')
+                print(f"   the same map of python steps sleeping {DELAY_S * 1000:g} ms: "
+                      f"{runs([whole_run(wf) for _ in range(3)])}  (the engine's share)")
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
