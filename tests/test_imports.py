@@ -26,6 +26,7 @@ OWNERS = {
     "diskcache": "store/",
     "rich": "ui/",
     "typer": "commands/",
+    "httpx": "agents/llm_agent.py",
 }
 """Library → the module, or the package (ending in '/'), allowed to import it."""
 

@@ -55,3 +55,69 @@ def test_a_changed_file_is_validated_again(tmp_path: Path) -> None:
     broken = run_cli("run", str(wf), state_dir=tmp_path / "state", cwd=tmp_path)
     assert broken.returncode == 2
     assert "unknown key 'colour'" in broken.stderr
+
+
+class DictParsed:
+    """A `storyflow.spec.ParsedCache` in a dict, counting hits."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[str, object]] = {}
+        self.hits = 0
+
+    def get(self, path: str, text_hash: str) -> object:
+        entry = self.entries.get(path)
+        if entry is not None and entry[0] == text_hash:
+            self.hits += 1
+            return entry[1]
+        return None
+
+    def put(self, path: str, text_hash: str, data: object) -> None:
+        self.entries[path] = (text_hash, data)
+
+
+def test_an_unchanged_file_is_not_parsed_again(tmp_path: Path) -> None:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(textwrap.dedent("""\
+        apiVersion: storyflow/v1
+        name: parsed
+        steps:
+          a: {uses: template, with: {template: "x"}}
+          b: {uses: template, with: {template: "{{ steps.a.output }}"}}
+    """))
+    cache = DictParsed()
+    first = load_workflow(wf, parsed=cache)
+    assert cache.hits == 0 and len(cache.entries) == 1
+    remembered = cache.entries[str(wf)][0]
+    again = load_workflow(wf, parsed=cache)
+    assert cache.hits == 1
+    assert again.steps == first.steps
+    # An edited file is parsed again, and its problems still point at the right line.
+    wf.write_text(wf.read_text().replace("b: {uses: template", "b: {uses: tempalte"))
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(wf, parsed=cache)
+    assert info.value.problems[0].line == 5
+    assert cache.hits == 1
+    assert cache.entries[str(wf)][0] == remembered  # the invalid text was not remembered
+    with pytest.raises(WorkflowError):
+        load_workflow(wf, parsed=cache)
+    assert cache.hits == 1
+
+
+def test_cached_data_still_gets_positions_for_new_problems(tmp_path: Path) -> None:
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(textwrap.dedent("""\
+        apiVersion: storyflow/v1
+        name: parsed
+        steps:
+          a: {uses: template, with: {template: "x"}}
+          b: {uses: mykind}
+    """))
+    cache = DictParsed()
+    kinds = {"template": ("template",), "mykind": ()}
+    load_workflow(wf, parsed=cache, kinds=kinds)
+    # The plugin that provided `mykind` is gone: the problem is found on cached data.
+    with pytest.raises(WorkflowError) as info:
+        load_workflow(wf, parsed=cache, kinds={"template": ("template",)})
+    assert cache.hits == 1
+    problem = info.value.problems[0]
+    assert (problem.line, "mykind" in problem.message) == (5, True)

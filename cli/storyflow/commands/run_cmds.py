@@ -74,7 +74,12 @@ def run(
 
     with Store(state_dir()) as store:
         wf = load_workflow(
-            file, kinds=known_kinds(), environment=env, sets=sets, known_valid=store.known_valid
+            file,
+            kinds=known_kinds(),
+            environment=env,
+            sets=sets,
+            known_valid=store.known_valid,
+            parsed=store.parsed_files,
         )
         values = resolve_inputs(wf, inputs, inputs_file)
         compiled = plan(wf)
@@ -190,6 +195,7 @@ def _resume(
         sets=[*record.sets, *sets],
         # The run was validated when it started; an unchanged file needs no schema pass.
         known_valid=lambda h: h == record.source_hash or store.known_valid(h),
+        parsed=store.parsed_files,
     )
     compiled = plan(wf)
     for step in from_steps:
@@ -322,7 +328,10 @@ def execute(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        loop.close()
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())  # closes LLM connections
+        finally:
+            loop.close()
         if display:
             try:
                 ui.close()

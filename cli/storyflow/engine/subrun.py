@@ -74,7 +74,9 @@ class WorkflowAgent:
         if not isinstance(given, dict):
             raise PermanentError("with.inputs of a workflow step must be a mapping")
         try:
-            wf = load_workflow(path, kinds=kinds(), known_valid=store.known_valid)
+            wf = load_workflow(
+                path, kinds=kinds(), known_valid=store.known_valid, parsed=store.parsed_files
+            )
             values = resolve_inputs(wf, given=given)
         except WorkflowError as exc:
             first = exc.problems[0].format() if exc.problems else str(exc)

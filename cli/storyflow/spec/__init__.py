@@ -11,7 +11,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from storyflow.errors import InputError, Problem, WorkflowError
 from storyflow.spec.model import Agent, Budget, Loop, Pool, RetryPolicy, Step, Workflow
@@ -66,16 +66,19 @@ def load_workflow(
     sets: Sequence[str] = (),
     text: str | None = None,
     known_valid: Callable[[str], bool] | None = None,
+    parsed: ParsedCache | None = None,
 ) -> Workflow:
     """Load, check and build a workflow. Raises `WorkflowError` or `InputError`.
 
     ``known_valid(source_hash)`` lets a caller vouch that this exact source already
     passed the JSON Schema (a resumed run, a re-run): the schema pass, the dearest
     check, is then skipped. Semantic checks always run; they also infer dependencies.
+    ``parsed`` keeps the parsed data of valid files, so an unchanged file is not
+    parsed again (YAML parsing is most of the cost of loading a large workflow).
     """
     from storyflow.spec import build, semantic, yaml_source
 
-    src = yaml_source.load(path, text)
+    src = yaml_source.load(path, text, parsed)
     source_hash = _source_hash(src.text, environment, sets)
     trusted = known_valid is not None and not src.problems and known_valid(source_hash)
     problems = list(src.problems)
@@ -124,6 +127,8 @@ def load_workflow(
                     for p in _dedupe(after)
                 ]
             )
+    if parsed is not None and not src.cached and not src.problems:
+        parsed.put(src.path, yaml_source.text_hash(src.text), src.data)
     return build.build(
         data,
         analysis,
@@ -131,6 +136,18 @@ def load_workflow(
         environment=environment,
         source_hash=source_hash,
     )
+
+
+class ParsedCache(Protocol):
+    """Where the parsed data of valid workflow files is kept (the run store)."""
+
+    def get(self, path: str, text_hash: str) -> Any:
+        """The data parsed from ``path`` when its text hashed to ``text_hash``, else None."""
+        ...
+
+    def put(self, path: str, text_hash: str, data: Any) -> None:
+        """Keep the data parsed from ``path``."""
+        ...
 
 
 def _schema_problems(src: Any, data: Any) -> list[Problem]:

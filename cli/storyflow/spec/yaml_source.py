@@ -35,6 +35,8 @@ class Source:
     text: str
     data: Any = None
     problems: list[Problem] = field(default_factory=list)
+    cached: bool = False
+    """The data came from the cache of parsed files, not from parsing the text."""
     _keys: dict[PathKey, Pos] | None = None
     _values: dict[PathKey, Pos] | None = None
 
@@ -105,8 +107,22 @@ def _nearest(path: PathKey, first: dict[PathKey, Pos], second: dict[PathKey, Pos
         p = p[:-1]
 
 
-def load(path: str | Path, text: str | None = None) -> Source:
-    """Read and parse ``path``. Problems (syntax, duplicates, encoding) land in ``.problems``."""
+def text_hash(text: str) -> str:
+    """Identifies a file's text, for the cache of parsed files."""
+    import hashlib
+
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def load(
+    path: str | Path, text: str | None = None, cache: Any = None
+) -> Source:
+    """Read and parse ``path``. Problems (syntax, duplicates, encoding) land in ``.problems``.
+
+    ``cache`` (a `storyflow.spec.ParsedCache`) may hold the parsed data of an earlier
+    load of the same text; YAML is then not parsed at all. Positions for messages are
+    recovered from the text only when a problem needs one.
+    """
     name = str(path)
     if text is None:
         try:
@@ -129,6 +145,12 @@ def load(path: str | Path, text: str | None = None) -> Source:
             )
             return src
     src = Source(name, text)
+    if cache is not None:
+        hit = cache.get(name, text_hash(text))
+        if hit is not None:
+            src.data = hit
+            src.cached = True
+            return src
     src.data, error = _safe_load(text, allow_duplicates=False)
     if error is None:
         _reject_recursion(src)

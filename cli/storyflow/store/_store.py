@@ -56,6 +56,10 @@ def valid_key(source_hash: str) -> str:
     return f"valid:{source_hash}"
 
 
+def parsed_key(path: str) -> str:
+    return f"parsed:{path}"
+
+
 # --- Format version ----------------------------------------------------------------
 
 STORE_FORMAT = 1
@@ -289,6 +293,25 @@ class Store(Closing):
         with Fence(self.root, "write the validation cache"):
             self._cache.set(valid_key(source_hash), 1)
 
+    @property
+    def parsed_files(self) -> Any:
+        """This store as a `storyflow.spec.ParsedCache` (``get``/``put``)."""
+        return _ParsedFiles(self)
+
+    def parsed(self, path: str, text_hash: str) -> Any:
+        """The parsed data of the workflow file at ``path`` if its text hashes to
+        ``text_hash`` (it was loaded before, unchanged); else None."""
+        with Fence(self.root, "read the parsed-workflow cache"):
+            entry = self._cache.get(parsed_key(path))
+        if isinstance(entry, dict) and entry.get("hash") == text_hash:
+            return entry.get("data")
+        return None
+
+    def remember_parsed(self, path: str, text_hash: str, data: Any) -> None:
+        """Keep the parsed data of a valid workflow file (one entry per path)."""
+        with Fence(self.root, "write the parsed-workflow cache"):
+            self._cache.set(parsed_key(path), {"hash": text_hash, "data": data})
+
     # --- leases ----------------------------------------------------------------------
 
     def acquire_lease(self, run_id: str, *, ttl_s: float = 30.0) -> Lease:
@@ -301,3 +324,18 @@ class Store(Closing):
             clock=self.clock,
             root=self.root,
         )
+
+
+class _ParsedFiles:
+    """`Store.parsed` and `Store.remember_parsed` as a `storyflow.spec.ParsedCache`."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, path: str, text_hash: str) -> Any:
+        return self.store.parsed(str(Path(path).resolve()), text_hash)
+
+    def put(self, path: str, text_hash: str, data: Any) -> None:
+        self.store.remember_parsed(str(Path(path).resolve()), text_hash, data)
