@@ -1207,3 +1207,22 @@ def test_a_closed_stdout_does_not_crash_the_run(project: Project) -> None:
     assert "Traceback" not in stderr_path.read_text(encoding="utf-8")
     assert project.show(run_ids[0])["status"] != "running"
     assert project.cli("resume", run_ids[0]).returncode == 0
+
+
+def test_a_skipped_root_settles_its_dependents_once(
+    cli: Any, write_workflow: Any
+) -> None:
+    wf = write_workflow("""\
+apiVersion: storyflow/v1
+name: skip-root
+steps:
+  a: {uses: template, with: {template: "A"}, when: "false"}
+  b: {uses: template, with: {template: "B {{ steps.a.output }}"}}
+  c: {uses: template, with: {template: "C"}, needs: [a], join: all_done}
+""")
+    result = cli("run", wf, "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    skipped = [e["step"] for e in events if e["type"] == "step.skipped"]
+    assert skipped == ["a", "b"]
+    assert [e["step"] for e in events if e["type"] == "step.succeeded"] == ["c"]

@@ -5,7 +5,9 @@ else OpenAI's), ``system``, ``prompt`` and/or ``messages``, ``temperature``,
 ``max_tokens``, ``seed``, ``timeout`` (seconds per HTTP call), ``api_key_secret``
 (default ``OPENAI_API_KEY``), ``repair_attempts`` (default 2), ``cache``, ``sample``,
 ``json_mode`` and ``params`` (passed verbatim into the request body). Any other key is
-an error, so a typo never silently drops a setting.
+an error, so a typo never silently drops a setting — except the ``builtin/grammar``
+agent's ``grammar``, ``start`` and ``vars``, ignored so that an environment may switch
+a grammar agent to this kind.
 
 The key comes only from the agent's declared secrets; without it no Authorization
 header is sent (local servers need none). It never reaches a log line or an error.
@@ -77,6 +79,9 @@ KEYS = frozenset({
     "json_mode", "params",
 })
 """Every ``with`` key the agent reads."""
+OFFLINE_KEYS = frozenset({"grammar", "start", "vars"})
+"""The ``builtin/grammar`` agent's keys, ignored: an environment (``--env llm``) can
+switch a grammar agent to this kind, and a deep merge cannot remove its keys."""
 _RESERVED_PARAMS = frozenset({"model", "messages", "stream"})
 _EXCERPT_CHARS = 300
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)\n?\s*```", re.DOTALL)
@@ -318,7 +323,7 @@ async def _close_at_shutdown(pools: dict[str, _Pool]) -> AsyncGenerator[None, No
 def _request(call: Call, environ: Mapping[str, str]) -> _Request:
     inputs = call.inputs
     for name in inputs:
-        if name not in KEYS:
+        if name not in KEYS and name not in OFFLINE_KEYS:
             near = did_you_mean(name, KEYS)
             hint = "other request fields go in `with.params`"
             if name in ("api_key", "key", "token"):

@@ -133,6 +133,7 @@ def root(
 def main() -> None:
     from storyflow.commands import (  # noqa: F401  (registers)
         doctor_cmds,
+        init_cmds,
         inspect_cmds,
         report_cmds,
         run_cmds,

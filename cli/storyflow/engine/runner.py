@@ -165,9 +165,10 @@ class Runner:
         try:
             if not self.insts:
                 self.done.set()
-            for sid in self.plan.order:
-                if self.waiting_on[sid] == 0:
-                    self._deps_settled(self.insts[sid])
+            # The roots first, all of them: settling one (a skip) may make others ready.
+            roots = [sid for sid in self.plan.order if self.waiting_on[sid] == 0]
+            for sid in roots:
+                self._deps_settled(self.insts[sid])
             self._pump()
             self.journal.schedule_flush()
             await self.done.wait()

@@ -5,7 +5,8 @@ and the step instance's, so a step that runs again — a retry, a resume after a
 or an interruption — finds its child and resumes it, keeping what the child finished;
 a child that succeeded with the same definition and inputs is not run again. The
 child runs in this process, on this event loop, with the parent's store and options;
-its events go to its own log. Its inputs are checked against its own ``inputs``
+its events go to its own log. The parent's ``--env`` applies to a child that defines
+that environment. Its inputs are checked against its own ``inputs``
 schema; its outputs are the step's output. A child that pauses for an answer pauses
 the parent step with the child's questions (``resume PARENT --answer STEP=...``
 reaches the child).
@@ -77,6 +78,12 @@ class WorkflowAgent:
             wf = load_workflow(
                 path, kinds=kinds(), known_valid=store.known_valid, parsed=store.parsed_files
             )
+            env = parent.run.environment
+            if env is not None and env in wf.environments:  # --env reaches the child
+                wf = load_workflow(path, kinds=kinds(), environment=env,
+                                   known_valid=store.known_valid, parsed=store.parsed_files)
+            else:
+                env = None
             values = resolve_inputs(wf, given=given)
         except WorkflowError as exc:
             first = exc.problems[0].format() if exc.problems else str(exc)
@@ -106,7 +113,7 @@ class WorkflowAgent:
                 source_hash=wf.source_hash,
                 status=RunStatus.RUNNING.value,
                 inputs=values,
-                environment=None,
+                environment=env,
                 sets=[],
                 created_at=now,
                 updated_at=now,
