@@ -103,3 +103,18 @@ def test_the_environment_reaches_sub_workflows(tmp_path: Path, model: FakeLLM) -
         shown = run_cli("show", child["run_id"], "--json", state_dir=tmp_path / "state")
         doc = json.loads(shown.stdout)
         assert doc["environment"] == "llm"
+
+
+def test_batch_rows_carry_their_tokens_and_the_run_totals_its_children(
+    tmp_path: Path, model: FakeLLM
+) -> None:
+    summary = run(tmp_path, model, "batch.yaml")
+    assert summary["status"] == "succeeded"
+    # Every model call was made by a child run; the parent's totals include them all.
+    assert summary["tokens"] == 15 * summary["requests"]
+    table = (Path(summary["run_dir"]) / "summary.md").read_text(encoding="utf-8")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "succeeded" in line]
+    assert rows
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert int(cells[-2]) > 0  # tokens of that story

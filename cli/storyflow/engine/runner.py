@@ -136,6 +136,7 @@ class Runner:
         self.emit = self.journal.emit
         self.flush = self.journal.flush
         self.usage = Usage(workflow.config, workflow.budget, run.meta.get("usage"))
+        self.scope.base["run"]["usage"] = self.usage.totals  # live: `run.usage.tokens`
         self.call_cache = None if options.no_cache else StoreCallCache(store, run.run_id)
         self.attempts = Attempts(self)
         self.pools = (
@@ -398,6 +399,7 @@ class Runner:
             error=inst.error,
             agent=inst.agent,
             degraded=inst.degraded,
+            usage=inst.usage,
         )
         self.unsettled -= 1
         if self.unsettled == 0:

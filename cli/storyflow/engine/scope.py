@@ -36,6 +36,7 @@ class Scope:
         error: Any = None,
         agent: str | None = None,
         degraded: bool = False,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         """What ``steps.<id>`` shows once the step has finished."""
         self.steps[step_id] = {
@@ -45,6 +46,7 @@ class Scope:
             "error": error,
             "agent": agent,
             "degraded": degraded,
+            "usage": usage,
         }
 
     def for_step(

@@ -153,6 +153,7 @@ class WorkflowAgent:
         call.log(f"child run {rid} {verb}")
         life = RunLife(resumed_from=previous_status)
         started = store.clock()
+        before = dict(child.usage.totals)
         try:
             if previous_status is not None:
                 rerun = [s for s in compiled.order if s not in previous or s in forced]
@@ -170,6 +171,7 @@ class WorkflowAgent:
             end_run(child.emit, store, record, result, life, started)
         finally:
             log.close()
+            _meter_child(call, before, child.usage.totals)
         call.log(f"child run {rid} {result.status.value}")
         if result.status is RunStatus.SUCCEEDED:
             return result.outputs
@@ -181,6 +183,21 @@ class WorkflowAgent:
         if error.get("class") in (ErrorClass.TRANSIENT.value, ErrorClass.TIMEOUT.value):
             raise TransientError(message, hint=hint)
         raise PermanentError(message, hint=hint)
+
+
+def _meter_child(call: Call, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Report what the child used in this process to the parent step (priced already)."""
+    calls = after["calls"] - before["calls"]
+    if calls <= 0:
+        return
+    call.meter({
+        "model": None,
+        "input_tokens": after["input_tokens"] - before["input_tokens"],
+        "output_tokens": after["output_tokens"] - before["output_tokens"],
+        "cost": round(after["cost"] - before["cost"], 10),
+        "calls": calls,
+        "cached": False,
+    })
 
 
 async def _execute(child: Runner) -> Any:

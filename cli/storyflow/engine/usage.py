@@ -1,6 +1,7 @@
 """Token and cost accounting, budgets, and the call cache of one run.
 
-An agent that calls a model reports each call's usage through `Call.meter`; the run's
+An agent that calls a model reports each call's usage through `Call.meter` (a
+``workflow`` step reports what its child run used, already priced); the run's
 `Usage` adds it to the step instance and to the run, prices it from the workflow's
 ``config.prices`` (``{model: {input: X, output: Y}}``, per million tokens), and counts
 it against the pool's ``tokens`` limit. Before each attempt of a metered step (an
@@ -63,11 +64,14 @@ class Usage:
             tin = _count(u.get("input_tokens"))
             tout = _count(u.get("output_tokens"))
             cost = 0.0 if cached else self.price(u.get("model"), tin, tout)
+            if isinstance(u.get("cost"), (int, float)):
+                cost = float(u["cost"])  # already priced (a sub-workflow's usage)
+            calls = u.get("calls", 1)
             mine = inst.usage
             if mine is None:
                 mine = inst.usage = new_usage()
             for target in (mine, self.totals):
-                target["calls"] += 1
+                target["calls"] += calls
                 if cached:
                     target["cached_calls"] += 1
                     continue  # a cached reply costs nothing and uses no tokens

@@ -16,7 +16,7 @@ from storyflow.spec.templates import Reference, Templates
 from storyflow.spec.units import did_you_mean, nearest, rate_per_s
 from storyflow.spec.yaml_source import PathKey, Source
 
-STEP_ATTRS = ("output", "status", "attempts", "error", "agent", "degraded")
+STEP_ATTRS = ("output", "status", "attempts", "error", "agent", "degraded", "usage")
 JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace",
                            "true", "false", "none", "True", "False", "None"})
 BUILTIN_KINDS: dict[str, tuple[str, ...]] = {
