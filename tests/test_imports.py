@@ -83,6 +83,12 @@ def test_validate_does_import_what_it_needs(minimal_workflow: Path) -> None:
     assert {"ruamel", "jsonschema", "jinja2"} <= {m.split(".")[0] for m in modules}
 
 
+def test_builtin_kinds_do_not_look_for_plugins(minimal_workflow: Path) -> None:
+    """Plugin discovery (importlib.metadata, ~10-25 ms) waits for a kind that is not built in."""
+    modules = imported_modules("-m", "storyflow", "validate", str(minimal_workflow))
+    assert "importlib.metadata" not in modules
+
+
 def _third_party_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: set[str] = set()

@@ -61,7 +61,7 @@ def check(
     """Every semantic problem in ``data``; ``kinds`` maps agent kind → required ``with`` keys."""
     if not isinstance(data, dict):
         return Analysis([], {}, frozenset())
-    checker = _Checker(source, data, templates, kinds or BUILTIN_KINDS)
+    checker = _Checker(source, data, templates, kinds if kinds is not None else BUILTIN_KINDS)
     problems = checker.run()
     deps = {sid: tuple(info.deps) for sid, info in checker.steps.items()}
     return Analysis(problems, deps, frozenset(checker.uses_previous))
