@@ -465,3 +465,10 @@ def test_storyflow_run_with_an_llm_step(server: FakeLLM, tmp_path: Path) -> None
     assert any(p.name == "events.jsonl" for p in files)
     for path in files:
         assert KEY.encode() not in path.read_bytes(), path
+    run_id = summary["run_id"]
+    for fmt in ("json", "html", "junit", "table"):
+        report = run_cli("report", run_id, "--format", fmt, state_dir=state, cwd=tmp_path)
+        assert report.returncode == 0, report.stderr
+        assert KEY not in report.stdout + report.stderr, fmt
+    shown = run_cli("show", run_id, "--json", state_dir=state, cwd=tmp_path)
+    assert KEY not in shown.stdout
