@@ -358,7 +358,8 @@ def test_a_question_inside_a_child_run_is_answered_through_the_parent(env: Env) 
     assert events[-1]["outputs"]["hero"] == "Ada"
 
 
-def test_on_a_terminal_the_question_is_asked_there(env: Env) -> None:
+@pytest.mark.parametrize("display", ["--no-progress", "--live"])
+def test_on_a_terminal_the_question_is_asked_there(env: Env, display: str) -> None:
     wf = env.write("tty.yaml", """\
         apiVersion: storyflow/v1
         name: tty
@@ -369,7 +370,8 @@ def test_on_a_terminal_the_question_is_asked_there(env: Env) -> None:
         """)
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--no-progress"],
+        [sys.executable, "-m", "storyflow", "run", str(wf),
+         *([display] if display != "--live" else [])],
         cwd=env.root, stdin=slave, stdout=slave, stderr=slave,
         env=cli_env(env.state, {"TERM": "xterm", "COLUMNS": "100"}), close_fds=True,
     )

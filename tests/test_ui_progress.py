@@ -396,3 +396,16 @@ def test_plain_and_json_runs_never_import_rich() -> None:
         "assert not [m for m in sys.modules if m.split('.')[0] == 'rich'], 'rich imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_live_a_waiting_step_leaves_the_running_rows_with_a_notice(
+    live_sink: tuple[LiveSink, FakeClock],
+) -> None:
+    sink, _ = live_sink
+    sink(ev("run.started", workflow="approval", steps=2))
+    sink(ev("step.started", step="approve", attempt=1))
+    sink(ev("step.waiting", step="approve", attempt=1, answer_step="approve",
+            question="Ship it?", schema={"type": "boolean"}))
+    text = rendered(sink)
+    assert "approve waits for an answer: Ship it?" in text
+    assert "waiting" in text  # counted among the settled steps

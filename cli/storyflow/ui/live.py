@@ -127,6 +127,7 @@ class LiveSink:
             "step.retrying": self._on_step_retrying,
             "step.log": self._on_step_log,
             "step.fallback": self._on_step_fallback,
+            "step.waiting": self._on_step_waiting,
             "breaker.opened": self._on_breaker,
             "breaker.closed": self._on_breaker,
             "run.succeeded": self._on_run_ended,
@@ -239,6 +240,13 @@ class LiveSink:
         if e.get("degraded"):
             self._counts["degraded"] = self._counts.get("degraded", 0) + 1
             self._notices.append((self._g.fallback, f"{e.get('step')} {degraded_text(e)}"))
+
+    def _on_step_waiting(self, e: Event) -> None:
+        step = str(e.get("step"))
+        if step in self._active:
+            self._finish(step, "waiting")
+        asks = e.get("answer_step", step)
+        self._notices.append(("?", f"{asks} waits for an answer: {e.get('question', '')}"))
 
     def _add_usage(self, e: Event) -> None:
         self._tokens += e.get("tokens") or 0
