@@ -173,3 +173,12 @@ def _rank(score: Any) -> tuple[int, float]:
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         return (0, 0.0)
     return (1, float(score))
+
+
+def new_instance(node: Node) -> Instance:
+    """The in-memory instance of a plan node: a map, a loop or a plain step."""
+    if node.step.loop is not None:
+        return LoopInstance(node)
+    if node.step.for_each is not None:
+        return MapInstance(node)
+    return Instance(node)

@@ -14,7 +14,9 @@ others; a pool that can take its oldest parked instance again offers it back, an
 oldest ready instance, parked or not, starts first. Before its first attempt an
 instance may be kept or cached (`storyflow.engine.prepare`); what it does then —
 retries, breakers, fallbacks — is `storyflow.engine.attempts`; how the run ends,
-`storyflow.engine.finish`.
+`storyflow.engine.finish`. Maps and loops are `storyflow.engine.maps` and
+`storyflow.engine.loops`; a step paused for an answer (`storyflow.engine.human`) stays
+unsettled, and the run ends once nothing else can run.
 
 Stopping: a signal (`interrupt`) or the workflow's ``timeout`` cancels the running
 attempts (a command's process group is killed) and the ready instances; pending ones
@@ -39,13 +41,15 @@ from storyflow.engine import lifecycle
 from storyflow.engine.attempts import Attempts
 from storyflow.engine.commit import Journal, Sink
 from storyflow.engine.finish import Result, Stop, finish
-from storyflow.engine.instance import OK, Instance, LoopInstance, MapInstance
-from storyflow.engine.plan import Node, Plan, digest
+from storyflow.engine.instance import OK, Instance, LoopInstance, MapInstance, new_instance
+from storyflow.engine.loops import Loops
+from storyflow.engine.maps import Maps
+from storyflow.engine.plan import Plan
 from storyflow.engine.pools import Pools
 from storyflow.engine.prepare import Prepared, fail_before_start, prepare
 from storyflow.engine.scope import Scope
 from storyflow.engine.usage import StoreCallCache, Usage
-from storyflow.errors import PermanentError, StepFailure
+from storyflow.errors import StepFailure
 from storyflow.events import ErrorClass, EventType, StepStatus
 from storyflow.spec.model import Workflow
 from storyflow.store import RunRecord, StepRecord, Store, redact
@@ -114,7 +118,7 @@ class Runner:
         self.insts: dict[str, Instance] = {}
         """Every instance, by id: the plan's steps, then map items as maps expand."""
         for sid in plan.order:
-            self.insts[sid] = _instance(plan.nodes[sid])
+            self.insts[sid] = new_instance(plan.nodes[sid])
         self.nested_previous: dict[str, StepRecord] = {}
         """Records of map items and loop iterations from an earlier process of this run
         (resume), read as each map expands and each iteration begins."""
@@ -139,6 +143,8 @@ class Runner:
         self.scope.base["run"]["usage"] = self.usage.totals  # live: `run.usage.tokens`
         self.call_cache = None if options.no_cache else StoreCallCache(store, run.run_id)
         self.attempts = Attempts(self)
+        self.maps = Maps(self)
+        self.loops = Loops(self)
         self.pools = (
             Pools(workflow.pools, options.monotonic, self._pools_ready, self.flush)
             if workflow.pools
@@ -341,24 +347,24 @@ class Runner:
                         reason = "when was false"
                 except StepFailure as exc:
                     fail_before_start(self, inst, exc)
-                    work.extend(self._settled(inst))
+                    work.extend(self.settled(inst))
                     continue
             if reason is not None:
                 inst.reason = reason
                 inst.ended_at = self.opt.clock()
                 self.move(inst, "skip")
                 self.emit(EventType.STEP_SKIPPED, step=inst.id, reason=reason)
-                work.extend(self._settled(inst))
+                work.extend(self.settled(inst))
                 continue
             if isinstance(inst, MapInstance):
-                work.extend(self._expand(inst))
+                work.extend(self.maps.expand(inst))
                 continue
             if isinstance(inst, LoopInstance):
-                work.extend(self._begin_loop(inst))
+                work.extend(self.loops.begin(inst))
                 continue
-            self._enqueue(inst)
+            self.enqueue(inst)
 
-    def _enqueue(self, inst: Instance) -> None:
+    def enqueue(self, inst: Instance) -> None:
         """Make ``inst`` ready and queue it, numbered in the order it became ready.
 
         Its `ready` state is checkpointed in `_pump` only if it has to wait for a slot:
@@ -386,11 +392,11 @@ class Runner:
                 return f"{d.id} {d.state}"
         return None
 
-    def _settled(self, inst: Instance) -> list[Instance]:
+    def settled(self, inst: Instance) -> list[Instance]:
         """Record a finished instance; return dependents whose needs are now all settled."""
         parent = inst.parent
         if isinstance(parent, MapInstance):
-            return self._item_settled(inst, parent)
+            return self.maps.item_settled(inst, parent)
         self.scope.record(
             inst.node.step.id,
             output=inst.output,
@@ -408,264 +414,15 @@ class Runner:
         if self.stop is not None:
             return out
         if isinstance(parent, LoopInstance):
-            return self._inner_settled(inst, parent)
+            return self.loops.inner_settled(inst, parent)
         for dep_id in inst.node.dependents:
             self.waiting_on[dep_id] -= 1
             if self.waiting_on[dep_id] == 0:
                 out.append(self.insts[dep_id])
         return out
 
-    # -- maps ----------------------------------------------------------------------------
-    def _expand(self, m: MapInstance) -> list[Instance]:
-        """A map whose needs are met and whose ``when`` holds: evaluate ``for_each`` and
-        make its first items ready; dependents ready at once if it settled here."""
-        step = m.node.step
-        m.ready_at = self.opt.clock()
-        try:
-            scope = self.scope.for_step(None, m.extra)
-            fe = step.for_each
-            values = self.t.evaluate(fe, scope) if isinstance(fe, str) else self.t.render(fe, scope)
-            if not isinstance(values, (list, tuple)):
-                raise PermanentError(
-                    f"for_each gave {type(values).__name__}, not a list",
-                    hint="for_each must be an expression giving a list, or a literal list",
-                )
-        except StepFailure as exc:
-            fail_before_start(self, m, exc)
-            return self._settled(m)
-        values = list(values)
-        m.fingerprint = digest([m.node.fingerprint, values])
-        m.attempts = 1
-        m.started_at = self.opt.clock()
-        as_name = step.as_
-        for i, value in enumerate(values):
-            item = Instance(m.node)
-            item.id = f"{m.id}[{i}]"
-            item.parent = m
-            item.extra = {**(m.extra or {}), as_name: value, "index": i, "previous": None}
-            m.items.append(item)
-            self.insts[item.id] = item
-        self.unsettled += len(values)
-        lifecycle.step_fire(m, "ready")
-        self.move(m, "start")
-        self.emit(EventType.STEP_STARTED, step=m.id, attempt=m.attempts)
-        if not values:
-            return self._close_map(m)
-        if self.opt.previous and not self.forced(m):
-            ids = [item.id for item in m.items]
-            self.nested_previous.update(self.store.get_steps(self.run.run_id, ids))
-        self._release(m)
-        return []
-
-    def _release(self, m: MapInstance) -> None:
-        """Make ready the next items of ``m`` its ``max_parallel`` (or order) allows."""
-        items, limit = m.items, m.limit
-        sequential = m.node.step.sequential
-        while m.next < len(items) and (limit is None or m.active < limit):
-            item = items[m.next]
-            if sequential and m.next:
-                assert item.extra is not None
-                item.extra["previous"] = items[m.next - 1].output
-            m.next += 1
-            m.active += 1
-            self._enqueue(item)
-
-    def _item_settled(self, item: Instance, m: MapInstance) -> list[Instance]:
-        """A map item has settled: release the next, or settle the map after the last."""
-        self.unsettled -= 1
-        m.active -= 1
-        m.settled += 1
-        if self.stop is not None or m.state != StepStatus.RUNNING.value:
-            return []
-        if m.settled == len(m.items):
-            return self._close_map(m)
-        self._release(m)
-        return []
-
-    def _close_map(self, m: MapInstance) -> list[Instance]:
-        """Every item of ``m`` has settled: its output is their outputs, in item order;
-        it fails if an item did."""
-        m.output = [item.output for item in m.items]
-        m.ended_at = self.opt.clock()
-        duration = round(m.ended_at - (m.started_at or m.ended_at), 6)
-        failed = [item for item in m.items if item.state not in OK]
-        if not failed:
-            self.move(m, "succeed")
-            self.emit(
-                EventType.STEP_SUCCEEDED, step=m.id, attempt=m.attempts, duration_s=duration
-            )
-        else:
-            first = failed[0].error or {}
-            m.error = {
-                "class": first.get("class", "permanent"),
-                "message": f"{len(failed)} of {len(m.items)} items failed; "
-                f"{failed[0].id}: {first.get('message', '')}",
-            }
-            self.move(m, "fail")
-            self.emit(
-                EventType.STEP_FAILED,
-                step=m.id,
-                attempt=m.attempts,
-                error=m.error,
-                final=True,
-                duration_s=duration,
-            )
-        return self._settled(m)
-
-    # -- loops ---------------------------------------------------------------------------
-    def _begin_loop(self, lp: LoopInstance) -> list[Instance]:
-        """A loop whose needs are met and whose ``when`` holds: keep it whole when an
-        earlier process finished it with the same inputs, else start its first iteration."""
-        lp.ready_at = self.opt.clock()
-        steps = self.scope.steps
-        lp.fingerprint = digest(
-            [lp.node.fingerprint, {d: steps[d]["output"] for d in lp.node.deps if d in steps}]
-        )
-        prev = self.previous_record(lp)
-        if (
-            prev is not None
-            and prev.status in OK
-            and prev.fingerprint == lp.fingerprint
-            and not self.forced(lp)
-            and not prev.meta.get("redacted")
-        ):
-            lp.output, lp.attempts = prev.output, prev.attempts
-            lp.started_at, lp.ended_at = prev.started_at, prev.ended_at
-            lp.iteration = int(prev.meta.get("iterations", 0))
-            lp.scores = list(prev.meta.get("scores", []))
-            lp.history = [{}] * lp.iteration  # only the count matters once it is kept
-            lifecycle.step_fire(lp, "ready")
-            lifecycle.step_fire(lp, "keep")
-            self.emit(EventType.STEP_KEPT, step=lp.id, attempt=lp.attempts)
-            return self._settled(lp)
-        lp.attempts = 1
-        lp.started_at = self.opt.clock()
-        lifecycle.step_fire(lp, "ready")
-        self.move(lp, "start")
-        self.emit(EventType.STEP_STARTED, step=lp.id, attempt=lp.attempts)
-        return self._next_iteration(lp)
-
-    def _next_iteration(self, lp: LoopInstance) -> list[Instance]:
-        """Make the instances of the loop's next iteration; return those with no needs."""
-        body = lp.node.body
-        assert body is not None
-        lp.iteration += 1
-        n = lp.iteration
-        previous = lp.history[-1] if lp.history else dict.fromkeys(body.order)
-        extra = {**(lp.extra or {}), "loop": {"iteration": n, "previous": previous}}
-        lp.current = {}
-        for sid in body.order:
-            inner = _instance(body.nodes[sid])
-            inner.id = f"{lp.id}#{n}.{sid}"
-            inner.parent = lp
-            inner.extra = extra
-            lp.current[sid] = inner
-            self.insts[inner.id] = inner
-        lp.needs = {sid: len(body.nodes[sid].deps) for sid in body.order}
-        lp.left = len(body.order)
-        self.unsettled += lp.left
-        if self.opt.previous and not self.forced(lp):
-            ids = [inner.id for inner in lp.current.values()]
-            self.nested_previous.update(self.store.get_steps(self.run.run_id, ids))
-        if n > 1:
-            self.journal.checkpoint(lp)  # the iteration under way, for `show`
-        self.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n)
-        return [lp.current[sid] for sid in body.order if lp.needs[sid] == 0]
-
-    def _inner_settled(self, inst: Instance, lp: LoopInstance) -> list[Instance]:
-        """A step of the iteration under way has settled: its dependents in the
-        iteration may be ready; after the last, the iteration ends."""
-        lp.left -= 1
-        out: list[Instance] = []
-        for dep_id in inst.node.dependents:
-            lp.needs[dep_id] -= 1
-            if lp.needs[dep_id] == 0:
-                out.append(lp.current[dep_id])
-        if lp.left == 0:
-            out.extend(self._end_iteration(lp))
-        return out
-
-    def _end_iteration(self, lp: LoopInstance) -> list[Instance]:
-        """Every step of the iteration has settled: fail, end, or begin the next one."""
-        loop = lp.node.step.loop
-        assert loop is not None
-        n = lp.iteration
-        lp.history.append({sid: inner.output for sid, inner in lp.current.items()})
-        broken = [
-            inner
-            for inner in lp.current.values()
-            if inner.state == StepStatus.CANCELLED.value
-            or (inner.state == StepStatus.FAILED.value and not inner.node.step.allow_failure)
-        ]
-        if broken:
-            err = broken[0].error or {}
-            return self._close_loop(
-                lp,
-                {
-                    "class": err.get("class", ErrorClass.PERMANENT.value),
-                    "message": f"iteration {n}: step {broken[0].node.step.id} failed: "
-                    f"{err.get('message', '')}",
-                },
-            )
-        scope = self.scope.for_step(None, lp.current[next(iter(lp.current))].extra)
-        what = "best_by"
-        try:
-            if loop.best_by is not None:
-                lp.scores.append(self.t.evaluate(loop.best_by, scope))
-            what = "until"
-            done = loop.until is not None and bool(self.t.evaluate(loop.until, scope))
-        except StepFailure as exc:
-            return self._close_loop(
-                lp, {"class": exc.error_class.value, "message": f"{what}: {exc.message}"}
-            )
-        self.emit(
-            EventType.LOOP_ITERATED,
-            step=lp.id,
-            iteration=n,
-            done=done,
-            **({"score": lp.scores[-1]} if loop.best_by is not None else {}),
-        )
-        if done:
-            return self._close_loop(lp, None)
-        if n >= loop.max_iterations:
-            if loop.on_exhausted == "fail":
-                cond = f" ({loop.until})" if loop.until else ""
-                return self._close_loop(
-                    lp,
-                    {
-                        "class": ErrorClass.PERMANENT.value,
-                        "message": f"until{cond} was still false after {n} iterations",
-                    },
-                )
-            return self._close_loop(lp, None)
-        return self._next_iteration(lp)
-
-    def _close_loop(self, lp: LoopInstance, error: dict[str, str] | None) -> list[Instance]:
-        """Settle the loop: its output is the chosen iteration's outputs by step id."""
-        lp.ended_at = self.opt.clock()
-        duration = round(lp.ended_at - (lp.started_at or lp.ended_at), 6)
-        if error is None:
-            lp.output = lp.history[lp.best() - 1]
-            self.move(lp, "succeed")
-            self.emit(
-                EventType.STEP_SUCCEEDED, step=lp.id, attempt=lp.attempts, duration_s=duration
-            )
-        else:
-            lp.output = lp.history[-1] if lp.history else None
-            lp.error = error
-            self.move(lp, "fail")
-            self.emit(
-                EventType.STEP_FAILED,
-                step=lp.id,
-                attempt=lp.attempts,
-                error=error,
-                final=True,
-                duration_s=duration,
-            )
-        return self._settled(lp)
-
     def _after(self, inst: Instance) -> None:
-        ready = self._settled(inst)
+        ready = self.settled(inst)
         for nxt in ready:
             self._deps_settled(nxt)
 
@@ -675,7 +432,7 @@ class Runner:
         inst.error = dict(self.stop.error)
         self.move(inst, "cancel")
         self.emit(EventType.STEP_CANCELLED, step=inst.id, reason=self.stop.reason)
-        self._settled(inst)
+        self.settled(inst)
 
     # -- one instance --------------------------------------------------------------------
     async def _run_instance(self, inst: Instance, prepared: Prepared) -> None:
@@ -715,11 +472,3 @@ class Runner:
             self.pools is None or self.pools.next_seq() is None
         )
 
-
-def _instance(node: Node) -> Instance:
-    """The in-memory instance of a plan node: a map, a loop or a plain step."""
-    if node.step.loop is not None:
-        return LoopInstance(node)
-    if node.step.for_each is not None:
-        return MapInstance(node)
-    return Instance(node)
