@@ -26,7 +26,7 @@ OWNERS = {
     "diskcache": "store/",
     "rich": "ui/",
     "typer": "commands/",
-    "httpx": "agents/llm_agent.py",
+    "httpx": "agents/llm_agent/",
 }
 """Library → the module, or the package (ending in '/'), allowed to import it."""
 

@@ -1,0 +1,250 @@
+"""The ``llm`` agent: one chat completion against any OpenAI-compatible endpoint.
+
+``with:`` keys — ``model`` (required), ``base_url`` (default ``$STORYFLOW_LLM_BASE_URL``,
+else OpenAI's), ``system``, ``prompt`` and/or ``messages``, ``temperature``,
+``max_tokens``, ``seed``, ``timeout`` (seconds per HTTP call), ``api_key_secret``
+(default ``OPENAI_API_KEY``), ``repair_attempts`` (default 2), ``cache``, ``sample``,
+``json_mode`` and ``params`` (passed verbatim into the request body). Any other key is
+an error, so a typo never silently drops a setting — except the ``builtin/grammar``
+agent's ``grammar``, ``start`` and ``vars``, ignored so that an environment may switch
+a grammar agent to this kind.
+
+The key comes only from the agent's declared secrets; without it no Authorization
+header is sent (local servers need none). It never reaches a log line or an error.
+
+How failures are classified (httpx is fenced in `_http`; its errors stop there):
+
+    connection errors, timeouts, HTTP 408/429/5xx,   TransientError (Retry-After honoured)
+    a broken response envelope
+    other HTTP 4xx                                   PermanentError with the server's words
+    content failing ``output_schema`` after repairs  InvalidOutput
+
+With an ``output_schema`` the request asks for JSON mode and the system message carries
+the schema; a reply that does not parse or validate is answered with the validation
+error, up to ``repair_attempts`` extra calls within the same attempt. A server that
+rejects ``response_format`` is retried without it, and remembered.
+
+Every completed HTTP call is reported to ``call.meter``. With ``call.cache`` and caching
+on (``cache:``, else when ``temperature`` is 0 or a ``seed`` is set) a validated reply
+is stored under a hash of the request, and served again without HTTP.
+
+Connections are pooled per (event loop, base URL) and shared by every call: up to
+``CLIENTS`` small httpx clients of ``LIMITS`` each, a call taking the least
+busy one. One client of 100 connections would be simpler, but httpcore 1.0's pool scans
+all its connections for each request it queues or releases, quadratic in its size:
+at 100 concurrent calls, 25 pools of 4 spend ~7x less CPU per call than one pool of
+100 (bench/bench_llm.py). The clients close when their loop shuts down its async
+generators (``asyncio.run`` does) or on `LlmAgent.aclose`.
+
+The package, in the order a call goes through it: `_request` (``with:`` keys → a checked
+request, its cache key), `_http` (pooled clients, the POST, failures classified),
+`_structured` (a reply's JSON, validated; repair prompts), and here the agent that
+drives them, meters usage and keeps the key out of logs and errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from storyflow.agents.base import Call
+from storyflow.agents.llm_agent._http import (
+    CLIENTS,
+    LIMITS,
+    ClientFactory,
+    LoopClients,
+    Pool,
+    Reply,
+    close_at_shutdown,
+    envelope,
+    post,
+    status_error,
+)
+from storyflow.agents.llm_agent._request import (
+    BASE_URL_ENV,
+    CACHE_FORMAT,
+    DEFAULT_BASE_URL,
+    DEFAULT_KEY_SECRET,
+    DEFAULT_REPAIRS,
+    DEFAULT_TIMEOUT_S,
+    KEYS,
+    OFFLINE_KEYS,
+    Request,
+    canonical,
+    request_of,
+)
+from storyflow.agents.llm_agent._structured import checked, repair_prompt, validator_of
+from storyflow.errors import InvalidOutput, StepFailure
+
+if TYPE_CHECKING:
+    import httpx
+
+__all__ = [
+    "BASE_URL_ENV",
+    "CACHE_FORMAT",
+    "CLIENTS",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_KEY_SECRET",
+    "DEFAULT_REPAIRS",
+    "DEFAULT_TIMEOUT_S",
+    "KEYS",
+    "LIMITS",
+    "OFFLINE_KEYS",
+    "LlmAgent",
+]
+
+
+class LlmAgent:
+    """Chat completions; the output is the reply text, or its JSON with an output_schema."""
+
+    kind: str = "llm"
+    required: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+        limits: httpx.Limits = LIMITS,
+        clients: int = CLIENTS,
+    ) -> None:
+        self._environ = os.environ if environ is None else environ
+        self._clock = clock
+        self._limits = limits
+        self._clients = clients
+        self._new_client = ClientFactory(limits)
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClients] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._no_response_format: set[str] = set()
+        """Base URLs whose server rejected ``response_format``."""
+        self._validators: dict[str, Any] = {}
+
+    async def run(self, call: Call) -> Any:
+        """Ask the model once (plus any repairs) and return its reply."""
+        req = request_of(call, self._environ)
+        try:
+            return await self._run(call, req)
+        except StepFailure as exc:
+            _scrub(exc, req.key)
+            raise
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections (the next call opens new ones)."""
+        state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is not None and state.closer is not None:
+            await state.closer.aclose()
+
+    async def _run(self, call: Call, req: Request) -> Any:
+        schema = call.output_schema
+        validator = self._validator(schema) if schema is not None else None
+        cache = call.cache if req.cache else None
+        key = req.cache_key() if cache is not None else ""
+        if cache is not None:
+            hit, stored = cache.get(key)
+            if hit and isinstance(stored, dict) and "output" in stored and (
+                validator is None or validator.is_valid(stored["output"])
+            ):
+                call.meter(_usage(req.model, stored.get("input_tokens"),
+                                  stored.get("output_tokens"), cached=True))
+                return stored["output"]
+
+        def log(line: str) -> None:
+            call.log(_redact(line, req.key))
+
+        messages = req.messages
+        reply = await self._complete(req, messages, call, log)
+        used_in, used_out = reply.input_tokens, reply.output_tokens
+        attempt = 0
+        while True:
+            output, problem = checked(reply.content, validator)
+            if problem is None:
+                break
+            if attempt == req.repairs:
+                raise InvalidOutput(
+                    f"the reply does not match output_schema"
+                    f"{f' after {attempt} repair(s)' if attempt else ''}: {problem}",
+                    hint="loosen output_schema, raise max_tokens or repair_attempts, "
+                    "or use a model that follows JSON instructions",
+                )
+            attempt += 1
+            log(f"the reply does not match output_schema ({problem}); "
+                f"asking for a correction ({attempt}/{req.repairs})")
+            messages = [*messages, {"role": "assistant", "content": reply.content},
+                        {"role": "user", "content": repair_prompt(problem)}]
+            reply = await self._complete(req, messages, call, log)
+            used_in, used_out = _add(used_in, reply.input_tokens), _add(used_out,
+                                                                        reply.output_tokens)
+        if cache is not None:
+            cache.put(key, {"output": output, "input_tokens": used_in, "output_tokens": used_out})
+        return output
+
+    async def _complete(self, req: Request, messages: list[dict[str, Any]], call: Call,
+                        log: Callable[[str], None]) -> Reply:
+        """One chat completion (two HTTP calls if the server rejects JSON mode)."""
+        pool = await self._pool(req.base_url)
+        json_mode = req.json_mode and req.base_url not in self._no_response_format
+        resp = await post(pool, req, req.body(messages, json_mode=json_mode))
+        if json_mode and resp.status_code == 400 and "response_format" in resp.text.lower():
+            self._no_response_format.add(req.base_url)
+            log(f"note: {req.base_url} does not support response_format; "
+                "retrying without JSON mode (the prompt still asks for JSON)")
+            resp = await post(pool, req, req.body(messages, json_mode=False))
+        if not resp.is_success:
+            raise status_error(resp, req, self._clock())
+        content, finish, prompt_tokens, completion_tokens = envelope(resp, req)
+        truncated = finish == "length"
+        call.meter(_usage(req.model, prompt_tokens, completion_tokens, truncated=truncated))
+        if truncated:
+            limit = req.options.get("max_tokens")
+            log(f"warning: the reply was truncated at max_tokens"
+                f"{f' ({limit})' if limit is not None else ''}; raise max_tokens "
+                "or ask for a shorter reply")
+        return Reply(content, prompt_tokens, completion_tokens)
+
+    async def _pool(self, base_url: str) -> Pool:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            state = self._loops[loop] = LoopClients()
+            state.closer = close_at_shutdown(state.pools)
+            await anext(state.closer)  # the loop now tracks it: shutdown_asyncgens closes it
+        pool = state.pools.get(base_url)
+        if pool is None:
+            size = self._limits.max_connections or 100
+            pool = state.pools[base_url] = Pool(self._new_client, size, self._clients)
+        return pool
+
+    def _validator(self, schema: dict[str, Any]) -> Any:
+        text = canonical(schema)
+        validator = self._validators.get(text)
+        if validator is None:
+            validator = self._validators[text] = validator_of(schema)
+        return validator
+
+
+def _usage(model: str, input_tokens: Any, output_tokens: Any, *, cached: bool = False,
+           truncated: bool = False) -> dict[str, Any]:
+    return {"model": model, "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cached": cached, "truncated": truncated}
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else a + b
+
+
+# -- the key ---------------------------------------------------------------------------------------
+def _redact(text: str, key: str | None) -> str:
+    return text.replace(key, "***") if key else text
+
+
+def _scrub(exc: StepFailure, key: str | None) -> None:
+    """Remove the API key from a failure's message and hint (servers echo it)."""
+    if key and (key in exc.message or (exc.hint and key in exc.hint)):
+        exc.message = _redact(exc.message, key)
+        exc.args = (exc.message,)
+        if exc.hint:
+            exc.hint = _redact(exc.hint, key)

@@ -1,0 +1,203 @@
+"""The fence around httpx: pooled clients, one POST, and its failures classified.
+
+httpx is imported here and nowhere else in storyflow; its exceptions, non-2xx answers and
+broken envelopes leave this module as storyflow's failures (chained with ``from``), never
+as httpx's own. How they are classified is drawn in the package docstring.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import ssl
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import Any
+
+import httpx
+
+from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
+from storyflow.errors import InvalidOutput, PermanentError, StepFailure, TransientError
+
+CLIENTS = 25
+"""Most clients (connection pools) per (event loop, base URL): 100 connections in all."""
+LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=30)
+"""Each client's pool, every connection kept alive (httpx's default Limits keep 20 of 100,
+so a burst of 100 calls reconnects 80 times)."""
+_EXCERPT_CHARS = 300
+
+
+@dataclass(slots=True)
+class Reply:
+    """One completed HTTP call."""
+
+    content: str
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+class ClientFactory:
+    """Makes one agent's clients, all sharing one SSL context (loaded on first use)."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._limits = limits
+        self._ssl: ssl.SSLContext | None = None
+
+    def __call__(self) -> httpx.AsyncClient:
+        if self._ssl is None:  # loading the CA bundle takes ~30 ms: once per agent
+            self._ssl = httpx.create_ssl_context()
+        return httpx.AsyncClient(limits=self._limits, verify=self._ssl)
+
+
+class Pool:
+    """The clients of one base URL in one loop; a call takes the least busy one."""
+
+    def __init__(self, make: Callable[[], httpx.AsyncClient], size: int, most: int) -> None:
+        self._make = make
+        self._size = size
+        self._most = most
+        self.clients: list[httpx.AsyncClient] = []
+        self._busy: list[int] = []
+
+    def take(self) -> int:
+        """Index of the client to use; give it back with `give`."""
+        busy = self._busy
+        i = min(range(len(busy)), key=busy.__getitem__) if busy else -1
+        if i < 0 or (busy[i] >= self._size and len(busy) < self._most):
+            self.clients.append(self._make())
+            busy.append(0)
+            i = len(busy) - 1
+        busy[i] += 1
+        return i
+
+    def give(self, i: int) -> None:
+        self._busy[i] -= 1
+
+    async def aclose(self) -> None:
+        self._busy.clear()
+        while self.clients:
+            await self.clients.pop().aclose()
+
+
+@dataclass(slots=True)
+class LoopClients:
+    """The pools of one event loop, and the async generator that closes them."""
+
+    pools: dict[str, Pool] = field(default_factory=dict)
+    closer: AsyncGenerator[None, None] | None = None
+
+
+async def close_at_shutdown(pools: dict[str, Pool]) -> AsyncGenerator[None, None]:
+    """Yields once; closing it (``loop.shutdown_asyncgens`` or `aclose`) closes the pools."""
+    try:
+        yield
+    finally:
+        while pools:
+            await pools.popitem()[1].aclose()
+
+
+async def post(pool: Pool, req: Request, body: dict[str, Any]) -> httpx.Response:
+    """POST ``body`` to the chat-completions URL; a failure to get any answer is translated."""
+    url = f"{req.base_url}/chat/completions"
+    headers = {"Authorization": f"Bearer {req.key}"} if req.key else None
+    i = pool.take()
+    try:
+        return await pool.clients[i].post(url, json=body, headers=headers, timeout=req.timeout_s)
+    except httpx.TimeoutException as exc:
+        raise TransientError(
+            f"no reply from {url} within {req.timeout_s:g}s ({type(exc).__name__})",
+            hint="raise `with.timeout` or the step's timeout for slow models",
+        ) from exc
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        raise PermanentError(f"cannot call {url}: {exc}", hint="check `base_url`") from exc
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise TransientError(
+            f"cannot reach the LLM server at {req.base_url}: {type(exc).__name__}: {exc}",
+            hint=f"is the server running? check `base_url` (or ${BASE_URL_ENV})",
+        ) from exc
+    finally:
+        pool.give(i)
+
+
+def status_error(resp: httpx.Response, req: Request, now: float) -> StepFailure:
+    """The failure a non-2xx answer stands for."""
+    status = resp.status_code
+    message = f"the LLM server answered HTTP {status}: {_excerpt(resp)}"
+    if status in (408, 429) or status >= 500:
+        return TransientError(message, retry_after_s=_retry_after_s(resp.headers, now))
+    hint = None
+    if status in (401, 403):
+        hint = (f"check the API key in secret {req.key_secret}" if req.key else
+                f"no API key was sent: declare `secrets: [{req.key_secret}]` on the agent")
+    elif status == 404:
+        hint = f"check `base_url` ({req.base_url}; most servers end in /v1) and `model`"
+    return PermanentError(message, hint=hint)
+
+
+def envelope(resp: httpx.Response, req: Request) -> tuple[str, Any, int | None, int | None]:
+    """Content, finish_reason and token counts of a 2xx reply; a broken one is transient."""
+    try:
+        data = resp.json()
+        choice = data["choices"][0]
+        message = choice["message"]
+        content = message.get("content")
+        finish = choice.get("finish_reason")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise TransientError(
+            f"the LLM server at {req.base_url} sent a reply that is not a chat completion: "
+            f"{_excerpt(resp)}",
+        ) from exc
+    if not isinstance(content, str):
+        refusal = message.get("refusal")
+        if refusal:
+            raise InvalidOutput(f"the model refused: {as_text(refusal)[:_EXCERPT_CHARS]}")
+        raise TransientError(f"the LLM server at {req.base_url} sent a reply without text")
+    usage = data.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    return content, finish, _tokens(usage.get("prompt_tokens")), _tokens(
+        usage.get("completion_tokens"))
+
+
+def _excerpt(resp: httpx.Response) -> str:
+    """The server's error message, short and on one line."""
+    text = resp.text
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            error = error.get("message") or error.get("detail") or error
+        text = error if isinstance(error, str) else json.dumps(error, ensure_ascii=False)
+    text = " ".join(text.split()) or resp.reason_phrase or "(empty body)"
+    return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 1] + "…"
+
+
+def _retry_after_s(headers: httpx.Headers, now: float) -> float | None:
+    """``Retry-After`` (seconds or an HTTP date), or OpenAI's ``retry-after-ms``."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def _tokens(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

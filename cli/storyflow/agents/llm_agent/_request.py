@@ -1,0 +1,215 @@
+"""A step's ``with:`` keys, checked, as one chat-completion request; its call-cache key.
+
+Every problem here is a `PermanentError` naming the key and how to fix it: a retry
+cannot mend a typo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from storyflow.agents.base import Call
+from storyflow.errors import PermanentError
+from storyflow.spec.units import did_you_mean
+
+BASE_URL_ENV = "STORYFLOW_LLM_BASE_URL"
+"""The environment variable naming the default endpoint."""
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_TIMEOUT_S = 120.0
+"""Seconds per HTTP call when neither ``with.timeout`` nor the step's timeout is set."""
+DEFAULT_KEY_SECRET = "OPENAI_API_KEY"
+DEFAULT_REPAIRS = 2
+CACHE_FORMAT = 1
+"""Part of every call-cache key; bump it when the stored shape changes."""
+KEYS = frozenset({
+    "model", "base_url", "system", "prompt", "messages", "temperature", "max_tokens",
+    "seed", "timeout", "api_key_secret", "repair_attempts", "cache", "sample",
+    "json_mode", "params",
+})
+"""Every ``with`` key the agent reads."""
+OFFLINE_KEYS = frozenset({"grammar", "start", "vars"})
+"""The ``builtin/grammar`` agent's keys, ignored: an environment (``--env llm``) can
+switch a grammar agent to this kind, and a deep merge cannot remove its keys."""
+_RESERVED_PARAMS = frozenset({"model", "messages", "stream"})
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One step's request settings, checked."""
+
+    base_url: str
+    model: str
+    messages: list[dict[str, Any]]
+    options: dict[str, Any]
+    """Body fields besides model and messages: ``params`` plus temperature, max_tokens, seed."""
+    timeout_s: float
+    key: str | None = field(repr=False)
+    key_secret: str
+    repairs: int
+    cache: bool
+    sample: int
+    json_mode: bool
+
+    def body(self, messages: list[dict[str, Any]], *, json_mode: bool) -> dict[str, Any]:
+        body = {**self.options, "model": self.model, "messages": messages}
+        if json_mode and "response_format" not in self.options:
+            body["response_format"] = {"type": "json_object"}
+        return body
+
+    def cache_key(self) -> str:
+        request = {
+            "format": CACHE_FORMAT,
+            "base_url": self.base_url,
+            "model": self.model,
+            "messages": self.messages,
+            "options": self.options,
+            "sample": self.sample,
+        }
+        return "llm:" + hashlib.sha256(canonical(request).encode("utf-8")).hexdigest()
+
+
+def request_of(call: Call, environ: Mapping[str, str]) -> Request:
+    """The call's request, its ``with`` keys checked (`PermanentError` on the first bad one)."""
+    inputs = call.inputs
+    for name in inputs:
+        if name not in KEYS and name not in OFFLINE_KEYS:
+            near = did_you_mean(name, KEYS)
+            hint = "other request fields go in `with.params`"
+            if name in ("api_key", "key", "token"):
+                hint = (f"the key comes only from the agent's secrets: declare "
+                        f"`secrets: [{DEFAULT_KEY_SECRET}]`, or name another with api_key_secret")
+            elif near is not None and near.startswith("did you mean"):
+                hint = f"{near} ({hint})"
+            raise PermanentError(f"the llm agent has no `with.{name}`", hint=hint)
+    model = inputs.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise PermanentError(
+            "the llm agent needs `with.model`" if model is None
+            else f"`with.model` must be a model name, not {model!r}",
+            hint='e.g. with: {model: gpt-4o-mini} or with: {model: "{{ config.model }}"}',
+        )
+    base_url = inputs.get("base_url") or environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+    if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+        raise PermanentError(f"`with.base_url` must be an http(s) URL, not {base_url!r}",
+                             hint="e.g. http://localhost:11434/v1 for Ollama")
+    secret = inputs.get("api_key_secret")
+    if secret is not None and (not isinstance(secret, str) or secret not in call.secrets):
+        raise PermanentError(
+            f"`with.api_key_secret` names {secret!r}, which this agent does not have",
+            hint=f"declare it on the agent: secrets: [{secret}], and export it",
+        )
+    key_secret = secret or DEFAULT_KEY_SECRET
+    params = inputs.get("params") or {}
+    if not isinstance(params, dict):
+        raise PermanentError(f"`with.params` must be a mapping, not {type(params).__name__}")
+    for name in params:
+        if name in _RESERVED_PARAMS:
+            raise PermanentError(f"`with.params.{name}` is not allowed",
+                                 hint="set model and messages directly; streaming is not supported")
+    options = dict(params)
+    temperature = _number(inputs, "temperature", minimum=0)
+    seed = _number(inputs, "seed", integer=True)
+    for name, value in (("temperature", temperature), ("seed", seed),
+                        ("max_tokens", _number(inputs, "max_tokens", integer=True, minimum=1))):
+        if value is not None:
+            options[name] = value
+    timeout = _number(inputs, "timeout", minimum=0.001)
+    repairs = _number(inputs, "repair_attempts", integer=True, minimum=0)
+    sample = _number(inputs, "sample", integer=True, minimum=0)
+    cache = _flag(inputs, "cache")
+    json_mode = _flag(inputs, "json_mode")
+    schema = call.output_schema
+    return Request(
+        base_url=base_url.rstrip("/"),
+        model=model,
+        messages=_messages(inputs, schema),
+        options=options,
+        timeout_s=float(timeout or call.timeout_s or DEFAULT_TIMEOUT_S),
+        key=call.secrets.get(key_secret) or None,
+        key_secret=key_secret,
+        repairs=DEFAULT_REPAIRS if repairs is None else int(repairs),
+        cache=cache if cache is not None else temperature == 0 or seed is not None,
+        sample=int(sample or 0),
+        json_mode=schema is not None and json_mode is not False,
+    )
+
+
+def _messages(inputs: Mapping[str, Any], schema: dict[str, Any] | None) -> list[dict[str, Any]]:
+    given = inputs.get("messages")
+    messages: list[dict[str, Any]] = []
+    if given is not None:
+        if not isinstance(given, list):
+            raise PermanentError("`with.messages` must be a list of {role, content}")
+        for i, m in enumerate(given):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                raise PermanentError(
+                    f"`with.messages[{i}]` must be a mapping with role and content",
+                    hint="e.g. {role: user, content: Write a haiku}",
+                )
+            messages.append(dict(m))
+    prompt = inputs.get("prompt")
+    if prompt is not None:
+        messages.append({"role": "user", "content": as_text(prompt)})
+    if not messages:
+        raise PermanentError("the llm agent needs a `prompt` or `with.messages`",
+                             hint="give the step a prompt: ...")
+    system = [as_text(s) for s in (inputs.get("system"),) if s is not None]
+    if schema is not None:
+        instruction = ("Reply with one JSON object that matches this JSON Schema, and nothing "
+                       "else (no commentary, no code fences):\n"
+                       + json.dumps(schema, ensure_ascii=False))
+        first = messages[0]
+        if not system and first["role"] == "system" and isinstance(first["content"], str):
+            messages[0] = {**first, "content": f"{first['content']}\n\n{instruction}"}
+        else:
+            system.append(instruction)
+    if system:
+        messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    return messages
+
+
+def as_text(value: Any) -> str:
+    """A string as it is, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def canonical(value: Any) -> str:
+    """One JSON text per value (sorted keys, no spaces): what cache keys hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=str)
+
+
+def _number(inputs: Mapping[str, Any], name: str, *, integer: bool = False,
+            minimum: float | None = None) -> int | float | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    number: Any = value
+    if isinstance(value, str):
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            number = None
+    elif integer and isinstance(value, float) and value.is_integer():
+        number = int(value)
+    kinds = (int,) if integer else (int, float)
+    if isinstance(number, bool) or not isinstance(number, kinds) or (
+        minimum is not None and number < minimum
+    ):
+        what = "an integer" if integer else "a number"
+        bound = f" ≥ {minimum:g}" if minimum is not None else ""
+        raise PermanentError(f"`with.{name}` must be {what}{bound}, not {value!r}")
+    return number
+
+
+def _flag(inputs: Mapping[str, Any], name: str) -> bool | None:
+    value = inputs.get(name)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if value is None or isinstance(value, bool):
+        return value
+    raise PermanentError(f"`with.{name}` must be true or false, not {value!r}")
