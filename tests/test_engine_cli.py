@@ -1226,3 +1226,26 @@ steps:
     skipped = [e["step"] for e in events if e["type"] == "step.skipped"]
     assert skipped == ["a", "b"]
     assert [e["step"] for e in events if e["type"] == "step.succeeded"] == ["c"]
+
+
+def test_a_timed_out_sync_callable_does_not_hold_the_exit(
+    cli: Any, write_workflow: Any, tmp_path: Path
+) -> None:
+    """Its worker thread cannot be stopped; the process leaves without waiting for it
+    (the thread would sleep far past the test's subprocess timeout)."""
+    (tmp_path / "sleepy.py").write_text(
+        "import time\n\ndef nap(s):\n    time.sleep(s)\n    return s\n", encoding="utf-8"
+    )
+    wf = write_workflow(f"""\
+apiVersion: storyflow/v1
+name: sleepy
+steps:
+  nap:
+    uses: python
+    with: {{callable: "sleepy:nap", s: {CLI_TIMEOUT_S * 10}}}
+    timeout: 0.2s
+    retry: {{attempts: 1}}
+""")
+    result = cli("run", wf, "--no-progress")
+    assert result.returncode == 1
+    assert "timed out after 0.2s" in result.stdout

@@ -21,6 +21,7 @@ import importlib
 import inspect
 import json
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,27 @@ def set_thread_pool_size(n: int) -> None:
         _executor.shutdown(wait=False)  # work already submitted still finishes
         _executor = None
     _pool_size = n
+
+
+_in_flight = [0]
+"""Synchronous calls running in worker threads (a list: updated from those threads)."""
+_in_flight_lock = threading.Lock()
+
+
+def calls_in_flight() -> int:
+    """Synchronous calls still running in a worker thread: a step cancelled by its
+    timeout or a signal leaves its thread running, for threads cannot be stopped."""
+    return _in_flight[0]
+
+
+def _counted(fn: Callable[[], Any]) -> Any:
+    with _in_flight_lock:
+        _in_flight[0] += 1
+    try:
+        return fn()
+    finally:
+        with _in_flight_lock:
+            _in_flight[0] -= 1
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -107,7 +129,9 @@ class PythonAgent:
             if target.is_async:
                 result = await target.fn(**kwargs)
             else:
-                result = await loop.run_in_executor(_pool(), functools.partial(target.fn, **kwargs))
+                result = await loop.run_in_executor(
+                    _pool(), _counted, functools.partial(target.fn, **kwargs)
+                )
                 if inspect.isawaitable(result):
                     result = await result
         except StepFailure:

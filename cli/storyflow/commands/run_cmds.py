@@ -7,7 +7,7 @@ import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -116,7 +116,7 @@ def run(
             max_parallel=max_parallel,
             no_cache=no_cache,
         )
-    raise typer.Exit(code)
+    leave(code)
 
 
 @app.command()
@@ -169,7 +169,7 @@ def resume(
             )
         finally:
             lease.release()
-    raise typer.Exit(code)
+    leave(code)
 
 
 def _resume(
@@ -357,3 +357,16 @@ def execute(
     if result.status is RunStatus.INTERRUPTED:
         return EXIT_SIGTERM if signals_seen and signals_seen[0] == signal.SIGTERM else EXIT_SIGINT
     return EXIT_FAILED
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with ``code``. A synchronous python callable cancelled by a timeout or a
+    signal still runs in its worker thread (threads cannot be stopped), and Python
+    would wait for it at exit: everything is committed and closed by now, so leave
+    without waiting."""
+    agent = sys.modules.get("storyflow.agents.python_agent")
+    if agent is not None and agent.calls_in_flight():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code)
