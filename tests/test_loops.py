@@ -179,6 +179,10 @@ def test_best_by_keeps_the_best_iteration(loops: Loops) -> None:
     assert events[-1]["outputs"]["story"] == "final v2<v1<None>>"
     assert events[-1]["outputs"]["score"] == 9
     assert [e.get("score") for e in events if e["type"] == "loop.iterated"] == [5, 9, 4]
+    polish = next(s for s in loops.show(events[0]["run_id"])["steps"] if s["id"] == "polish")
+    assert (polish["iterations"], polish["best_iteration"]) == (3, 2)
+    text = loops.cli("show", events[0]["run_id"]).stdout
+    assert "3 iterations, keeps #2" in text
 
 
 def test_exhausted_loop_succeeds_by_default_and_fails_on_request(loops: Loops) -> None:

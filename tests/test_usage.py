@@ -76,6 +76,9 @@ def test_tokens_and_cost_per_step_and_per_run(tmp_path: Path, server: FakeLLM) -
     summary = events[-1]
     assert summary["tokens"] == 45
     assert summary["cost"] == pytest.approx(3 * 40 / 1e6)
+    shown = run_cli("show", summary["run_id"], "--json", state_dir=tmp_path / "state")
+    item = next(s for s in json.loads(shown.stdout)["steps"] if s["id"] == "chapters[0]")
+    assert (item["usage"]["tokens"], item["usage"]["calls"]) == (15, 1)
 
 
 def test_a_run_budget_stops_the_run_and_a_raised_one_resumes_it(

@@ -149,20 +149,25 @@ def show_document(store: Any, record: Any) -> dict[str, Any]:
             if rec.ended_at is not None and rec.started_at is not None
             else None
         )
-        out_steps.append(
-            {
-                "id": sid,
-                "status": rec.status,
-                "attempts": rec.attempts,
-                "output": rec.output,
-                "error": rec.error,
-                "started_at": rec.started_at,
-                "ended_at": rec.ended_at,
-                "duration_s": duration,
-                "agent": rec.agent,
-                "degraded": rec.degraded,
-            }
-        )
+        entry: dict[str, Any] = {
+            "id": sid,
+            "status": rec.status,
+            "attempts": rec.attempts,
+            "output": rec.output,
+            "error": rec.error,
+            "started_at": rec.started_at,
+            "ended_at": rec.ended_at,
+            "duration_s": duration,
+            "agent": rec.agent,
+            "degraded": rec.degraded,
+        }
+        if isinstance(rec.meta.get("iterations"), int):
+            entry["iterations"] = rec.meta["iterations"]
+            if isinstance(rec.meta.get("best"), int):
+                entry["best_iteration"] = rec.meta["best"]
+        if isinstance(rec.meta.get("usage"), dict):
+            entry["usage"] = rec.meta["usage"]
+        out_steps.append(entry)
     return {
         "run_id": record.run_id,
         "workflow": record.workflow,
@@ -261,6 +266,14 @@ def show(
             note = f"{s['error']['class']}: {s['error']['message']}"[:70]
         elif s["degraded"]:
             note = f"degraded (served by {s['agent']})"
+        elif "iterations" in s:
+            n = s["iterations"]
+            note = f"{n} iteration{'s' if n != 1 else ''}"
+            if "best_iteration" in s and s["best_iteration"] != n:
+                note += f", keeps #{s['best_iteration']}"
+        if s.get("usage") and s["usage"].get("calls"):
+            u = s["usage"]
+            note = (note + " · " if note else "") + f"{u['tokens']} tokens, {u['cost']:.4f}"
         rows.append(
             [s["id"], s["status"], str(s["attempts"]), _dur(s["started_at"], s["ended_at"]), note]
         )
