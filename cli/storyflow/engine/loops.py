@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from storyflow.engine import lifecycle
-from storyflow.engine.instance import OK, Instance, LoopInstance, new_instance
+from storyflow.engine.instance import Instance, LoopInstance, new_instance
 from storyflow.engine.plan import digest
+from storyflow.engine.prepare import keep
 from storyflow.errors import StepFailure
 from storyflow.events import ErrorClass, EventType, StepStatus
 
@@ -34,26 +35,15 @@ class Loops:
         lp.fingerprint = digest(
             [lp.node.fingerprint, {d: steps[d]["output"] for d in lp.node.deps if d in steps}]
         )
-        prev = r.previous_record(lp)
-        if (
-            prev is not None
-            and prev.status in OK
-            and prev.fingerprint == lp.fingerprint
-            and not r.forced(lp)
-            and not prev.meta.get("redacted")
-        ):
-            lp.output, lp.attempts = prev.output, prev.attempts
-            lp.started_at, lp.ended_at = prev.started_at, prev.ended_at
+        lifecycle.step_fire(lp, "ready")
+        prev = keep(r, lp)
+        if prev is not None:
             lp.iteration = int(prev.meta.get("iterations", 0))
             lp.scores = list(prev.meta.get("scores", []))
             lp.history = [{}] * lp.iteration  # only the count matters once it is kept
-            lifecycle.step_fire(lp, "ready")
-            lifecycle.step_fire(lp, "keep")
-            r.emit(EventType.STEP_KEPT, step=lp.id, attempt=lp.attempts)
             return r.settled(lp)
         lp.attempts = 1
         lp.started_at = r.opt.clock()
-        lifecycle.step_fire(lp, "ready")
         r.move(lp, "start")
         r.emit(EventType.STEP_STARTED, step=lp.id, attempt=lp.attempts)
         return self.next_iteration(lp)

@@ -22,6 +22,7 @@ from storyflow.events import EventType, StepStatus
 if TYPE_CHECKING:
     from storyflow.engine.instance import Instance
     from storyflow.engine.runner import Runner
+    from storyflow.store import StepRecord
 
 Prepared = tuple[Any, dict[str, Any], dict[str, str]]
 """An instance ready for its attempts: the agent, rendered inputs and its secrets."""
@@ -39,19 +40,7 @@ def prepare(r: Runner, inst: Instance) -> Prepared | None:
         fail_before_start(r, inst, exc)
         return None
     inst.fingerprint = digest([inst.node.fingerprint, inputs])
-    prev = r.previous_record(inst)
-    if (
-        prev is not None
-        and prev.status in OK
-        and prev.fingerprint == inst.fingerprint
-        and not r.forced(inst)
-        and not prev.meta.get("redacted")
-    ):
-        inst.output, inst.attempts = prev.output, prev.attempts
-        inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
-        inst.agent, inst.degraded = prev.agent, prev.degraded
-        lifecycle.step_fire(inst, "keep")  # the stored record already says so
-        r.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
+    if keep(r, inst) is not None:
         return None
     if step.cache:
         found, output = r.store.cache_get(inst.fingerprint)
@@ -62,6 +51,27 @@ def prepare(r: Runner, inst: Instance) -> Prepared | None:
             r.emit(EventType.STEP_CACHED, step=inst.id, attempt=inst.attempts)
             return None
     return agent, inputs, secrets
+
+
+def keep(r: Runner, inst: Instance) -> StepRecord | None:
+    """Settle the ready ``inst`` as kept when an earlier process of the run finished it
+    with this fingerprint (and it is not forced, and its output was not redacted): no
+    store write, its record already says so. The record kept, else None."""
+    prev = r.previous_record(inst)
+    if (
+        prev is None
+        or prev.status not in OK
+        or prev.fingerprint != inst.fingerprint
+        or r.forced(inst)
+        or prev.meta.get("redacted")
+    ):
+        return None
+    inst.output, inst.attempts = prev.output, prev.attempts
+    inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
+    inst.agent, inst.degraded = prev.agent, prev.degraded
+    lifecycle.step_fire(inst, "keep")
+    r.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
+    return prev
 
 
 def fail_before_start(r: Runner, inst: Instance, exc: StepFailure) -> None:
