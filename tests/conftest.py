@@ -167,3 +167,73 @@ def new_run_record(
     )
     store.put_run(record)
     return record
+
+
+def _schema_validator(name: str) -> Any:
+    import json
+
+    import jsonschema
+
+    path = Path(__file__).resolve().parents[1] / "schemas" / f"{name}.schema.json"
+    return jsonschema.Draft202012Validator(json.loads(path.read_text(encoding="utf-8")))
+
+
+class CliProject:
+    """A folder with a python agents module, a state dir, and the real CLI to drive them.
+
+    Agents append their name to ``$SF_EXEC_LOG`` (this project's ``exec.log``) so a test
+    can see what ran (`executions`); events and ``show`` documents are validated against
+    their JSON Schemas.
+    """
+
+    def __init__(self, root: Path, module: str, source: str) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.log = root / "exec.log"
+        (root / f"{module}.py").write_text(source, encoding="utf-8")
+        self._events = _schema_validator("events")
+        self._show = _schema_validator("show")
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.root / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    def cli(
+        self, *args: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = run_cli(*args, state_dir=self.state, cwd=self.root,
+                         env={"SF_EXEC_LOG": str(self.log), **(env or {})})
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    def events(
+        self, *args: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+        code: int = 0,
+    ) -> list[dict[str, Any]]:
+        """``storyflow ARGS --json``: its events, each checked against the schema."""
+        import json
+
+        result = self.cli(*args, "--json", env=env)
+        assert result.returncode == code, (result.stdout, result.stderr)
+        events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        for event in events:
+            self._events.validate(event)
+        return events
+
+    def show(self, run_id: str) -> dict[str, Any]:
+        import json
+
+        result = self.cli("show", run_id, "--json")
+        assert result.returncode == 0, result.stderr
+        doc: dict[str, Any] = json.loads(result.stdout)
+        self._show.validate(doc)
+        return doc
+
+    def executions(self) -> list[str]:
+        """What the agents ran since the last call, in order."""
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text(encoding="utf-8").split()
+        self.log.unlink()
+        return lines

@@ -10,23 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 
-from conftest import CLI_TIMEOUT_S, cli_env, run_cli
-
-REPO = Path(__file__).resolve().parents[1]
-EVENTS = jsonschema.Draft202012Validator(
-    json.loads((REPO / "schemas" / "events.schema.json").read_text(encoding="utf-8"))
-)
-SHOW = jsonschema.Draft202012Validator(
-    json.loads((REPO / "schemas" / "show.schema.json").read_text(encoding="utf-8"))
-)
+from conftest import CLI_TIMEOUT_S, CliProject, cli_env
 
 AGENTS = '''\
 import os
@@ -94,59 +84,17 @@ def loop_workflow(
     )
 
 
-class Loops:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state = root / "state"
-        self.log = root / "exec.log"
-        (root / "loop_agents.py").write_text(AGENTS, encoding="utf-8")
-
-    def write(self, text: str, name: str = "wf.yaml") -> Path:
-        path = self.root / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    def cli(self, *args: str | Path, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, state_dir=self.state, cwd=self.root,
-                       env={"SF_EXEC_LOG": str(self.log), **(env or {})})
-
-    def run_json(self, *args: str | Path, env: dict[str, str] | None = None,
-                 code: int = 0) -> list[dict[str, Any]]:
-        result = self.cli(*args, "--json", env=env)
-        assert result.returncode == code, (result.stdout, result.stderr)
-        assert "Traceback" not in result.stderr
-        events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-        for event in events:
-            EVENTS.validate(event)
-        return events
-
-    def show(self, run_id: str) -> dict[str, Any]:
-        result = self.cli("show", run_id, "--json")
-        assert result.returncode == 0, result.stderr
-        doc: dict[str, Any] = json.loads(result.stdout)
-        SHOW.validate(doc)
-        return doc
-
-    def executions(self) -> list[str]:
-        if not self.log.exists():
-            return []
-        lines = self.log.read_text(encoding="utf-8").split()
-        self.log.unlink()
-        return lines
-
-
 @pytest.fixture
-def loops(tmp_path: Path) -> Loops:
-    return Loops(tmp_path)
+def loops(tmp_path: Path) -> CliProject:
+    return CliProject(tmp_path, "loop_agents", AGENTS)
 
 
 def started(events: list[dict[str, Any]]) -> list[str]:
     return [e["step"] for e in events if e["type"] == "step.started"]
 
 
-def test_loop_repeats_until_the_condition_holds(loops: Loops) -> None:
-    events = loops.run_json("run", loops.write(loop_workflow("3,6,9")))
+def test_loop_repeats_until_the_condition_holds(loops: CliProject) -> None:
+    events = loops.events("run", loops.write("wf.yaml", loop_workflow("3,6,9")))
     summary = events[-1]
     assert summary["status"] == "succeeded"
     assert summary["outputs"]["story"] == "final v3<v2<v1<None>>>"
@@ -170,12 +118,12 @@ def test_loop_repeats_until_the_condition_holds(loops: Loops) -> None:
                                 "revise": "v3<v2<v1<None>>>"}
 
 
-def test_best_by_keeps_the_best_iteration(loops: Loops) -> None:
-    wf = loops.write(loop_workflow(
+def test_best_by_keeps_the_best_iteration(loops: CliProject) -> None:
+    wf = loops.write("wf.yaml", loop_workflow(
         "5,9,4", max_iterations=3, until=None,
         extra="      best_by: steps.critique.output.score\n",
     ))
-    events = loops.run_json("run", wf)
+    events = loops.events("run", wf)
     assert events[-1]["outputs"]["story"] == "final v2<v1<None>>"
     assert events[-1]["outputs"]["score"] == 9
     assert [e.get("score") for e in events if e["type"] == "loop.iterated"] == [5, 9, 4]
@@ -185,28 +133,28 @@ def test_best_by_keeps_the_best_iteration(loops: Loops) -> None:
     assert "3 iterations, keeps #2" in text
 
 
-def test_exhausted_loop_succeeds_by_default_and_fails_on_request(loops: Loops) -> None:
-    events = loops.run_json("run", loops.write(loop_workflow("1,1", max_iterations=2)))
+def test_exhausted_loop_succeeds_by_default_and_fails_on_request(loops: CliProject) -> None:
+    events = loops.events("run", loops.write("wf.yaml", loop_workflow("1,1", max_iterations=2)))
     assert events[-1]["status"] == "succeeded"
     assert events[-1]["outputs"]["story"] == "final v2<v1<None>>"
 
-    wf = loops.write(loop_workflow("1,1", max_iterations=2,
-                                   extra="      on_exhausted: fail\n"), "strict.yaml")
+    wf = loops.write("strict.yaml", loop_workflow("1,1", max_iterations=2,
+                                   extra="      on_exhausted: fail\n"))
     result = loops.cli("run", wf, "--no-progress")
     assert result.returncode == 1
     assert "still false after 2 iterations" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_failure_inside_an_iteration_then_resume_continues_inside_it(loops: Loops) -> None:
-    wf = loops.write(loop_workflow("3,6,9"))
-    events = loops.run_json("run", wf, env={"SF_FAIL_AT": "2"}, code=1)
+def test_failure_inside_an_iteration_then_resume_continues_inside_it(loops: CliProject) -> None:
+    wf = loops.write("wf.yaml", loop_workflow("3,6,9"))
+    events = loops.events("run", wf, env={"SF_FAIL_AT": "2"}, code=1)
     run_id = events[0]["run_id"]
     failed = [e["step"] for e in events if e["type"] == "step.failed"]
     assert failed == ["polish#2.revise", "polish"]
     assert loops.executions() == ["critique1", "revise1", "critique2", "revise2"]
 
-    resumed = loops.run_json("resume", run_id)
+    resumed = loops.events("resume", run_id)
     assert resumed[-1]["status"] == "succeeded"
     assert resumed[-1]["outputs"]["story"] == "final v3<v2<v1<None>>>"
     kept = {e["step"] for e in resumed if e["type"] == "step.kept"}
@@ -214,8 +162,8 @@ def test_failure_inside_an_iteration_then_resume_continues_inside_it(loops: Loop
     assert loops.executions() == ["revise2", "critique3", "revise3"]
 
 
-def test_kill_9_inside_an_iteration_then_resume(loops: Loops) -> None:
-    wf = loops.write(loop_workflow("3,6,9"))
+def test_kill_9_inside_an_iteration_then_resume(loops: CliProject) -> None:
+    wf = loops.write("wf.yaml", loop_workflow("3,6,9"))
     gate = loops.root / "gate"
     env = cli_env(loops.state, {"SF_EXEC_LOG": str(loops.log), "SF_GATE": str(gate)})
     proc = subprocess.Popen(
@@ -239,18 +187,18 @@ def test_kill_9_inside_an_iteration_then_resume(loops: Loops) -> None:
             proc.stdout.close()
     assert loops.executions() == ["critique1", "revise1", "critique2", "revise2"]
 
-    resumed = loops.run_json("resume", run_id)
+    resumed = loops.events("resume", run_id)
     assert resumed[-1]["status"] == "succeeded"
     assert resumed[-1]["outputs"]["story"] == "final v3<v2<v1<None>>>"
     assert loops.executions() == ["revise2", "critique3", "revise3"]
     assert started(resumed)[:2] == ["polish", "polish#2.revise"]
 
 
-def test_a_finished_loop_is_kept_whole_on_resume(loops: Loops) -> None:
-    wf = loops.write(loop_workflow("3,6,9"))
-    events = loops.run_json("run", wf)
+def test_a_finished_loop_is_kept_whole_on_resume(loops: CliProject) -> None:
+    wf = loops.write("wf.yaml", loop_workflow("3,6,9"))
+    events = loops.events("run", wf)
     loops.executions()
-    resumed = loops.run_json("resume", events[0]["run_id"], "--from", "done")
+    resumed = loops.events("resume", events[0]["run_id"], "--from", "done")
     assert started(resumed) == ["done"]
     assert {e["step"] for e in resumed if e["type"] == "step.kept"} == {"first", "polish"}
     assert loops.executions() == []
@@ -260,8 +208,8 @@ def test_a_finished_loop_is_kept_whole_on_resume(loops: Loops) -> None:
     assert "polish#3.revise" in ids
 
 
-def test_a_map_inside_a_loop(loops: Loops) -> None:
-    wf = loops.write("""\
+def test_a_map_inside_a_loop(loops: CliProject) -> None:
+    wf = loops.write("wf.yaml", """\
         apiVersion: storyflow/v1
         name: map-in-loop
         steps:
@@ -280,7 +228,7 @@ def test_a_map_inside_a_loop(loops: Loops) -> None:
         outputs:
           last: "{{ steps.polish.output.joined }}"
         """)
-    events = loops.run_json("run", wf)
+    events = loops.events("run", wf)
     assert events[-1]["outputs"]["last"] == "1-2,2-2"
     ids = [s["id"] for s in loops.show(events[0]["run_id"])["steps"]]
     assert ids == [
@@ -290,18 +238,18 @@ def test_a_map_inside_a_loop(loops: Loops) -> None:
     ]
 
 
-def test_until_that_cannot_be_evaluated_fails_the_loop_clearly(loops: Loops) -> None:
-    wf = loops.write(loop_workflow("3,6,9", until="steps.critique.output.score > 'x'"))
+def test_until_that_cannot_be_evaluated_fails_the_loop_clearly(loops: CliProject) -> None:
+    wf = loops.write("wf.yaml", loop_workflow("3,6,9", until="steps.critique.output.score > 'x'"))
     result = loops.cli("run", wf, "--no-progress")
     assert result.returncode == 1
     assert "until" in result.stdout
     assert "Traceback" not in result.stderr
 
 
-def test_a_loop_whose_when_is_false_is_skipped_with_its_dependents(loops: Loops) -> None:
+def test_a_loop_whose_when_is_false_is_skipped_with_its_dependents(loops: CliProject) -> None:
     text = loop_workflow("3,6,9").replace("  polish:\n", "  polish:\n    when: false\n", 1)
     text = text.partition("outputs:")[0]
-    events = loops.run_json("run", loops.write(text))
+    events = loops.events("run", loops.write("wf.yaml", text))
     assert [e["step"] for e in events if e["type"] == "step.skipped"] == ["polish", "done"]
     assert not any(e["type"] == "loop.iteration" for e in events)
     assert loops.executions() == []

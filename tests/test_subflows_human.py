@@ -15,15 +15,13 @@ import pty
 import select
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import pytest
 
-from conftest import CLI_TIMEOUT_S, cli_env, run_cli
+from conftest import CLI_TIMEOUT_S, CliProject, cli_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +31,7 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads(text))
 
 
-EVENTS, SHOW, RUNS = _validator("events"), _validator("show"), _validator("runs")
+RUNS = _validator("runs")
 
 AGENTS = '''\
 import os
@@ -87,52 +85,9 @@ outputs:
 """
 
 
-class Env:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.state = root / "state"
-        self.log = root / "exec.log"
-        (root / "sub_agents.py").write_text(AGENTS, encoding="utf-8")
-
-    def write(self, name: str, text: str) -> Path:
-        path = self.root / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return path
-
-    def cli(self, *args: str | Path, env: dict[str, str] | None = None
-            ) -> subprocess.CompletedProcess[str]:
-        result = run_cli(*args, state_dir=self.state, cwd=self.root,
-                         env={"SF_EXEC_LOG": str(self.log), **(env or {})})
-        assert "Traceback" not in result.stderr, result.stderr
-        return result
-
-    def events(self, *args: str | Path, env: dict[str, str] | None = None,
-               code: int = 0) -> list[dict[str, Any]]:
-        result = self.cli(*args, "--json", env=env)
-        assert result.returncode == code, (result.stdout, result.stderr)
-        events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-        for event in events:
-            EVENTS.validate(event)
-        return events
-
-    def show(self, run_id: str) -> dict[str, Any]:
-        result = self.cli("show", run_id, "--json")
-        assert result.returncode == 0, result.stderr
-        doc: dict[str, Any] = json.loads(result.stdout)
-        SHOW.validate(doc)
-        return doc
-
-    def executions(self) -> list[str]:
-        if not self.log.exists():
-            return []
-        lines = self.log.read_text(encoding="utf-8").split()
-        self.log.unlink()
-        return lines
-
-
 @pytest.fixture
-def env(tmp_path: Path) -> Env:
-    e = Env(tmp_path)
+def env(tmp_path: Path) -> CliProject:
+    e = CliProject(tmp_path, "sub_agents", AGENTS)
     e.write("chapter.yaml", CHILD)
     return e
 
@@ -140,7 +95,7 @@ def env(tmp_path: Path) -> Env:
 # --- sub-workflows ------------------------------------------------------------------------
 
 
-def test_a_child_run_is_linked_to_its_parent(env: Env) -> None:
+def test_a_child_run_is_linked_to_its_parent(env: CliProject) -> None:
     events = env.events("run", env.write("book.yaml", PARENT))
     run_id = events[0]["run_id"]
     assert events[-1]["outputs"]["book"] == "book: child-2(child-1(plan(sea))) x100"
@@ -167,7 +122,7 @@ def test_a_child_run_is_linked_to_its_parent(env: Env) -> None:
     assert result.returncode == 2 and f"storyflow resume {run_id}" in result.stderr
 
 
-def test_child_inputs_are_checked_by_the_child_schema(env: Env) -> None:
+def test_child_inputs_are_checked_by_the_child_schema(env: CliProject) -> None:
     wf = env.write("bad.yaml", PARENT.replace(
         '{topic: "{{ steps.plan.output }}"}', '{topic: "x", words: 0}'))
     result = env.cli("run", wf, "--no-progress")
@@ -175,7 +130,7 @@ def test_child_inputs_are_checked_by_the_child_schema(env: Env) -> None:
     assert "words" in result.stdout and "minimum" in result.stdout + result.stderr
 
 
-def test_a_failed_child_is_resumed_with_its_parent(env: Env) -> None:
+def test_a_failed_child_is_resumed_with_its_parent(env: CliProject) -> None:
     wf = env.write("book.yaml", PARENT)
     events = env.events("run", wf, env={"SF_FAIL": "child-2"}, code=1)
     run_id = events[0]["run_id"]
@@ -187,7 +142,7 @@ def test_a_failed_child_is_resumed_with_its_parent(env: Env) -> None:
     assert env.show(f"{run_id}.chapter")["status"] == "succeeded"
 
 
-def test_kill_9_inside_a_child_run_then_resume_the_parent(env: Env) -> None:
+def test_kill_9_inside_a_child_run_then_resume_the_parent(env: CliProject) -> None:
     wf = env.write("book.yaml", PARENT)
     gate = env.root / "gate"
     proc = subprocess.Popen(
@@ -217,7 +172,7 @@ def test_kill_9_inside_a_child_run_then_resume_the_parent(env: Env) -> None:
     assert env.executions() == ["child-2"]
 
 
-def test_a_finished_child_is_not_run_again(env: Env) -> None:
+def test_a_finished_child_is_not_run_again(env: CliProject) -> None:
     events = env.events("run", env.write("book.yaml", PARENT))
     env.executions()
     resumed = env.events("resume", events[0]["run_id"], "--from", "chapter")
@@ -225,7 +180,7 @@ def test_a_finished_child_is_not_run_again(env: Env) -> None:
     assert any("already succeeded" in e.get("message", "") for e in resumed)
 
 
-def test_a_workflow_that_runs_itself_fails_clearly(env: Env) -> None:
+def test_a_workflow_that_runs_itself_fails_clearly(env: CliProject) -> None:
     wf = env.write("loop.yaml", """\
         apiVersion: storyflow/v1
         name: ouroboros
@@ -237,7 +192,7 @@ def test_a_workflow_that_runs_itself_fails_clearly(env: Env) -> None:
     assert "would run inside itself" in result.stdout
 
 
-def test_children_of_a_map_with_a_failing_row(env: Env) -> None:
+def test_children_of_a_map_with_a_failing_row(env: CliProject) -> None:
     wf = env.write("batch.yaml", """\
         apiVersion: storyflow/v1
         name: batch
@@ -288,7 +243,7 @@ outputs:
 """
 
 
-def test_a_human_step_pauses_the_run_then_answers_continue_it(env: Env) -> None:
+def test_a_human_step_pauses_the_run_then_answers_continue_it(env: CliProject) -> None:
     wf = env.write("human.yaml", HUMAN)
     result = env.cli("run", wf, "--no-progress")
     assert result.returncode == 3, result.stderr
@@ -325,7 +280,7 @@ def test_a_human_step_pauses_the_run_then_answers_continue_it(env: Env) -> None:
     assert again.returncode == 2 and "not waiting" in again.stderr
 
 
-def test_json_mode_reports_the_wait(env: Env) -> None:
+def test_json_mode_reports_the_wait(env: CliProject) -> None:
     events = env.events("run", env.write("human.yaml", HUMAN), code=3)
     waiting = [e for e in events if e["type"] == "step.waiting"]
     assert {e["answer_step"] for e in waiting} == {"approve", "title"}
@@ -333,7 +288,7 @@ def test_json_mode_reports_the_wait(env: Env) -> None:
     assert {q["step"] for q in events[-1]["waiting"]} == {"approve", "title"}
 
 
-def test_a_question_inside_a_child_run_is_answered_through_the_parent(env: Env) -> None:
+def test_a_question_inside_a_child_run_is_answered_through_the_parent(env: CliProject) -> None:
     env.write("ask.yaml", """\
         apiVersion: storyflow/v1
         name: ask
@@ -359,7 +314,7 @@ def test_a_question_inside_a_child_run_is_answered_through_the_parent(env: Env) 
 
 
 @pytest.mark.parametrize("display", ["--no-progress", "--live"])
-def test_on_a_terminal_the_question_is_asked_there(env: Env, display: str) -> None:
+def test_on_a_terminal_the_question_is_asked_there(env: CliProject, display: str) -> None:
     wf = env.write("tty.yaml", """\
         apiVersion: storyflow/v1
         name: tty
