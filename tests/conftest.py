@@ -230,6 +230,34 @@ class CliProject:
         self._show.validate(doc)
         return doc
 
+    def kill_at_gate(self, workflow: Path, gate: Path) -> str:
+        """``storyflow run WORKFLOW`` with ``$SF_GATE`` set, killed with SIGKILL once an
+        agent has created ``GATE.waiting`` (it then waits for ``GATE``); the run id."""
+        import json
+        import time
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "storyflow", "run", str(workflow), "--json"],
+            cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=cli_env(self.state, {"SF_EXEC_LOG": str(self.log), "SF_GATE": str(gate)}),
+        )
+        try:
+            assert proc.stdout is not None
+            run_id: str = json.loads(proc.stdout.readline())["run_id"]
+            waiting = Path(str(gate) + ".waiting")
+            deadline = time.monotonic() + CLI_TIMEOUT_S
+            while not waiting.exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            proc.kill()
+            proc.wait(timeout=CLI_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        return run_id
+
     def executions(self) -> list[str]:
         """What the agents ran since the last call, in order."""
         if not self.log.exists():

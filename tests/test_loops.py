@@ -7,16 +7,12 @@ fails or is killed in the middle of an iteration resumes inside it.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import CLI_TIMEOUT_S, CliProject, cli_env
+from conftest import CliProject
 
 AGENTS = '''\
 import os
@@ -165,26 +161,7 @@ def test_failure_inside_an_iteration_then_resume_continues_inside_it(loops: CliP
 def test_kill_9_inside_an_iteration_then_resume(loops: CliProject) -> None:
     wf = loops.write("wf.yaml", loop_workflow("3,6,9"))
     gate = loops.root / "gate"
-    env = cli_env(loops.state, {"SF_EXEC_LOG": str(loops.log), "SF_GATE": str(gate)})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--json"],
-        cwd=loops.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        run_id = json.loads(proc.stdout.readline())["run_id"]
-        waiting = Path(str(gate) + ".waiting")
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not waiting.exists():  # the agent of polish#2.revise is running
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.kill()
-        proc.wait(timeout=CLI_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    run_id = loops.kill_at_gate(wf, gate)  # while polish#2.revise runs
     assert loops.executions() == ["critique1", "revise1", "critique2", "revise2"]
 
     resumed = loops.events("resume", run_id)

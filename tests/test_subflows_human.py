@@ -145,26 +145,7 @@ def test_a_failed_child_is_resumed_with_its_parent(env: CliProject) -> None:
 def test_kill_9_inside_a_child_run_then_resume_the_parent(env: CliProject) -> None:
     wf = env.write("book.yaml", PARENT)
     gate = env.root / "gate"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--json"],
-        cwd=env.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=cli_env(env.state, {"SF_EXEC_LOG": str(env.log), "SF_GATE": str(gate)}),
-    )
-    try:
-        assert proc.stdout is not None
-        run_id = json.loads(proc.stdout.readline())["run_id"]
-        waiting = Path(str(gate) + ".waiting")
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not waiting.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        proc.kill()
-        proc.wait(timeout=CLI_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    run_id = env.kill_at_gate(wf, gate)
     assert env.executions() == ["plan", "child-1", "child-2"]
     resumed = env.events("resume", run_id)
     assert resumed[-1]["status"] == "succeeded"
