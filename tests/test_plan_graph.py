@@ -40,6 +40,21 @@ SMALL = """\
 """
 
 
+CHILD = """\
+apiVersion: storyflow/v1
+name: child
+steps:
+  only: {uses: template, with: {template: "x"}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def child_workflow(write_workflow: Any) -> Path:
+    """The sub-workflow SMALL's `child` step runs (validation checks that it exists)."""
+    path: Path = write_workflow(CHILD, "child.yaml")
+    return path
+
+
 @pytest.fixture
 def small(write_workflow: Any) -> Path:
     path: Path = write_workflow(SMALL)

@@ -162,6 +162,7 @@ def test_a_finished_child_is_not_run_again(env: CliProject) -> None:
 
 
 def test_a_workflow_that_runs_itself_fails_clearly(env: CliProject) -> None:
+    # Directly: found when the file is validated, with its line.
     wf = env.write("loop.yaml", """\
         apiVersion: storyflow/v1
         name: ouroboros
@@ -169,8 +170,39 @@ def test_a_workflow_that_runs_itself_fails_clearly(env: CliProject) -> None:
           again: {uses: workflow, with: {path: loop.yaml}}
         """)
     result = env.cli("run", wf, "--no-progress")
+    assert result.returncode == 2
+    assert "loop.yaml:4:" in result.stderr and "would run inside itself" in result.stderr
+    # Through another file: found when the grandchild would start.
+    env.write("a.yaml", """\
+        apiVersion: storyflow/v1
+        name: a
+        steps:
+          b: {uses: workflow, with: {path: b.yaml}}
+        """)
+    env.write("b.yaml", """\
+        apiVersion: storyflow/v1
+        name: b
+        steps:
+          a: {uses: workflow, with: {path: a.yaml}}
+        """)
+    result = env.cli("run", env.root / "a.yaml", "--no-progress")
     assert result.returncode == 1
     assert "would run inside itself" in result.stdout
+
+
+def test_a_missing_child_file_is_a_validation_error(env: CliProject) -> None:
+    wf = env.write("lost.yaml", """\
+        apiVersion: storyflow/v1
+        name: lost
+        steps:
+          sub: {uses: workflow, with: {path: chapters/one.yaml}}
+          ask: {uses: human, with: {schema: {type: boolean}}}
+        """)
+    result = env.cli("validate", wf)
+    assert result.returncode == 2
+    assert "lost.yaml:4:38:" in result.stdout + result.stderr
+    assert "workflow file 'chapters/one.yaml' not found" in result.stdout + result.stderr
+    assert "step 'ask' (human) needs a question" in result.stdout + result.stderr
 
 
 def test_children_of_a_map_with_a_failing_row(env: CliProject) -> None:

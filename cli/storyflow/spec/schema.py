@@ -66,7 +66,61 @@ def check(source: Source, data: Any) -> list[Problem]:
         for name, sub in inputs.items():
             if isinstance(name, str) and isinstance(sub, dict):
                 problems.extend(_check_input(source, name, sub))
+    if isinstance(data, dict):
+        problems.extend(_check_step_schemas(source, data))
     return problems
+
+
+def _check_step_schemas(source: Source, data: dict[str, Any]) -> list[Problem]:
+    """Each ``output_schema``, and each ``human`` step's answer ``schema``, must be a
+    JSON Schema (checked here, once, rather than failing when the step runs)."""
+    agents = data.get("agents") if isinstance(data.get("agents"), dict) else {}
+    assert isinstance(agents, dict)
+    found: list[tuple[PathKey, Any, str]] = []
+    for name, agent in agents.items():
+        if isinstance(agent, dict) and agent.get("uses") == "human":
+            w = agent.get("with")
+            if isinstance(w, dict) and "schema" in w:
+                found.append((("agents", name, "with", "schema"), w["schema"], "answer schema"))
+
+    def walk(steps: Any, at: PathKey) -> None:
+        if not isinstance(steps, dict):
+            return
+        for sid, raw in steps.items():
+            if not isinstance(raw, dict):
+                continue
+            here: PathKey = (*at, sid)
+            if "output_schema" in raw:
+                found.append(((*here, "output_schema"), raw["output_schema"], "output_schema"))
+            agent = agents.get(raw.get("agent")) if isinstance(raw.get("agent"), str) else None
+            kind = raw.get("uses") or (agent.get("uses") if isinstance(agent, dict) else None)
+            w = raw.get("with")
+            if kind == "human" and isinstance(w, dict) and "schema" in w:
+                found.append(((*here, "with", "schema"), w["schema"], "answer schema"))
+            loop = raw.get("loop")
+            if isinstance(loop, dict):
+                walk(loop.get("steps"), (*here, "loop", "steps"))
+
+    walk(data.get("steps"), ("steps",))
+    problems = []
+    for at, sub, what in found:
+        problems.extend(_check_schema(source, at, sub, what))
+    return problems
+
+
+def _check_schema(source: Source, at: PathKey, sub: Any, what: str) -> list[Problem]:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    if not isinstance(sub, (dict, bool)):
+        return []  # the workflow schema already says it must be a mapping
+    try:
+        Draft202012Validator.check_schema(sub)
+    except SchemaError as exc:
+        return [source.problem((*at, *exc.path), f"this {what} is not a valid JSON Schema: "
+                               f"{exc.message}",
+                               hint="see https://json-schema.org/understanding-json-schema")]
+    return []
 
 
 def _check_input(source: Source, name: str, sub: dict[str, Any]) -> list[Problem]:

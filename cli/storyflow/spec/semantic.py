@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from storyflow.errors import Problem
@@ -156,6 +157,14 @@ class _Checker:
                     self.error(path, f"step {info.id!r} ({kind}) needs with.{key}",
                                f"add `with: {{{key}: ...}}` to the step or its agent",
                                at_key=True)
+            if kind == "human" and "question" not in merged and "prompt" not in merged:
+                self.error(path, f"step {info.id!r} (human) needs a question",
+                           "add `with: {question: ...}` (or a prompt) to the step or its agent",
+                           at_key=True)
+            child = merged.get("path")
+            if kind == "workflow" and isinstance(child, str) and "{" not in child:
+                where = (*path, "with", "path") if "path" in _dict(raw.get("with")) else path
+                self._check_child(child, where)
         self._check_pool(raw.get("pool"), (*path, "pool"))
         fb = raw.get("fallback")
         if isinstance(fb, str) and fb not in self.agents:
@@ -201,6 +210,19 @@ class _Checker:
         if kind not in self.kinds:
             self.error(path, f"unknown agent kind {kind!r}",
                        did_you_mean(kind, self.kinds, what="kinds"))
+
+    def _check_child(self, rel: str, path: PathKey) -> None:
+        """A sub-workflow's file must exist, and not be this file."""
+        if not self.src.path or not Path(self.src.path).is_file():
+            return  # checking text with no file behind it
+        here = Path(self.src.path).resolve()
+        target = (here.parent / rel).resolve()
+        if target == here:
+            self.error(path, f"the workflow {rel!r} would run inside itself",
+                       "a sub-workflow cannot be the workflow that contains it")
+        elif not target.is_file():
+            self.error(path, f"workflow file {rel!r} not found",
+                       f"the path is relative to this workflow's folder ({target})")
 
     def _check_pool(self, pool: Any, path: PathKey) -> None:
         if isinstance(pool, str) and pool not in self.pools:
