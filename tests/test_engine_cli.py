@@ -1249,3 +1249,16 @@ steps:
     result = cli("run", wf, "--no-progress")
     assert result.returncode == 1
     assert "timed out after 0.2s" in result.stdout
+
+
+def test_show_logs_and_report_take_last(cli: Any, minimal_workflow: Path) -> None:
+    assert cli("show", "--last").returncode == 2  # no runs yet: a message, not a crash
+    run_id = json.loads(cli("run", minimal_workflow, "--json").stdout.splitlines()[0])["run_id"]
+    shown = cli("show", "--last", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["run_id"] == run_id
+    logs = cli("logs", "--last")
+    assert logs.returncode == 0 and "run.succeeded" in logs.stdout
+    both = cli("show", run_id, "--last")
+    assert both.returncode == 2 and "not both" in both.stderr
+    neither = cli("logs")
+    assert neither.returncode == 2 and "--last" in neither.stderr

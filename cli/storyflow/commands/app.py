@@ -65,6 +65,23 @@ def report_error(exc: StoryflowError) -> None:
         err(f"  hint: {exc.hint}")
 
 
+def pick_run(store: Any, run_ref: str | None, last: bool) -> Any:
+    """The run a command names: by id or unique prefix, or the newest with ``--last``."""
+    from storyflow.errors import UsageError
+
+    if (run_ref is None) == (not last):
+        raise UsageError(
+            "give a run id or --last" if run_ref is None else "give a run id or --last, not both",
+            hint="storyflow runs lists runs",
+        )
+    if run_ref is not None:
+        return store.find_run(run_ref)
+    found = store.last_run()
+    if found is None:
+        raise UsageError("there are no runs yet", hint="start one with: storyflow run FILE")
+    return found
+
+
 def silence_stdout() -> None:
     """Point stdout at /dev/null so later writes (and the exit flush) cannot fail."""
     import os

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from storyflow.commands.app import app, guarded, state_dir
+from storyflow.commands.app import app, guarded, pick_run, state_dir
 from storyflow.errors import UsageError
 
 
@@ -192,7 +192,10 @@ def show_document(store: Any, record: Any) -> dict[str, Any]:
 @app.command()
 @guarded
 def show(
-    run_ref: str = typer.Argument(..., help="Run id or a unique prefix.", show_default=False),
+    run_ref: str | None = typer.Argument(
+        None, help="Run id or a unique prefix.", show_default=False
+    ),
+    last: bool = typer.Option(False, "--last", help="Show the newest run."),
     step: str | None = typer.Option(None, "--step", help="Show one step in full."),
     output: str | None = typer.Option(None, "--output", help="Print one run output, raw."),
     json_mode: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -202,7 +205,7 @@ def show(
     from storyflow.store import Store
 
     with Store(state_dir()) as store:
-        record = store.find_run(run_ref)
+        record = pick_run(store, run_ref, last)
         doc = show_document(store, record)
     if output is not None:
         if output not in doc["outputs"]:
@@ -288,7 +291,10 @@ def show(
 @app.command()
 @guarded
 def logs(
-    run_ref: str = typer.Argument(..., help="Run id or a unique prefix.", show_default=False),
+    run_ref: str | None = typer.Argument(
+        None, help="Run id or a unique prefix.", show_default=False
+    ),
+    last: bool = typer.Option(False, "--last", help="The newest run's log."),
     step: str | None = typer.Option(None, "--step", help="Only this step's events."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the run goes on."),
     json_mode: bool = typer.Option(False, "--json", help="Raw JSON lines."),
@@ -300,7 +306,7 @@ def logs(
     from storyflow.ui.progress import JsonSink, PlainSink
 
     with Store(state_dir()) as store:
-        record = store.find_run(run_ref)
+        record = pick_run(store, run_ref, last)
         path = store.run_dir(record.run_id) / "events.jsonl"
         sink = JsonSink(sys.stdout) if json_mode else PlainSink(sys.stdout)
 

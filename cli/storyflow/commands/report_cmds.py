@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from storyflow.commands.app import app, err, guarded, state_dir
+from storyflow.commands.app import app, err, guarded, pick_run, state_dir
 from storyflow.errors import UsageError
 
 FORMATS = ("table", "json", "html", "junit")
@@ -43,19 +43,8 @@ def report(
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", hint="use " + ", ".join(FORMATS))
-    if (run_ref is None) == (not last):
-        raise UsageError(
-            "give a run id or --last" if run_ref is None else "give a run id or --last, not both",
-            hint="storyflow runs lists runs",
-        )
     with Store(state_dir()) as store:
-        if run_ref is not None:
-            record = store.find_run(run_ref)
-        else:
-            found = store.last_run()
-            if found is None:
-                raise UsageError("there are no runs yet", hint="start one with: storyflow run FILE")
-            record = found
+        record = pick_run(store, run_ref, last)
         ids, records = instance_records(store, record)
         log = store.run_dir(record.run_id) / "events.jsonl"
         events = list(read_events(log)) if log.exists() else []

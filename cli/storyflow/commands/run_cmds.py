@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import typer
 
 from storyflow.commands.answers import interactive, parse_answers, print_questions, terminal_ask
-from storyflow.commands.app import app, err, guarded, silence_stdout, state_dir
+from storyflow.commands.app import app, err, guarded, pick_run, silence_stdout, state_dir
 from storyflow.commands.spec_cmds import known_kinds
 from storyflow.errors import (
     EXIT_FAILED,
@@ -144,15 +144,7 @@ def resume(
     from storyflow.store import Store
 
     with Store(state_dir()) as store:
-        if run_ref is None and not last:
-            raise UsageError(
-                "which run?", hint="give a run id (storyflow runs lists them) or --last"
-            )
-        record = store.last_run() if run_ref is None else store.find_run(run_ref)
-        if record is None:
-            raise UsageError(
-                "there are no runs to resume", hint="start one with storyflow run FILE"
-            )
+        record = pick_run(store, run_ref, last)
         if record.parent_run:
             raise UsageError(
                 f"run {record.run_id} is a child of run {record.parent_run}",
