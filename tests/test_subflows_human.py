@@ -375,3 +375,14 @@ def test_on_a_terminal_the_question_is_asked_there(env: CliProject, display: str
             proc.wait()
         os.close(master)
     assert b"succeeded" in seen
+
+
+def test_an_edited_child_reruns_only_what_changed(env: CliProject) -> None:
+    events = env.events("run", env.write("book.yaml", PARENT))
+    run_id = events[0]["run_id"]
+    env.executions()
+    env.write("chapter.yaml", CHILD.replace('text: "{{ steps.one.output }}"',
+                                            'text: "{{ steps.one.output }}!"'))
+    resumed = env.events("resume", run_id, "--from", "chapter")
+    assert resumed[-1]["outputs"]["book"] == "book: child-2(child-1(plan(sea))!) x100"
+    assert env.executions() == ["child-2"]  # the child's first step was kept

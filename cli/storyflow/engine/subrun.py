@@ -2,8 +2,9 @@
 
 ``with: {path: chapter.yaml, inputs: {...}}``. The child run's id is the parent's id
 and the step instance's, so a step that runs again — a retry, a resume after a crash
-or an interruption — finds its child and resumes it, keeping what the child finished;
-a child that succeeded with the same definition and inputs is not run again. The
+or an interruption, a changed child file or changed inputs — finds its child and
+resumes it, keeping what the child finished with the same definition and inputs; a
+child that succeeded with the same file and inputs is not run again. The
 child runs in this process, on this event loop, with the parent's store and options;
 its events go to its own log. The parent's ``--env`` applies to a child that defines
 that environment. Its inputs are checked against its own ``inputs``
@@ -97,12 +98,18 @@ class WorkflowAgent:
         rid = child_run_id(parent.run.run_id, call.step_id)
         record = store.get_run(rid)
         now = store.clock()
-        if record is not None and record.inputs == values and record.source_hash == wf.source_hash:
-            if record.status == RunStatus.SUCCEEDED.value:
+        if record is not None:
+            same = record.inputs == values and record.source_hash == wf.source_hash
+            if same and record.status == RunStatus.SUCCEEDED.value:
                 call.log(f"child run {rid} already succeeded: its outputs stand")
                 return record.outputs or {}
+            # Resumed like any run: steps whose definition or inputs changed re-run (with
+            # what depends on them), the rest is kept.
             rp = resume_plan(store, record, compiled)
             previous, forced, previous_status = rp.previous, rp.forced, record.status
+            record.inputs = values
+            record.workflow_version = wf.version
+            record.environment = env
         else:
             previous, forced, previous_status = {}, frozenset(), None
             record = RunRecord(
