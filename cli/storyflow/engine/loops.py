@@ -147,25 +147,8 @@ class Loops:
 
     def close(self, lp: LoopInstance, error: dict[str, str] | None) -> list[Instance]:
         """Settle the loop: its output is the chosen iteration's outputs by step id."""
-        r = self.r
-        lp.ended_at = r.opt.clock()
-        duration = round(lp.ended_at - (lp.started_at or lp.ended_at), 6)
         if error is None:
             lp.output = lp.history[lp.best() - 1]
-            r.move(lp, "succeed")
-            r.emit(
-                EventType.STEP_SUCCEEDED, step=lp.id, attempt=lp.attempts, duration_s=duration
-            )
         else:
             lp.output = lp.history[-1] if lp.history else None
-            lp.error = error
-            r.move(lp, "fail")
-            r.emit(
-                EventType.STEP_FAILED,
-                step=lp.id,
-                attempt=lp.attempts,
-                error=error,
-                final=True,
-                duration_s=duration,
-            )
-        return r.settled(lp)
+        return self.r.end_container(lp, error)

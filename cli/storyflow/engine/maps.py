@@ -97,30 +97,14 @@ class Maps:
     def close(self, m: MapInstance) -> list[Instance]:
         """Every item of ``m`` has settled: its output is their outputs, in item order;
         it fails if an item did."""
-        r = self.r
         m.output = [item.output for item in m.items]
-        m.ended_at = r.opt.clock()
-        duration = round(m.ended_at - (m.started_at or m.ended_at), 6)
         failed = [item for item in m.items if item.state not in OK]
-        if not failed:
-            r.move(m, "succeed")
-            r.emit(
-                EventType.STEP_SUCCEEDED, step=m.id, attempt=m.attempts, duration_s=duration
-            )
-        else:
+        error = None
+        if failed:
             first = failed[0].error or {}
-            m.error = {
+            error = {
                 "class": first.get("class", "permanent"),
                 "message": f"{len(failed)} of {len(m.items)} items failed; "
                 f"{failed[0].id}: {first.get('message', '')}",
             }
-            r.move(m, "fail")
-            r.emit(
-                EventType.STEP_FAILED,
-                step=m.id,
-                attempt=m.attempts,
-                error=m.error,
-                final=True,
-                duration_s=duration,
-            )
-        return r.settled(m)
+        return self.r.end_container(m, error)

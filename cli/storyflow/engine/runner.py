@@ -421,6 +421,29 @@ class Runner:
                 out.append(self.insts[dep_id])
         return out
 
+    def end_container(self, inst: Instance, error: dict[str, str] | None) -> list[Instance]:
+        """Settle a map or a loop whose parts have all settled (its output already set):
+        succeeded, or failed with ``error``."""
+        inst.ended_at = self.opt.clock()
+        duration = round(inst.ended_at - (inst.started_at or inst.ended_at), 6)
+        if error is None:
+            self.move(inst, "succeed")
+            self.emit(
+                EventType.STEP_SUCCEEDED, step=inst.id, attempt=inst.attempts, duration_s=duration
+            )
+        else:
+            inst.error = error
+            self.move(inst, "fail")
+            self.emit(
+                EventType.STEP_FAILED,
+                step=inst.id,
+                attempt=inst.attempts,
+                error=error,
+                final=True,
+                duration_s=duration,
+            )
+        return self.settled(inst)
+
     def _after(self, inst: Instance) -> None:
         ready = self.settled(inst)
         for nxt in ready:
