@@ -197,12 +197,18 @@ def test_a_missing_child_file_is_a_validation_error(env: CliProject) -> None:
         steps:
           sub: {uses: workflow, with: {path: chapters/one.yaml}}
           ask: {uses: human, with: {schema: {type: boolean}}}
+          vote: {uses: human, with: {question: "?", schema: {type: yes}}}
+          plot: {uses: template, with: {template: x}, output_schema: {type: [1]}}
         """)
     result = env.cli("validate", wf)
     assert result.returncode == 2
     assert "lost.yaml:4:38:" in result.stdout + result.stderr
     assert "workflow file 'chapters/one.yaml' not found" in result.stdout + result.stderr
     assert "step 'ask' (human) needs a question" in result.stdout + result.stderr
+    assert "lost.yaml:6:" in result.stdout + result.stderr
+    assert "this answer schema is not a valid JSON Schema" in result.stdout + result.stderr
+    assert "lost.yaml:7:" in result.stdout + result.stderr
+    assert "this output_schema is not a valid JSON Schema" in result.stdout + result.stderr
 
 
 def test_children_of_a_map_with_a_failing_row(env: CliProject) -> None:

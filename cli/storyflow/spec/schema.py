@@ -104,11 +104,12 @@ def _check_step_schemas(source: Source, data: dict[str, Any]) -> list[Problem]:
     walk(data.get("steps"), ("steps",))
     problems = []
     for at, sub, what in found:
-        problems.extend(_check_schema(source, at, sub, what))
+        problems.extend(_check_schema(source, at, sub, f"this {what}"))
     return problems
 
 
 def _check_schema(source: Source, at: PathKey, sub: Any, what: str) -> list[Problem]:
+    """``sub`` (at ``at``) must be a JSON Schema; ``what`` names it in the message."""
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
@@ -117,7 +118,7 @@ def _check_schema(source: Source, at: PathKey, sub: Any, what: str) -> list[Prob
     try:
         Draft202012Validator.check_schema(sub)
     except SchemaError as exc:
-        return [source.problem((*at, *exc.path), f"this {what} is not a valid JSON Schema: "
+        return [source.problem((*at, *exc.path), f"{what} is not a valid JSON Schema: "
                                f"{exc.message}",
                                hint="see https://json-schema.org/understanding-json-schema")]
     return []
@@ -126,15 +127,11 @@ def _check_schema(source: Source, at: PathKey, sub: Any, what: str) -> list[Prob
 def _check_input(source: Source, name: str, sub: dict[str, Any]) -> list[Problem]:
     """An input's schema must be a JSON Schema, and its default must satisfy it."""
     from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
 
     at: PathKey = ("inputs", name)
-    try:
-        Draft202012Validator.check_schema(sub)
-    except SchemaError as exc:
-        return [source.problem((*at, *exc.path), f"input {name!r} is not a valid JSON Schema: "
-                               f"{exc.message}",
-                               hint="see https://json-schema.org/understanding-json-schema")]
+    invalid = _check_schema(source, at, sub, f"input {name!r}")
+    if invalid:
+        return invalid
     if "default" not in sub:
         return []
     probe = {k: v for k, v in sub.items() if k != "default"}
