@@ -8,6 +8,7 @@
     ├── StoreError                 exit 1   the state store cannot be opened or is too new
     └── StepFailure                exit 1   one attempt of a step failed; carries an ErrorClass
         ├── TransientError                  retryable: flaky network, rate limits, exit 75
+        │   └── WorkerLost                  the executor's worker died during the attempt
         ├── StepTimeout                     the attempt ran past its timeout
         ├── InvalidOutput                   output failed to parse or to match output_schema
         ├── CircuitOpen                     the agent's breaker is open: failed fast, not called
@@ -152,6 +153,13 @@ class TransientError(StepFailure):
     """Raise from an agent to mark a failure as worth retrying."""
 
     error_class = ErrorClass.TRANSIENT
+
+
+class WorkerLost(TransientError):
+    """The worker running the attempt died (a Dask worker process killed, its machine
+    gone): transient, so the step's retry policy runs it again on another worker."""
+
+    error_class = ErrorClass.WORKER_LOST
 
 
 class StepTimeout(StepFailure):

@@ -58,6 +58,9 @@ class ErrorClass(StrEnum):
     CANCELLED = "cancelled"
     CIRCUIT_OPEN = "circuit_open"
     BUDGET_EXCEEDED = "budget_exceeded"
+    WORKER_LOST = "worker_lost"
+    """The executor's worker died during the attempt; transient: retried by ``retry.on``
+    naming ``worker_lost`` or ``transient``."""
 
 
 class EventType(StrEnum):

@@ -8,7 +8,7 @@ timeouts, retries and checkpoints; an agent only does the one attempt it is give
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +67,11 @@ class Call:
     from the workflow's ``config.prices`` per step and per run, and checks budgets."""
     cache: CallCache | None = None
     """The call cache, or None when the run bypasses it (``--no-cache``)."""
+    placed: Callable[[str], None] = discard
+    """An executor that runs the attempt elsewhere reports the worker that ran it."""
+    environ: Mapping[str, str] | None = None
+    """When the attempt runs on another machine: the variables of the coordinator's
+    environment the agent reads (its ``environ_keys``), instead of the local ones."""
 
 
 @dataclass(frozen=True, slots=True)

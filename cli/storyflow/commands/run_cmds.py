@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 import typer
 
 from storyflow.commands.answers import interactive, parse_answers, print_questions, terminal_ask
-from storyflow.commands.app import app, err, guarded, pick_run, silence_stdout, state_dir
+from storyflow.commands.app import G, app, err, guarded, pick_run, silence_stdout, state_dir
 from storyflow.commands.spec_cmds import known_kinds
 from storyflow.errors import (
     EXIT_FAILED,
@@ -20,6 +20,7 @@ from storyflow.errors import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_WAITING,
+    StepFailure,
     UsageError,
 )
 from storyflow.events import EventType, RunStatus
@@ -49,8 +50,15 @@ def run(
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
+    executor_opt: str | None = typer.Option(
+        None,
+        "--executor",
+        help="Where steps run: local, dask (a temporary local cluster) or a Dask "
+        "scheduler address like tcp://HOST:8786.",
+    ),
 ) -> None:
     """Validate, compile and run a workflow."""
+    from storyflow.engine import executors
     from storyflow.engine.plan import plan
     from storyflow.spec import load_workflow
     from storyflow.spec.params import resolve_inputs
@@ -84,6 +92,8 @@ def run(
         )
         values = resolve_inputs(wf, inputs, inputs_file)
         compiled = plan(wf)
+        chosen = executors.setting(wf.executor, executor_opt)
+        executors.require_dask(chosen)
         store.remember_valid(wf.source_hash)
         rid = run_id or store.new_run_id()
         if run_id is not None and store.get_run(run_id) is not None:
@@ -105,6 +115,8 @@ def run(
             updated_at=now,
             meta={"steps": list(compiled.order)},
         )
+        if executor_opt is not None:
+            record.meta["executor"] = executor_opt  # resume uses it unless told otherwise
         store.put_run(record)
         code = execute(
             store,
@@ -115,6 +127,7 @@ def run(
             progress=not no_progress,
             max_parallel=max_parallel,
             no_cache=no_cache,
+            executor=chosen,
         )
     leave(code)
 
@@ -139,6 +152,12 @@ def resume(
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
+    executor_opt: str | None = typer.Option(
+        None,
+        "--executor",
+        help="Where steps run: local, dask (a temporary local cluster) or a Dask "
+        "scheduler address like tcp://HOST:8786.",
+    ),
 ) -> None:
     """Continue a failed, interrupted or waiting run from its checkpoint."""
     from storyflow.store import Store
@@ -157,7 +176,7 @@ def resume(
         try:
             code = _resume(
                 store, record, lease, from_steps, answers, sets, max_parallel, json_mode,
-                no_progress, no_cache,
+                no_progress, no_cache, executor_opt,
             )
         finally:
             lease.release()
@@ -175,7 +194,9 @@ def _resume(
     json_mode: bool,
     no_progress: bool,
     no_cache: bool,
+    executor_opt: str | None,
 ) -> int:
+    from storyflow.engine import executors
     from storyflow.engine.plan import plan
     from storyflow.engine.runs import resume_plan
     from storyflow.spec import load_workflow
@@ -197,6 +218,10 @@ def _resume(
                 f"--from: unknown step {step!r}",
                 hint=did_you_mean(step, compiled.nodes, what="steps"),
             )
+    if executor_opt is None:
+        executor_opt = record.meta.get("executor")
+    chosen = executors.setting(wf.executor, executor_opt)
+    executors.require_dask(chosen)
     plan_ = resume_plan(store, record, compiled, from_steps)
     changed, kept, todo = plan_.changed, plan_.kept, plan_.todo
     if not json_mode:
@@ -215,6 +240,8 @@ def _resume(
     record.source_hash = wf.source_hash
     record.sets = [*record.sets, *sets]
     record.meta["steps"] = list(compiled.order)
+    if executor_opt is not None:
+        record.meta["executor"] = executor_opt
     record.error = None
     store.put_run(record)
     code = execute(
@@ -232,6 +259,7 @@ def _resume(
         resumed={"kept": kept, "rerun": todo, "changed": changed},
         previous_status=previous_status,
         lease=lease,
+        executor=chosen,
     )
     return code
 
@@ -252,11 +280,13 @@ def execute(
     lease: Any = None,
     answers: dict[str, Any] | None = None,
     no_cache: bool = False,
+    executor: Any = None,
 ) -> int:
     """Hold the lease, run the plan with events to the log and the display; the exit code."""
     import asyncio
 
     from storyflow.agents.python_agent import set_thread_pool_size
+    from storyflow.engine.executors import LOCAL_SETTING, open_executor
     from storyflow.engine.lifecycle import RunLife
     from storyflow.engine.runner import Options, Runner
     from storyflow.engine.runs import end_run
@@ -280,6 +310,8 @@ def execute(
                 silence_stdout()
 
     set_thread_pool_size(max_parallel)
+    chosen = executor or LOCAL_SETTING
+    where = open_executor(chosen, private=(Path(store.root),), verbose=G.debug)
     options = Options(
         max_parallel=max_parallel,
         forced=forced,
@@ -289,6 +321,7 @@ def execute(
         answers=answers or {},
         no_cache=no_cache,
         ask=terminal_ask(ui) if not json_mode and interactive() else None,
+        executor=where,
     )
     runner = Runner(wf, compiled, store, record, sink, options)
     loop = asyncio.new_event_loop()
@@ -303,7 +336,7 @@ def execute(
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    head = {
+    head: dict[str, Any] = {
         "workflow": wf.name,
         "steps": len(compiled),
         "inputs": record.inputs,
@@ -311,12 +344,31 @@ def execute(
     }
     life = RunLife(resumed_from=previous_status)
     started = store.clock()
-    try:
+
+    async def drive() -> Any:
+        """Start the executor, run, stop the executor (a cluster it started goes too)."""
+        failed: StepFailure | None = None
+        try:
+            described = await where.start()
+        except StepFailure as exc:
+            failed, described = exc, {"kind": chosen.kind}
+            if chosen.address:
+                described["address"] = chosen.address
+        if chosen.kind != "local":
+            head["executor"] = described
         if resumed is not None:
             runner.emit(EventType.RUN_RESUMED, **head, **resumed)
         else:
             runner.emit(EventType.RUN_STARTED, **head)
-        result = loop.run_until_complete(runner.execute())
+        if failed is not None:
+            return runner.fail_to_start(failed)
+        try:
+            return await runner.execute()
+        finally:
+            await where.close()
+
+    try:
+        result = loop.run_until_complete(drive())
         end_run(runner.emit, store, record, result, life, started)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -341,6 +393,8 @@ def execute(
     elif not json_mode and result.status is not RunStatus.SUCCEEDED:
         if result.error:
             err(f"error: {result.error['message']}")
+            if result.error.get("hint"):
+                err(f"  hint: {result.error['hint']}")
         err(f"  continue with: storyflow resume {record.run_id}")
     if result.status is RunStatus.SUCCEEDED:
         return EXIT_OK

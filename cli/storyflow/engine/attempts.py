@@ -102,6 +102,13 @@ class Attempts:
             inputs["prompt"] = r.t.render(step.prompt, scope)
         return inputs, secrets
 
+    def agent_for(self, kind: str) -> Any:
+        """What an attempt of ``kind`` is handed to: its agent, or the executor's proxy
+        of it that runs it on a worker."""
+        from storyflow.agents import registry
+
+        return self.r.opt.executor.agent(kind, registry.get(kind))
+
     def entry_pool(self, inst: Instance) -> str | None:
         """The pool the scheduler takes for a step's first attempt: its own agent's,
         unless that agent's breaker would refuse it — then the first server's that would
@@ -162,7 +169,7 @@ class Attempts:
             last = i == len(step.fallbacks) - 1
             try:
                 inputs, secrets = self.inputs_for(inst, fallback)
-                agent = _agent_kind(fallback.uses)
+                agent = self.agent_for(fallback.uses)
             except StepFailure as failure:
                 exc = self._failed_before_call(inst, failure)
                 continue
@@ -198,6 +205,8 @@ class Attempts:
         """Event fields naming a fallback that serves (none while the step's own agent
         does), and the tokens and cost of a step whose agent reported usage."""
         tag: dict[str, Any] = {"agent": inst.agent, "degraded": True} if inst.degraded else {}
+        if inst.worker:
+            tag["worker"] = inst.worker
         if inst.usage:
             tag["tokens"] = inst.usage["tokens"]
             tag["cost"] = inst.usage["cost"]
@@ -249,6 +258,7 @@ class Attempts:
                         exc = _circuit_open(breaker, r.opt.monotonic())
             inst.attempts += 1
             inst.started_at = r.opt.clock()
+            inst.worker = None
             r.move(inst, "start")
             if exc is None:
                 exc = await self._attempt(inst, server, agent, inputs, secrets, breaker, admission)
@@ -302,6 +312,7 @@ class Attempts:
             log=self._logger(inst),
             meter=r.usage.meter(inst, self._spender(inst)),
             cache=r.call_cache,
+            placed=lambda worker: setattr(inst, "worker", worker),
         )
         r.flush()  # durable before the agent runs
         try:
@@ -388,12 +399,6 @@ class Attempts:
             e = errors[0]
             where = "".join(f"[{p!r}]" for p in e.absolute_path) or "output"
             raise InvalidOutput(f"output does not match output_schema at {where}: {e.message}")
-
-
-def _agent_kind(uses: str) -> Any:
-    from storyflow.agents import registry
-
-    return registry.get(uses)
 
 
 def _circuit_open(breaker: Breaker, now: float) -> CircuitOpen:

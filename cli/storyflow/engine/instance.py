@@ -39,6 +39,7 @@ class Instance:
         "task",
         "usage",
         "waiting",
+        "worker",
     )
 
     def __init__(self, node: Node) -> None:
@@ -68,6 +69,8 @@ class Instance:
         """Tokens, cost and calls its model calls used (agents that report usage)."""
         self.waiting: list[dict[str, Any]] | None = None
         """The questions of a step paused for an answer (``human``)."""
+        self.worker: str | None = None
+        """The executor worker that ran the latest attempt (None: this process)."""
         self.extra: dict[str, Any] | None = None
         """Local names: a map item's (the item, ``index``, ``previous``), a loop
         iteration's (``loop``)."""
@@ -78,6 +81,8 @@ class Instance:
             meta["waiting"] = self.waiting
         if self.usage:
             meta["usage"] = self.usage
+        if self.worker:
+            meta["worker"] = self.worker
         return StepRecord(
             id=self.id,
             status=self.state,

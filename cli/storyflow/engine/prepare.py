@@ -30,12 +30,10 @@ Prepared = tuple[Any, dict[str, Any], dict[str, str]]
 
 def prepare(r: Runner, inst: Instance) -> Prepared | None:
     """What the attempts of ``inst`` need, or None when it settled here."""
-    from storyflow.agents import registry
-
     step = inst.node.step
     try:
         inputs, secrets = r.attempts.inputs_for(inst, step)
-        agent = registry.get(step.uses or "")
+        agent = r.attempts.agent_for(step.uses or "")
     except StepFailure as exc:
         fail_before_start(r, inst, exc)
         return None

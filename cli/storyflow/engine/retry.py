@@ -41,4 +41,10 @@ def delay_s(
 
 
 def should_retry(policy: RetryPolicy, error_class: str, attempt: int) -> bool:
-    return attempt < policy.attempts and error_class in policy.on
+    """Whether a failure of ``error_class`` after ``attempt`` attempts retries. A lost
+    worker is a transient failure: ``retry.on`` selects it by either name."""
+    if attempt >= policy.attempts:
+        return False
+    if error_class == "worker_lost":
+        return "worker_lost" in policy.on or "transient" in policy.on
+    return error_class in policy.on

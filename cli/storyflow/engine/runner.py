@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from storyflow.engine import lifecycle
-from storyflow.engine.attempts import Attempts
+from storyflow.engine.attempts import Attempts, error_record
 from storyflow.engine.commit import Journal, Sink
+from storyflow.engine.executors import LOCAL, Executor
 from storyflow.engine.finish import Result, Stop, finish
 from storyflow.engine.instance import OK, Instance, LoopInstance, MapInstance, new_instance
 from storyflow.engine.loops import Loops
@@ -50,7 +51,7 @@ from storyflow.engine.prepare import Prepared, fail_before_start, prepare
 from storyflow.engine.scope import Scope
 from storyflow.engine.usage import StoreCallCache, Usage
 from storyflow.errors import StepFailure
-from storyflow.events import ErrorClass, EventType, StepStatus
+from storyflow.events import ErrorClass, EventType, RunStatus, StepStatus
 from storyflow.spec.model import Workflow
 from storyflow.store import RunRecord, StepRecord, Store, redact
 
@@ -87,6 +88,8 @@ class Options:
     """Workflow files of the runs above this one, to refuse a workflow that runs itself."""
     no_cache: bool = False
     """Bypass the call cache (``--no-cache``)."""
+    executor: Executor = LOCAL
+    """Where attempts run (`storyflow.engine.executors`); started by the caller."""
 
 
 CURRENT: ContextVar[Runner] = ContextVar("storyflow_runner")
@@ -199,6 +202,15 @@ class Runner:
         )
         result.usage = dict(self.usage.totals)
         return result
+
+    def fail_to_start(self, exc: StepFailure) -> Result:
+        """The run cannot start (its executor cannot be reached): it fails, nothing ran,
+        every step stays as it was for ``resume``."""
+        counts: dict[str, int] = {}
+        for inst in self.insts.values():
+            counts[inst.state] = counts.get(inst.state, 0) + 1
+        return Result(RunStatus.FAILED, {}, error_record(exc), counts,
+                      usage=dict(self.usage.totals))
 
     async def _heartbeat(self) -> None:
         assert self.opt.heartbeat is not None

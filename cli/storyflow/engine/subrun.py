@@ -151,6 +151,7 @@ class WorkflowAgent:
             depth=po.depth + 1,
             ancestry=(*po.ancestry, here),
             no_cache=po.no_cache,
+            executor=po.executor,
         )
         log = EventLog(store.run_dir(rid) / "events.jsonl")
         child = Runner(wf, compiled, store, record, log.write, options)

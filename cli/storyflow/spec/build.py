@@ -57,6 +57,7 @@ def build(
         timeout_s=_dur(data.get("timeout")),
         budget=_budget(data.get("budget")),
         seed=data.get("seed"),
+        executor=data.get("executor"),
         source_hash=source_hash,
     )
 

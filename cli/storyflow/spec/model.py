@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_RETRY_ON: tuple[str, ...] = ("transient", "timeout", "invalid_output")
+DEFAULT_RETRY_ON: tuple[str, ...] = ("transient", "timeout", "invalid_output", "worker_lost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +202,9 @@ class Workflow:
     timeout_s: float | None = None
     budget: Budget | None = None
     seed: int | None = None
+    executor: dict[str, Any] | str | None = None
+    """The ``executor`` setting as written (environment applied); None for the default,
+    ``local``. Read by `storyflow.engine.executors.setting`."""
     source_hash: str = ""
     """Hash of the file's bytes and the applied parameters."""
 

@@ -103,6 +103,8 @@ class LlmAgent:
 
     kind: str = "llm"
     required: tuple[str, ...] = ()
+    environ_keys: tuple[str, ...] = (BASE_URL_ENV,)
+    """What it reads of the environment; an executor sends the coordinator's values."""
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class LlmAgent:
 
     async def run(self, call: Call) -> Any:
         """Ask the model once (plus any repairs) and return its reply."""
-        req = request_of(call, self._environ)
+        req = request_of(call, call.environ or self._environ)
         try:
             return await self._run(call, req)
         except StepFailure as exc:
@@ -138,19 +140,38 @@ class LlmAgent:
         if state is not None and state.closer is not None:
             await state.closer.aclose()
 
+    def cached(self, call: Call) -> tuple[bool, Any]:
+        """``(True, output)`` when the call cache answers ``call`` (metered as a cached
+        call), else ``(False, None)``: an executor asks before sending the call away."""
+        try:
+            req = request_of(call, call.environ or self._environ)
+        except StepFailure:
+            return False, None
+        return self._from_cache(call, req)
+
+    def _from_cache(self, call: Call, req: Request) -> tuple[bool, Any]:
+        cache = call.cache if req.cache else None
+        if cache is None:
+            return False, None
+        schema = call.output_schema
+        validator = self._validator(schema) if schema is not None else None
+        hit, stored = cache.get(req.cache_key())
+        if hit and isinstance(stored, dict) and "output" in stored and (
+            validator is None or validator.is_valid(stored["output"])
+        ):
+            call.meter(_usage(req.model, stored.get("input_tokens"),
+                              stored.get("output_tokens"), cached=True))
+            return True, stored["output"]
+        return False, None
+
     async def _run(self, call: Call, req: Request) -> Any:
         schema = call.output_schema
         validator = self._validator(schema) if schema is not None else None
         cache = call.cache if req.cache else None
         key = req.cache_key() if cache is not None else ""
-        if cache is not None:
-            hit, stored = cache.get(key)
-            if hit and isinstance(stored, dict) and "output" in stored and (
-                validator is None or validator.is_valid(stored["output"])
-            ):
-                call.meter(_usage(req.model, stored.get("input_tokens"),
-                                  stored.get("output_tokens"), cached=True))
-                return stored["output"]
+        hit, output = self._from_cache(call, req)
+        if hit:
+            return output
 
         def log(line: str) -> None:
             call.log(_redact(line, req.key))

@@ -1,0 +1,559 @@
+"""The Dask executor: attempts run on the workers of a ``dask.distributed`` cluster.
+
+The only module that imports ``distributed``. Both sides live here:
+
+- the coordinator's (`DaskExecutor`, `RemoteAgent`): connect to a scheduler or start a
+  temporary `LocalCluster`, check that every worker runs this storyflow, ship the
+  workflow's folder to the workers (`WorkflowFolder`, a Dask worker plugin), submit one
+  task per attempt and translate what comes back;
+- the workers' (`run_attempt`, `cancel_attempt`, `worker_info`, `import_check`):
+  functions the workers import by name from their own storyflow install.
+
+An attempt travels as a `Payload`: its inputs and output as JSON text, its secrets in a
+field no ``repr`` shows (Dask logs a failed task's arguments by their ``repr``; the
+task key names only the run, the step instance and the attempt). ``run_attempt``
+never raises: a failure comes back as data, so nothing of the attempt reaches a
+worker's log.
+
+What Dask decides is Dask's: where a task runs, worker liveness, transport. A worker
+that dies mid-attempt reaches the coordinator as Dask's ``KilledWorker`` once the
+scheduler gives up on the task — at once with ``allowed-failures: 0``, which the
+temporary cluster sets (an external scheduler re-runs the task itself that many times
+first; ``start`` reports it) — and becomes `WorkerLost`, a transient failure the step's
+retry policy runs again. Dask cannot stop a running task, so a cancelled attempt is
+also cancelled on its worker (`cancel_attempt`): a command's process group is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import socket
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distributed import Client, LocalCluster, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+import storyflow
+from storyflow.agents.base import Agent, Call
+from storyflow.engine.executors import Setting
+from storyflow.errors import (
+    InvalidOutput,
+    PermanentError,
+    StepFailure,
+    TransientError,
+    WorkerLost,
+)
+from storyflow.events import ErrorClass
+
+REMOTE_KINDS = frozenset({"python", "command", "builtin/grammar"})
+"""Kinds whose attempts run on workers (``llm`` too with ``executor.llm: workers``)."""
+SKIPPED = frozenset({
+    ".git", ".hg", ".storyflow", ".venv", "venv", "__pycache__", "node_modules",
+    ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox",
+})
+"""Folders of a workflow's folder that are not shipped to workers."""
+MAX_FOLDER_BYTES = 64 * 1024 * 1024
+"""The most a workflow's folder may weigh, zipped, to be shipped to workers."""
+CANCEL_WAIT_S = 5.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_RUNNING: dict[str, asyncio.Task[Any]] = {}
+"""On a worker: the attempts running, by task key (for `cancel_attempt`)."""
+_FOLDERS: dict[str, Path] = {}
+"""On a worker: shipped workflow folders, by content digest."""
+
+
+# -- what travels ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """One attempt, as a worker receives it. Its ``repr`` names the step only."""
+
+    key: str
+    kind: str
+    run_id: str
+    step_id: str
+    attempt: int
+    inputs_json: str
+    folder: str
+    """The content digest of the workflow's folder (see `WorkflowFolder`)."""
+    run_dir: str
+    output_schema: dict[str, Any] | None
+    seed: int | None
+    cache: bool
+    """Whether the agent may store call-cache entries (sent back to the coordinator)."""
+    environ: dict[str, str]
+    """The coordinator's values of the variables the agent reads (`Call.environ`)."""
+    secrets: dict[str, str] = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"<storyflow attempt {self.step_id} #{self.attempt} ({self.kind})>"
+
+
+class WorkflowFolder(WorkerPlugin):
+    """A workflow's folder, zipped, unpacked on every worker (those that join later too)
+    under the worker's local directory, by content digest: no shared filesystem, and two
+    versions of a folder never mix."""
+
+    def __init__(self, digest: str, data: bytes) -> None:
+        self.digest = digest
+        self.data = data
+        self.name = f"storyflow-folder-{digest[:20]}"
+        self.idempotent = True  # registered once per content, whoever asks again
+
+    def setup(self, worker: Any) -> None:
+        root = Path(worker.local_directory) / "storyflow-folders" / self.digest
+        if not root.is_dir():
+            tmp = root.with_name(f"{root.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
+            with zipfile.ZipFile(io.BytesIO(self.data)) as z:
+                z.extractall(tmp)
+            try:
+                os.replace(tmp, root)
+            except OSError:  # another process of this machine unpacked it first
+                pass
+        _FOLDERS[self.digest] = root
+
+
+def zip_folder(folder: Path, private: tuple[Path, ...] = ()) -> tuple[str, bytes]:
+    """``(digest, zip bytes)`` of a workflow's folder, without state, caches and VCS, and
+    without the ``private`` folders (the state directory)."""
+    buf = io.BytesIO()
+    h = hashlib.sha256()
+    hidden = {p.resolve() for p in private}
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(
+                d for d in dirs
+                if d not in SKIPPED and (Path(root) / d).resolve() not in hidden
+            )
+            for name in sorted(files):
+                if name.endswith((".pyc", ".pyo")):
+                    continue
+                path = Path(root) / name
+                if not path.is_file():
+                    continue
+                rel = path.relative_to(folder).as_posix()
+                data = path.read_bytes()
+                h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+                z.writestr(rel, data)
+                if buf.tell() > MAX_FOLDER_BYTES:
+                    raise PermanentError(
+                        f"the workflow folder {folder} is over "
+                        f"{MAX_FOLDER_BYTES // 2**20} MiB zipped: too big to ship to workers",
+                        hint="keep large data out of the workflow's folder and read it "
+                        "from storage every worker reaches",
+                    )
+    return h.hexdigest(), buf.getvalue()
+
+
+# -- the workers' side ---------------------------------------------------------------------
+def worker_info() -> dict[str, Any]:
+    """What a worker runs: checked when a run connects."""
+    return {
+        "storyflow": storyflow.__version__,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def cancel_attempt(key: str) -> bool:
+    """Cancel the attempt ``key`` if it runs on this worker (run by ``Client.run``)."""
+    task = _RUNNING.get(key)
+    if task is None:
+        return False
+    task.get_loop().call_soon_threadsafe(task.cancel)
+    return True
+
+
+def import_check(digest: str, specs: list[str]) -> dict[str, str | None]:
+    """For ``doctor``: each python ``callable`` → None if it imports here, else why not."""
+    from storyflow.agents.python_agent import _resolve
+
+    folder = _FOLDERS.get(digest)
+    out: dict[str, str | None] = {}
+    for spec in specs:
+        if folder is None:
+            out[spec] = "the workflow folder has not reached this worker"
+            continue
+        try:
+            _resolve(folder, spec)
+            out[spec] = None
+        except StepFailure as exc:
+            out[spec] = exc.message
+    return out
+
+
+class _Recorder:
+    """The call cache on a worker: nothing is found there; what the agent stores is
+    sent back and stored by the coordinator."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[str, Any]] = []
+
+    def get(self, key: str) -> tuple[bool, Any]:
+        return False, None
+
+    def put(self, key: str, value: Any) -> None:
+        self.puts.append((key, value))
+
+
+async def run_attempt(p: Payload) -> dict[str, Any]:
+    """Run one attempt on this worker; the outcome as data (never raises)."""
+    from storyflow.agents import registry
+
+    me = get_worker()
+    out: dict[str, Any] = {"worker": me.address, "host": socket.gethostname(),
+                           "pid": os.getpid(), "logs": [], "usage": [], "puts": []}
+    folder = _FOLDERS.get(p.folder)
+    if folder is None:
+        out["error"] = {"class": ErrorClass.TRANSIENT.value,
+                        "message": f"the workflow folder has not reached worker {me.address}"}
+        return out
+    recorder = _Recorder() if p.cache else None
+    call = Call(
+        run_id=p.run_id,
+        step_id=p.step_id,
+        attempt=p.attempt,
+        inputs=json.loads(p.inputs_json),
+        workflow_dir=folder,
+        run_dir=Path(p.run_dir),
+        secrets=dict(p.secrets),
+        timeout_s=None,  # the coordinator times the attempt, dispatch included
+        output_schema=p.output_schema,
+        log=out["logs"].append,
+        seed=p.seed,
+        meter=out["usage"].append,
+        cache=recorder,
+        environ=p.environ or None,
+    )
+    task = asyncio.ensure_future(registry.get(p.kind).run(call))
+    _RUNNING[p.key] = task
+    try:
+        output = await task
+        out["output"] = json.dumps(output, ensure_ascii=False, allow_nan=False)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the worker itself is closing
+        out["cancelled"] = True
+    except StepFailure as exc:
+        out["error"] = _error_of(exc)
+    except (TypeError, ValueError, RecursionError) as exc:
+        out["error"] = {"class": ErrorClass.INVALID_OUTPUT.value,
+                        "message": f"the output is not JSON-serialisable: {exc}"}
+    except Exception as exc:  # an agent bug fails the step, not the worker
+        out["error"] = {"class": ErrorClass.PERMANENT.value,
+                        "message": f"{type(exc).__name__}: {exc}"}
+    finally:
+        _RUNNING.pop(p.key, None)
+        if recorder is not None:
+            out["puts"] = recorder.puts
+    return out
+
+
+def _error_of(exc: StepFailure) -> dict[str, Any]:
+    error: dict[str, Any] = {"class": exc.error_class.value, "message": exc.message}
+    if exc.hint:
+        error["hint"] = exc.hint
+    if exc.retry_after_s is not None:
+        error["retry_after_s"] = exc.retry_after_s
+    return error
+
+
+def _quiet(level: int) -> None:
+    """Raise the level of Dask's loggers (each has its own, set by Dask's config) and of
+    the handler they share."""
+    root = logging.getLogger("distributed")
+    for name in list(logging.root.manager.loggerDict):
+        if name == "distributed" or name.startswith("distributed."):
+            logging.getLogger(name).setLevel(level)
+    for handler in root.handlers:
+        handler.setLevel(level)
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.allowed_failures)
+
+
+# -- the coordinator's side ---------------------------------------------------------------
+class DaskExecutor:
+    """Runs the worker kinds' attempts on a Dask cluster; see the module docstring."""
+
+    def __init__(
+        self, chosen: Setting, private: tuple[Path, ...] = (), *, verbose: bool = False
+    ) -> None:
+        self.setting = chosen
+        self.private = private
+        self.verbose = verbose
+        self.client: Any = None
+        self.cluster: Any = None
+        self.lost: str | None = None
+        """Why the cluster cannot be used any more (the scheduler went away)."""
+        self._proxies: dict[str, RemoteAgent] = {}
+        self._folders: dict[Path, asyncio.Task[str]] = {}
+
+    def agent(self, kind: str, agent: Agent) -> Agent:
+        if kind not in REMOTE_KINDS and not (kind == "llm" and self.setting.llm_on_workers):
+            return agent
+        proxy = self._proxies.get(kind)
+        if proxy is None:
+            proxy = self._proxies[kind] = RemoteAgent(self, kind, agent)
+        return proxy
+
+    async def start(self) -> dict[str, Any]:
+        s = self.setting
+        # Dask's own log (reconnection attempts, a worker's removal) is not for the
+        # user: what matters reaches them as step failures. `--debug` lets it through.
+        _quiet(logging.WARNING if self.verbose else logging.CRITICAL)
+        where = s.address or "a local cluster"
+        try:
+            if s.address is None:
+                self.cluster = await LocalCluster(  # type: ignore[no-untyped-call]
+                    n_workers=s.workers or os.cpu_count() or 1,
+                    threads_per_worker=s.threads,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                    asynchronous=True,
+                    silence_logs=logging.ERROR,
+                    scheduler_kwargs={"allowed_failures": 0},
+                )
+                self.client = await Client(  # type: ignore[no-untyped-call]
+                    self.cluster, asynchronous=True,
+                                           set_as_default=False)
+            else:
+                self.client = await asyncio.wait_for(
+                    Client(  # type: ignore[no-untyped-call]
+                        s.address, asynchronous=True, set_as_default=False,
+                        timeout=s.connect_timeout_s,
+                    ),
+                    s.connect_timeout_s + 5,
+                )
+            await self.client.wait_for_workers(1, timeout=s.connect_timeout_s)
+            infos = await self.client.run(worker_info, on_error="return")
+            allowed = await self.client.run_on_scheduler(_allowed_failures)
+        except (OSError, TimeoutError) as exc:
+            await self.close()
+            raise TransientError(
+                f"cannot reach the Dask scheduler at {where}: {type(exc).__name__}: {exc}",
+                hint="start one with `dask scheduler` and `dask worker ADDRESS`, or check "
+                "the address (run it again with `storyflow resume RUN` once it answers)",
+            ) from exc
+        except Exception as exc:  # a cluster that cannot start: Dask's words, no traceback
+            await self.close()
+            raise PermanentError(
+                f"cannot start the Dask cluster at {where}: {type(exc).__name__}: {exc}",
+                hint="check the executor settings; `storyflow doctor FILE` tries the cluster",
+            ) from exc
+        problems = []
+        for addr, info in sorted(infos.items()):
+            if isinstance(info, BaseException):
+                problems.append(f"worker {addr} cannot run storyflow "
+                                f"({type(info).__name__}: {info})")
+            elif info.get("storyflow") != storyflow.__version__:
+                problems.append(f"worker {addr} runs storyflow {info.get('storyflow')}, "
+                                f"not {storyflow.__version__}")
+        if problems:
+            await self.close()
+            raise PermanentError(
+                "; ".join(problems),
+                hint=f"install storyflow=={storyflow.__version__} (with the same extras) "
+                "in every worker's environment",
+            )
+        described: dict[str, Any] = {
+            "kind": "dask",
+            "address": self.client.scheduler.address,
+            "cluster": "local" if self.cluster is not None else "external",
+            "workers": sorted(infos),
+        }
+        if allowed:
+            described["note"] = (
+                f"the scheduler re-runs an attempt whose worker died up to {allowed} times "
+                "before storyflow sees worker_lost; start it with "
+                "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0 to let retry policies decide"
+            )
+        return described
+
+    async def close(self) -> None:
+        client, cluster = self.client, self.cluster
+        self.client = self.cluster = None
+        for folder in self._folders.values():
+            folder.cancel()
+        try:
+            if client is not None:
+                await client.close()
+            if cluster is not None:
+                await cluster.close()
+        except (OSError, TimeoutError, asyncio.CancelledError):
+            pass  # the cluster is gone already
+
+    async def folder(self, workflow_dir: Path) -> str:
+        """The digest of ``workflow_dir`` once every worker has it (shipped once a run)."""
+        task = self._folders.get(workflow_dir)
+        if task is None:
+            task = self._folders[workflow_dir] = asyncio.ensure_future(
+                self._ship(workflow_dir)
+            )
+        return await asyncio.shield(task)
+
+    async def _ship(self, workflow_dir: Path) -> str:
+        digest, data = await asyncio.to_thread(zip_folder, workflow_dir, self.private)
+        await self.client.register_plugin(WorkflowFolder(digest, data))
+        return digest
+
+    def check_alive(self) -> None:
+        if self.lost is None and (self.client is None or self.client.status != "running"):
+            self.lost = "the connection to the Dask scheduler was lost"
+        if self.lost is not None:
+            raise TransientError(self.lost, hint="resume the run once the cluster is back")
+
+    async def cancel(self, fut: Any, key: str) -> None:
+        """Stop an attempt: drop its task, and cancel it on the worker running it."""
+        client = self.client
+        if client is None or client.status != "running":
+            return
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(client.run(cancel_attempt, key, on_error="ignore"),
+                               fut.cancel(), return_exceptions=True),
+                CANCEL_WAIT_S,
+            )
+        except (TimeoutError, OSError):
+            pass
+
+
+class RemoteAgent:
+    """An agent kind whose attempts run on the cluster: the `Agent` protocol, so the
+    scheduler calls it as it calls any agent."""
+
+    def __init__(self, executor: DaskExecutor, kind: str, local: Agent) -> None:
+        self.ex = executor
+        self.kind = kind
+        self.required = local.required
+        self.local = local
+        self.environ_keys: tuple[str, ...] = getattr(local, "environ_keys", ())
+
+    async def run(self, call: Call) -> Any:
+        ex = self.ex
+        ex.check_alive()
+        cached = getattr(self.local, "cached", None)
+        if cached is not None and call.cache is not None:
+            hit, output = cached(call)  # answered here: no dispatch
+            if hit:
+                return output
+        digest = await ex.folder(call.workflow_dir)
+        key = f"storyflow-{_UNSAFE.sub('-', call.run_id)}-{_UNSAFE.sub('-', call.step_id)}" \
+              f"-a{call.attempt}-{uuid.uuid4().hex[:8]}"
+        payload = Payload(
+            key=key,
+            kind=self.kind,
+            run_id=call.run_id,
+            step_id=call.step_id,
+            attempt=call.attempt,
+            inputs_json=json.dumps(call.inputs, ensure_ascii=False),
+            folder=digest,
+            run_dir=str(call.run_dir),
+            output_schema=call.output_schema,
+            seed=call.seed,
+            cache=call.cache is not None,
+            environ={k: os.environ[k] for k in self.environ_keys if k in os.environ},
+            secrets=dict(call.secrets),
+        )
+        fut = ex.client.submit(run_attempt, payload, key=key, pure=False, retries=0)
+        try:
+            out: dict[str, Any] = await fut
+        except asyncio.CancelledError:
+            await ex.cancel(fut, key)  # a timeout, a signal: stop it on its worker too
+            raise
+        except concurrent.futures.CancelledError as exc:  # Dask dropped the task
+            if "connection" in str(exc) or ex.client is None or ex.client.status != "running":
+                ex.lost = "the connection to the Dask scheduler was lost during the attempt"
+            raise TransientError(
+                ex.lost or f"the Dask cluster cancelled the attempt: {exc}",
+                hint="resume the run once the cluster is back",
+            ) from exc
+        except Exception as exc:
+            raise _translate(exc, call) from exc
+        finally:
+            fut.release()
+        call.placed(out["worker"])
+        for line in out["logs"]:
+            call.log(line)
+        for usage in out["usage"]:
+            call.meter(usage)
+        if call.cache is not None:
+            for k, v in out["puts"]:
+                call.cache.put(k, v)
+        error = out.get("error")
+        if error is not None:
+            raise StepFailure(
+                error["message"],
+                hint=error.get("hint"),
+                retry_after_s=error.get("retry_after_s"),
+                error_class=ErrorClass(error["class"]),
+            )
+        if out.get("cancelled"):
+            raise TransientError(f"the attempt was cancelled on worker {out['worker']}")
+        return json.loads(out["output"])
+
+
+def _translate(exc: Exception, call: Call) -> StepFailure:
+    """A failure of the cluster (not of the step) as a step failure."""
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        last = exc.args[1] if len(exc.args) > 1 else None
+        worker = getattr(last, "address", None) or (str(last) if last else "its worker")
+        call.placed(worker)
+        return WorkerLost(
+            f"worker {worker} died while running the attempt",
+            hint="the step's retry policy runs it again on another worker",
+        )
+    if isinstance(exc, (OSError, TimeoutError)) or name in ("CommClosedError",):
+        return TransientError(f"the Dask cluster failed during the attempt: {name}: {exc}")
+    if isinstance(exc, (TypeError, ValueError)):
+        return InvalidOutput(f"the attempt's result could not be read: {name}: {exc}")
+    return PermanentError(f"the Dask cluster failed the attempt: {name}: {exc}")
+
+
+async def probe(chosen: Setting, folder: Path, callables: list[str]) -> dict[str, Any]:
+    """For ``doctor``: connect as a run would and report what the cluster can do.
+
+    ``{"address", "workers": {address: info or error text}, "imports": {callable:
+    {worker: None or error text}}, "note"?}``; raises `StepFailure` as `start` does.
+    """
+    ex = DaskExecutor(chosen)
+    try:
+        described = await ex.start()
+        digest = await ex.folder(folder)
+        infos = await ex.client.run(worker_info, on_error="return")
+        imports: dict[str, dict[str, str | None]] = {spec: {} for spec in callables}
+        if callables:
+            found = await ex.client.run(import_check, digest, callables, on_error="return")
+            for worker, result in found.items():
+                for spec in callables:
+                    imports[spec][worker] = (
+                        f"{type(result).__name__}: {result}"
+                        if isinstance(result, BaseException) else result.get(spec)
+                    )
+        report: dict[str, Any] = {
+            "address": described["address"],
+            "workers": {w: i if isinstance(i, dict) else f"{type(i).__name__}: {i}"
+                        for w, i in sorted(infos.items())},
+            "imports": imports,
+        }
+        if "note" in described:
+            report["note"] = described["note"]
+        return report
+    finally:
+        await ex.close()
