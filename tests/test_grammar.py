@@ -34,10 +34,12 @@ from storyflow.agents.grammar import (
     Tag,
     article,
     capitalize_all,
+    first_plural,
     parse,
     past,
     plural,
     possessive,
+    replace,
 )
 from storyflow.agents.grammar_agent import GrammarAgent, seed_for
 from storyflow.errors import PermanentError
@@ -140,6 +142,94 @@ def test_an_unknown_modifier_is_an_error_with_a_suggestion() -> None:
     with pytest.raises(GrammarError, match=r"unknown modifier \.capitalise") as info:
         Grammar.from_data({"origin": "#a.capitalise#", "a": "x"})
     assert info.value.hint == "did you mean 'capitalize'?"
+
+
+@pytest.mark.parametrize(
+    ("phrase", "expected"),
+    [
+        ("dog of war", "dogs of war"), ("dog", "dogs"), ("fly in the ointment",
+        "flies in the ointment"), ("box  of\ttricks", "boxes  of\ttricks"),
+        ("  cat nap", "  cats nap"), ("", ""), ("   ", "   "),
+    ],
+)
+def test_first_plural(phrase: str, expected: str) -> None:
+    assert first_plural(phrase) == expected
+
+
+def test_replace_is_literal_text() -> None:
+    assert replace("a.b.c", ".", "-") == "a-b-c"
+    assert replace("cost: $1", "$1", "$&") == "cost: $&"  # no patterns either side
+    assert replace("banana", "an", "") == "ba"
+
+
+def test_first_s_and_replace_in_a_grammar() -> None:
+    data = {"origin": "#x.firstS#|#x.s#|#animal.replace(a,e)#", "x": "dog of war",
+            "animal": "camel caravan"}
+    assert expand(data) == "dogs of war|dog of wars|cemel cereven"
+
+
+def test_replace_chains_with_other_modifiers() -> None:
+    data = {
+        "origin": "#animal.replace(a,e).capitalize#|#animal.capitalize.replace(C,K)#|"
+        "#x.firstS.replace(war,peace).capitalizeAll#|#animal.replace(a,o).replace(o,u)#",
+        "animal": "camel", "x": "dog of war",
+    }
+    assert expand(data) == "Cemel|Kamel|Dogs Of Peace|cumel"
+
+
+@pytest.mark.parametrize(
+    ("rule", "text", "expected"),
+    [
+        (r"#t.replace(\,,;)#", "Dover, Kent", "Dover; Kent"),  # an escaped comma
+        ("#t.replace(.,!)#", "Stop. Go.", "Stop! Go!"),  # a dot needs no escape
+        (r"#t.replace(\#,No. )#", r"room \#4", "room No. 4"),  # an escaped hash; spaces kept
+        (r"#t.replace(\),\])#", "(a)", "(a]"),  # an escaped parenthesis and bracket
+        ("#t.replace( ,)#", "a b c", "abc"),  # an empty replacement deletes
+        ("#t.replace(a, e)#", "cat", "c et"),  # parameters are not stripped
+        ("#t .replace(a,e) . capitalize#", "cat", "Cet"),  # names are
+        ("#t.replace((,<)#", "f(x)", "f<x)"),  # '(' inside the parameters is text
+    ],
+)
+def test_replace_parameters(rule: str, text: str, expected: str) -> None:
+    assert expand({"origin": rule, "t": text}) == expected
+
+
+def test_a_replace_inside_an_action_keeps_its_comma() -> None:
+    # The comma between the parameters does not split the push list; the one after does.
+    data = {"origin": "[w:#animal.replace(a,o)#,dog]#w# #w#", "animal": "camel"}
+    assert sorted(expand(data).split()) == ["comel", "dog"]
+    data = {"origin": "#[w:#animal.replace(a,o)#]story#", "story": "the #w#", "animal": "cat"}
+    assert expand(data) == "the cot"
+
+
+@pytest.mark.parametrize(
+    ("rule", "message", "hint"),
+    [
+        ("#a.replace(a,e#", r"unclosed '\(' after \.replace in #a\.replace\(a,e#",
+         "close the parameters with ')'"),
+        ("#a.replace(a,b#c)#", r"unclosed '\(' after \.replace in #a\.replace\(a,b#",
+         r"or '#' inside a parameter as \), \, or \#"),
+        ("#a.replace(a)#", r"modifier \.replace\(old,new\) takes 2 parameters, got 1, in",
+         "write .replace(old,new)"),
+        ("#a.replace#", r"modifier \.replace\(old,new\) takes 2 parameters, got none, in "
+         r"#a\.replace#$", "write .replace"),
+        ("#a.replace(a,b,c)#", r"modifier \.replace\(old,new\) takes 2 parameters, got 3",
+         r"as \, or \)"),
+        ("#a.replace(,b)#", r"modifier \.replace\(old,new\) has an empty 'old' parameter, "
+         r"in #a\.replace\(,b\)#$",
+         "write .replace(old,new)"),
+        ("#a.replace(a,b)x#", r"unexpected 'x' after \.replace\(\.\.\.\) in",
+         "chain modifiers with '.'"),
+        ("#a.s(x)#", r"modifier \.s takes no parameters, in #a\.s\(x\)#",
+         "write .s without parentheses"),
+        ("#a.replce(a,b)#", r"unknown modifier \.replce in", "did you mean 'replace'?"),
+    ],
+)
+def test_a_malformed_modifier_is_an_error_with_a_hint(rule: str, message: str,
+                                                      hint: str) -> None:
+    with pytest.raises(GrammarError, match=f"^symbol 'origin': {message}") as info:
+        Grammar.from_data({"origin": rule, "a": "x"})
+    assert hint in (info.value.hint or "")
 
 
 # -- the engine: actions ------------------------------------------------------------------------
@@ -319,6 +409,34 @@ def test_the_parser_never_crashes(text: str) -> None:
         parse(text)
     except GrammarError:
         pass
+
+
+def escape(text: str) -> str:
+    """``text`` as a literal modifier parameter."""
+    return re.sub(r"([\\#\[\](),])", r"\\\1", text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=30), x=st.text(min_size=1, max_size=8))
+def test_replace_with_itself_is_the_identity(text: str, x: str) -> None:
+    grammar = Grammar.from_data({"origin": f"#t.replace({escape(x)},{escape(x)})#"})
+    assert grammar.with_literals({"t": [text]}).expand("origin", random.Random(0)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=30), old=st.text(min_size=1, max_size=8),
+       new=st.text(max_size=8))
+def test_replace_in_a_grammar_is_str_replace(text: str, old: str, new: str) -> None:
+    grammar = Grammar.from_data({"origin": f"#t.replace({escape(old)},{escape(new)})#"})
+    out = grammar.with_literals({"t": [text]}).expand("origin", random.Random(0))
+    assert out == text.replace(old, new)
+
+
+@settings(max_examples=200, deadline=None)
+@given(words=st.lists(st.text(alphabet="abcdehsxyz", min_size=1, max_size=8), min_size=1,
+                      max_size=5))
+def test_first_s_pluralises_only_the_first_word(words: list[str]) -> None:
+    assert first_plural(" ".join(words)) == " ".join([plural(words[0]), *words[1:]])
 
 
 def test_literals_are_never_expanded() -> None:
@@ -791,3 +909,44 @@ def test_the_flagship_honours_the_inputs(cli: Runner, tone: str) -> None:
     setting = step_outputs(cli, summary["run_id"])["setting"]
     tone_words = load_data_file(GRAMMARS / "settings.yaml")[f"{tone}Light"]
     assert setting["light"] in tone_words
+
+
+MODIFIER_WORKFLOW = """\
+apiVersion: storyflow/v1
+name: modifiers
+seed: 1
+agents:
+  writer: {uses: builtin/grammar, with: {grammar: g.yaml}}
+steps:
+  line: {agent: writer}
+outputs:
+  line: "{{ steps.line.output }}"
+"""
+
+
+def test_first_s_and_replace_through_the_cli(cli: Runner, tmp_path: Path) -> None:
+    """Run a workflow whose grammar has a malformed .replace, fix the grammar, resume."""
+    wf = write(tmp_path, "wf.yaml", MODIFIER_WORKFLOW)
+    grammar = write(tmp_path, "g.yaml", "origin: '#beast.replace(a,e#'\nbeast: camel\n")
+    proc = cli("run", wf, "--json")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["status"] == "failed"
+    assert summary["error"]["message"] == (
+        f"step line failed: grammar {grammar}: symbol 'origin': unclosed '(' after .replace "
+        f"in #beast.replace(a,e#"
+    )
+    failed = [json.loads(line) for line in proc.stdout.splitlines() if '"step.failed"' in line]
+    assert "close the parameters with ')'" in failed[0]["error"]["hint"]
+
+    grammar.write_text(
+        "origin: '#beast.replace(a,e).capitalize# / #beast.firstS# / "
+        "#place.replace(\\,,;).replace(.,!)#'\n"
+        "beast: camel of war\nplace: Dover, Kent.\n",
+        encoding="utf-8",
+    )
+    proc = cli("resume", summary["run_id"], "--json")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    resumed = json.loads(proc.stdout.splitlines()[-1])
+    assert resumed["status"] == "succeeded"
+    assert resumed["outputs"]["line"] == "Cemel of wer / camels of war / Dover; Kent!"
