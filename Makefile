@@ -29,6 +29,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cli.py
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_dask.py
 
 clean:
 	rm -rf $(VENV) .storyflow build dist .pytest_cache .mypy_cache .ruff_cache

@@ -7,6 +7,7 @@ from pathlib import Path
 AGENTS = """
 import asyncio
 import os
+import time
 
 
 def inc(n):
@@ -22,6 +23,12 @@ def boom_at(n, fail_at):
 
 async def nap(seconds):
     await asyncio.sleep(seconds)
+    return seconds
+
+
+def slow(seconds):
+    # A slow tool: holds its thread (a worker's only one, on a single-thread worker).
+    time.sleep(seconds)
     return seconds
 """
 
@@ -51,14 +58,15 @@ def chain(folder: Path, steps: int, *, fail_at: int | None = None) -> Path:
     return path
 
 
-def fan(folder: Path, steps: int, seconds: float) -> Path:
-    """W2: independent async steps that sleep."""
+def fan(folder: Path, steps: int, seconds: float, *, callable_: str = "nap") -> Path:
+    """W2: independent async steps that sleep (``slow``: sync steps that hold a thread)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench_agents.py").write_text(AGENTS)
     lines = ["apiVersion: storyflow/v1", f"name: fan-{steps}", "steps:"]
     for i in range(steps):
         lines.append(
-            f'  s{i}: {{uses: python, with: {{callable: "bench_agents:nap", seconds: {seconds}}}}}'
+            f'  s{i}: {{uses: python, with: {{callable: "bench_agents:{callable_}", '
+            f"seconds: {seconds}}}}}"
         )
     path = folder / f"fan-{steps}.yaml"
     path.write_text("\n".join(lines) + "\n")

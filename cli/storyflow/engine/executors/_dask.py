@@ -271,6 +271,31 @@ def _error_of(exc: StepFailure) -> dict[str, Any]:
     return error
 
 
+CLIENT_SEND_INTERVAL_S = 0.002
+"""How long the client may hold a submission to batch it with others. Dask's default
+(10 ms) suits a notebook sending thousands of tasks at once; a run submits attempts one
+by one as steps become ready, and a chain of steps would wait out the whole interval
+at every step (measured: 10.6 → 5.6 ms per round trip on a 2-core machine)."""
+
+
+def _prompt_stream(stream: Any) -> None:
+    """Shorten one of Dask's batched streams' interval (see `CLIENT_SEND_INTERVAL_S`),
+    where this version of Dask has one."""
+    if stream is not None and isinstance(getattr(stream, "interval", None), (int, float)):
+        stream.interval = min(stream.interval, CLIENT_SEND_INTERVAL_S)
+
+
+def _prompt(client: Any) -> None:
+    """The client's stream to the scheduler."""
+    _prompt_stream(getattr(client, "scheduler_comm", None))
+
+
+def _prompt_worker(dask_worker: Any) -> None:
+    """A worker's stream to the scheduler (run on the workers of a cluster the run
+    started; another's cluster is left as its owner set it up)."""
+    _prompt_stream(getattr(dask_worker, "batched_stream", None))
+
+
 def _quiet(level: int) -> None:
     """Raise the level of Dask's loggers (each has its own, set by Dask's config) and of
     the handler they share."""
@@ -340,9 +365,14 @@ class DaskExecutor:
                     ),
                     s.connect_timeout_s + 5,
                 )
+            _prompt(self.client)
             await self.client.wait_for_workers(1, timeout=s.connect_timeout_s)
             infos = await self.client.run(worker_info, on_error="return")
             allowed = await self.client.run_on_scheduler(_allowed_failures)
+            if self.cluster is not None:  # ours: its streams may be prompt too
+                for stream in getattr(self.cluster.scheduler, "stream_comms", {}).values():
+                    _prompt_stream(stream)
+                await self.client.run(_prompt_worker, on_error="ignore")
         except (OSError, TimeoutError) as exc:
             await self.close()
             raise TransientError(
