@@ -15,18 +15,26 @@ timeout, pool and breaker. For every attempt:
 
 A fallback serving the step makes it *degraded*: its record names the agent that
 served; its events carry ``agent`` and ``degraded``. Breaker state changes are events.
+
+`Attempts` knows nothing of the scheduler: it gets a `Serving` — the journal, the
+inputs, usage, pool slots, the options (clocks, the executor) and where the run lives —
+and the scheduler awaits `Attempts.run` for each instance it launches.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from storyflow.agents.base import Call
+from storyflow.agents.base import Call, CallCache
 from storyflow.engine import retry
 from storyflow.engine.breaker import Admission, Breaker
-from storyflow.engine.usage import METERED_KINDS
+from storyflow.engine.executors import agent_for
+from storyflow.engine.inputs import Inputs, Server
+from storyflow.engine.usage import METERED_KINDS, Usage
 from storyflow.errors import (
     AnswerNeeded,
     BudgetExceeded,
@@ -37,28 +45,39 @@ from storyflow.errors import (
     StepTimeout,
 )
 from storyflow.events import EventType
-from storyflow.spec.model import RetryPolicy
+from storyflow.spec.model import Agent
+from storyflow.store import redact
 
 if TYPE_CHECKING:
+    from storyflow.engine.commit import Journal
     from storyflow.engine.instance import Instance
-    from storyflow.engine.runner import Runner
+    from storyflow.engine.options import Options
+    from storyflow.engine.pools import Slots
+    from storyflow.store import Store
 
 
-class Server(Protocol):
-    """What serving a step needs: a `Step` (its own agent) or a `Fallback` has it."""
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What serving a run's attempts needs — and nothing of the scheduler's state."""
 
-    @property
-    def agent(self) -> str | None: ...
-    @property
-    def uses(self) -> str | None: ...
-    @property
-    def with_(self) -> dict[str, Any]: ...
-    @property
-    def retry(self) -> RetryPolicy: ...
-    @property
-    def timeout_s(self) -> float | None: ...
-    @property
-    def pool(self) -> str | None: ...
+    journal: Journal
+    """Moves instances through their lifecycle, checkpoints them, emits events."""
+    inputs: Inputs
+    usage: Usage
+    options: Options
+    """Clocks, sleep, randomness, the environment and the executor."""
+    slots: Slots | None
+    """The pools' slots (None: the workflow has no pools)."""
+    agents: Mapping[str, Agent]
+    """The workflow's agents, for their breakers."""
+    store: Store
+    """For the output cache (``cache: true``)."""
+    run_id: str
+    workflow_dir: Path
+    run_dir: Path
+    seed: int | None
+    secret_values: list[str]
+    call_cache: CallCache | None
 
 
 def error_record(exc: StepFailure) -> dict[str, str]:
@@ -72,42 +91,14 @@ def error_record(exc: StepFailure) -> dict[str, str]:
 class Attempts:
     """Serves step instances for one runner; holds the run's breakers."""
 
-    def __init__(self, runner: Runner) -> None:
-        self.r = runner
+    def __init__(self, serving: Serving) -> None:
+        self.s = serving
         self.breakers = {
             name: Breaker(name, agent.breaker)
-            for name, agent in runner.wf.agents.items()
+            for name, agent in serving.agents.items()
             if agent.breaker is not None
         }
         self._validators: dict[int, Any] = {}
-
-    def inputs_for(
-        self, inst: Instance, server: Server
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """The rendered ``with`` (and ``prompt``) of a server of ``inst``, and its secrets."""
-        r = self.r
-        step = inst.node.step
-        agent = r.wf.agents.get(server.agent) if server.agent else None
-        secrets = {}
-        for name in agent.secrets if agent else ():
-            value = r.opt.environ.get(name)
-            if value is None:
-                raise PermanentError(
-                    f"secret {name} is not set", hint=f"export {name}=... before running"
-                )
-            secrets[name] = value
-        scope = r.scope.for_step(secrets, inst.extra)
-        inputs = r.t.render(server.with_, scope) if server.with_ else {}
-        if step.prompt is not None:
-            inputs["prompt"] = r.t.render(step.prompt, scope)
-        return inputs, secrets
-
-    def agent_for(self, kind: str) -> Any:
-        """What an attempt of ``kind`` is handed to: its agent, or the executor's proxy
-        of it that runs it on a worker."""
-        from storyflow.agents import registry
-
-        return self.r.opt.executor.agent(kind, registry.get(kind))
 
     def entry_pool(self, inst: Instance) -> str | None:
         """The pool the scheduler takes for a step's first attempt: its own agent's,
@@ -116,7 +107,7 @@ class Attempts:
         step = inst.node.step
         if not self.breakers:
             return step.pool
-        now = self.r.opt.monotonic()
+        now = self.s.options.monotonic()
         servers: tuple[Server, ...] = (step, *step.fallbacks)
         for server in servers:
             breaker = self.breakers.get(server.agent) if server.agent else None
@@ -131,13 +122,13 @@ class Attempts:
         try:
             await self._run(inst, agent, inputs, secrets)
         except AnswerNeeded as need:
-            r = self.r
-            inst.ended_at = r.opt.clock()
+            s = self.s
+            inst.ended_at = s.options.clock()
             inst.error, inst.degraded = None, False
             inst.waiting = need.questions
-            r.move(inst, "pause")
+            s.journal.move(inst, "pause")
             for q in need.questions:
-                r.emit(
+                s.journal.emit(
                     EventType.STEP_WAITING,
                     step=inst.id,
                     attempt=inst.attempts,
@@ -148,15 +139,15 @@ class Attempts:
 
     async def _run(self, inst: Instance, agent: Any, inputs: dict[str, Any],
                    secrets: dict[str, str]) -> None:
-        r = self.r
+        s = self.s
         step = inst.node.step
         server: Server = step
         exc = await self._serve(inst, step, agent, inputs, secrets, last=not step.fallbacks)
         for i, fallback in enumerate(step.fallbacks):
             if exc is None:
                 break
-            r.move(inst, "retry")
-            r.emit(
+            s.journal.move(inst, "retry")
+            s.journal.emit(
                 EventType.STEP_FALLBACK,
                 step=inst.id,
                 attempt=inst.attempts,
@@ -168,16 +159,16 @@ class Attempts:
             inst.agent, inst.degraded = fallback.agent, True
             last = i == len(step.fallbacks) - 1
             try:
-                inputs, secrets = self.inputs_for(inst, fallback)
-                agent = self.agent_for(fallback.uses)
+                inputs, secrets = s.inputs.for_server(inst, fallback)
+                agent = agent_for(s.options.executor, fallback.uses)
             except StepFailure as failure:
                 exc = self._failed_before_call(inst, failure)
                 continue
             exc = await self._serve(inst, fallback, agent, inputs, secrets, last=last)
         if exc is not None:
             inst.degraded = False  # nothing was served
-            r.move(inst, "fail")
-            r.emit(
+            s.journal.move(inst, "fail")
+            s.journal.emit(
                 EventType.STEP_FAILED,
                 step=inst.id,
                 attempt=inst.attempts,
@@ -187,12 +178,12 @@ class Attempts:
                 **self._tag(inst),
             )
             return
-        r.move(inst, "succeed")
-        if step.cache and inst.fingerprint and not inst.degraded and not r.holds_secret(
-            inst.output
+        s.journal.move(inst, "succeed")
+        if step.cache and inst.fingerprint and not inst.degraded and not _holds_secret(
+            s.secret_values, inst.output
         ):
-            r.store.cache_put(inst.fingerprint, inst.output, r.run.run_id)
-        r.emit(
+            s.store.cache_put(inst.fingerprint, inst.output, s.run_id)
+        s.journal.emit(
             EventType.STEP_SUCCEEDED,
             step=inst.id,
             attempt=inst.attempts,
@@ -214,22 +205,14 @@ class Attempts:
 
     def _spender(self, inst: Instance) -> Callable[[int], None] | None:
         """Counts reported tokens against the ``tokens`` limit of the pool ``inst`` holds."""
-        pools = self.r.pools
-        if pools is None:
-            return None
-
-        def spend(tokens: int) -> None:
-            if inst.slot is not None:
-                pools.spend(inst.slot, tokens)
-
-        return spend
+        return self.s.slots.spender(inst) if self.s.slots is not None else None
 
     def _failed_before_call(self, inst: Instance, exc: StepFailure) -> StepFailure:
         """A fallback could not even be called (a template, a secret): a failed attempt."""
-        r = self.r
+        s = self.s
         inst.attempts += 1
-        inst.started_at = inst.ended_at = r.opt.clock()
-        r.move(inst, "start")
+        inst.started_at = inst.ended_at = s.options.clock()
+        s.journal.move(inst, "start")
         inst.error = error_record(exc)
         return exc
 
@@ -239,7 +222,7 @@ class Attempts:
 
         On success ``inst.output`` is set; either way the instance is left ``running``.
         """
-        r = self.r
+        s = self.s
         breaker = self.breakers.get(server.agent) if self.breakers and server.agent else None
         policy = server.retry
         tries = 0
@@ -247,34 +230,34 @@ class Attempts:
             tries += 1
             exc: StepFailure | None = None
             admission = Admission.CALL
-            if breaker is not None and not breaker.allows(r.opt.monotonic()):
-                exc = _circuit_open(breaker, r.opt.monotonic())
+            if breaker is not None and not breaker.allows(s.options.monotonic()):
+                exc = _circuit_open(breaker, s.options.monotonic())
             else:
-                if r.pools is not None:
-                    await r.pool_for(inst, server.pool)
+                if s.slots is not None:
+                    await s.slots.hold_for(inst, server.pool)
                 if breaker is not None:
-                    admission = breaker.admit(r.opt.monotonic())
+                    admission = breaker.admit(s.options.monotonic())
                     if admission is Admission.REFUSED:
-                        exc = _circuit_open(breaker, r.opt.monotonic())
+                        exc = _circuit_open(breaker, s.options.monotonic())
             inst.attempts += 1
-            inst.started_at = r.opt.clock()
+            inst.started_at = s.options.clock()
             inst.worker = None
-            r.move(inst, "start")
+            s.journal.move(inst, "start")
             if exc is None:
                 exc = await self._attempt(inst, server, agent, inputs, secrets, breaker, admission)
                 if exc is None:
                     return None
-            inst.ended_at = r.opt.clock()
+            inst.ended_at = s.options.clock()
             inst.error = error_record(exc)
             fall_back_now = not last and breaker is not None and not breaker.allows(
-                r.opt.monotonic()
+                s.options.monotonic()
             )
             if fall_back_now or not retry.should_retry(policy, exc.error_class.value, tries):
                 return exc
             delay = retry.delay_s(policy, tries, retry_after_s=exc.retry_after_s,
-                                  rand=r.opt.rand)
-            r.move(inst, "retry")
-            r.emit(
+                                  rand=s.options.rand)
+            s.journal.move(inst, "retry")
+            s.journal.emit(
                 EventType.STEP_RETRYING,
                 step=inst.id,
                 attempt=inst.attempts,
@@ -282,70 +265,73 @@ class Attempts:
                 error=inst.error,
                 **self._tag(inst),
             )
-            r.release_slot(inst)  # a step waiting out its delay holds no pool slot
-            r.flush()
-            await r.opt.sleep(delay)
+            if s.slots is not None:
+                s.slots.release(inst)  # a step waiting out its delay holds no pool slot
+            s.journal.flush()
+            await s.options.sleep(delay)
 
     async def _attempt(self, inst: Instance, server: Server, agent: Any,
                        inputs: dict[str, Any], secrets: dict[str, str],
                        breaker: Breaker | None, admission: Admission) -> StepFailure | None:
         """One call of the agent; the outcome goes to the breaker."""
-        r = self.r
+        s = self.s
         step = inst.node.step
-        r.emit(EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts, **self._tag(inst))
+        s.journal.emit(
+            EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts, **self._tag(inst)
+        )
         if server.uses in METERED_KINDS:
             try:
-                r.usage.check(inst, step.budget, inputs)
+                s.usage.check(inst, step.budget, inputs)
             except BudgetExceeded as exc:
                 return exc
         call = Call(
-            run_id=r.run.run_id,
+            run_id=s.run_id,
             step_id=inst.id,
             attempt=inst.attempts,
             inputs=inputs,
-            workflow_dir=r.workflow_dir,
-            run_dir=r.run_dir,
+            workflow_dir=s.workflow_dir,
+            run_dir=s.run_dir,
             secrets=secrets,
             timeout_s=server.timeout_s,
             output_schema=step.output_schema,
-            seed=r.wf.seed,
+            seed=s.seed,
             log=self._logger(inst),
-            meter=r.usage.meter(inst, self._spender(inst)),
-            cache=r.call_cache,
+            meter=s.usage.meter(inst, self._spender(inst)),
+            cache=s.call_cache,
             placed=lambda worker: setattr(inst, "worker", worker),
         )
-        r.flush()  # durable before the agent runs
+        s.journal.flush()  # durable before the agent runs
         try:
             output = await self._call(agent, call)
         except AnswerNeeded:
             if breaker is not None:
-                breaker.abandoned(admission, r.opt.monotonic())
+                breaker.abandoned(admission, s.options.monotonic())
             raise
         except StepFailure as exc:
-            if breaker is not None and breaker.failed(admission, r.opt.monotonic()):
+            if breaker is not None and breaker.failed(admission, s.options.monotonic()):
                 self._opened(inst, breaker, trial=admission is Admission.TRIAL)
             return exc
         except asyncio.CancelledError:
             if breaker is not None:
-                breaker.abandoned(admission, r.opt.monotonic())
+                breaker.abandoned(admission, s.options.monotonic())
             raise
         if breaker is not None and breaker.succeeded(admission):
-            r.emit(EventType.BREAKER_CLOSED, agent=breaker.id, step=inst.id)
+            s.journal.emit(EventType.BREAKER_CLOSED, agent=breaker.id, step=inst.id)
         inst.output = output
         inst.error = None
-        inst.ended_at = r.opt.clock()
+        inst.ended_at = s.options.clock()
         return None
 
     def _logger(self, inst: Instance) -> Callable[[str], None]:
         """The ``log`` of one attempt: each line a ``step.log`` event, from any thread
         (a sync python callable runs in a worker thread)."""
-        r = self.r
+        s = self.s
         loop = asyncio.get_running_loop()
         step_id, attempt = inst.id, inst.attempts
 
         def emit(message: str) -> None:
-            r.emit(EventType.STEP_LOG, step=step_id, attempt=attempt, message=message)
-            r.journal.schedule_flush()
+            s.journal.emit(EventType.STEP_LOG, step=step_id, attempt=attempt, message=message)
+            s.journal.schedule_flush()
 
         def log(message: str) -> None:
             try:
@@ -360,7 +346,7 @@ class Attempts:
         return log
 
     def _opened(self, inst: Instance, breaker: Breaker, *, trial: bool) -> None:
-        self.r.emit(
+        self.s.journal.emit(
             EventType.BREAKER_OPENED,
             agent=breaker.id,
             step=inst.id,
@@ -399,6 +385,10 @@ class Attempts:
             e = errors[0]
             where = "".join(f"[{p!r}]" for p in e.absolute_path) or "output"
             raise InvalidOutput(f"output does not match output_schema at {where}: {e.message}")
+
+
+def _holds_secret(secret_values: list[str], value: Any) -> bool:
+    return bool(secret_values) and redact(value, secret_values) != value
 
 
 def _circuit_open(breaker: Breaker, now: float) -> CircuitOpen:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from storyflow.engine.instance import Instance
+from storyflow.engine.lifecycle import step_fire
 from storyflow.events import EventType
 from storyflow.store import StepRecord, Store, redact
 
@@ -69,6 +70,11 @@ class Journal:
             self.pending_events.append(event)  # after the checkpoint that backs it
         else:
             self.sink(event)
+
+    def move(self, inst: Instance, event: str) -> None:
+        """Fire ``event`` on the instance's lifecycle machine and checkpoint it."""
+        step_fire(inst, event)
+        self.checkpoint(inst)
 
     def checkpoint(self, inst: Instance) -> None:
         rec = inst.record(inst.node.fingerprint)

@@ -50,6 +50,16 @@ class Result:
     """The run's tokens, cost and model calls so far (earlier processes included)."""
 
 
+def not_started(
+    insts: Iterable[Instance], error: dict[str, str], usage: dict[str, Any]
+) -> Result:
+    """A run that failed before any step could start (its executor could not)."""
+    counts: dict[str, int] = {}
+    for inst in insts:
+        counts[inst.state] = counts.get(inst.state, 0) + 1
+    return Result(RunStatus.FAILED, {}, error, counts, usage=usage)
+
+
 def finish(
     wf: Workflow,
     insts: Iterable[Instance],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from storyflow.engine.plan import Node
@@ -178,6 +179,23 @@ def _rank(score: Any) -> tuple[int, float]:
     if isinstance(score, bool) or not isinstance(score, (int, float)):
         return (0, 0.0)
     return (1, float(score))
+
+
+def blocked_reason(inst: Instance, top: Mapping[str, Instance]) -> str | None:
+    """Why ``inst`` cannot run now that its needs have settled (its ``join`` is not
+    met), or None. ``top``: the run's instances, for a step outside any loop."""
+    siblings = inst.parent.current if isinstance(inst.parent, LoopInstance) else top
+    deps = [siblings[d] for d in inst.node.deps]
+    join = inst.node.step.join
+    if join == "all_done" or not deps:
+        return None
+    ok = [d.state in OK for d in deps]
+    if join == "any_succeeded":
+        return None if any(ok) else "none of its needs succeeded"
+    for d, good in zip(deps, ok, strict=True):
+        if not good:
+            return f"{d.id} {d.state}"
+    return None
 
 
 def new_instance(node: Node) -> Instance:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 from storyflow.engine import lifecycle
 from storyflow.engine.instance import Instance, LoopInstance, new_instance
 from storyflow.engine.plan import digest
-from storyflow.engine.prepare import keep
 from storyflow.errors import StepFailure
 from storyflow.events import ErrorClass, EventType, StepStatus
 
@@ -36,7 +35,7 @@ class Loops:
             [lp.node.fingerprint, {d: steps[d]["output"] for d in lp.node.deps if d in steps}]
         )
         lifecycle.step_fire(lp, "ready")
-        prev = keep(r, lp)
+        prev = r.prep.keep(lp)
         if prev is not None:
             lp.iteration = int(prev.meta.get("iterations", 0))
             lp.scores = list(prev.meta.get("scores", []))

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from storyflow.engine import lifecycle
 from storyflow.engine.instance import OK, Instance, MapInstance
 from storyflow.engine.plan import digest
-from storyflow.engine.prepare import fail_before_start
 from storyflow.errors import PermanentError, StepFailure
 from storyflow.events import EventType, StepStatus
 
@@ -41,7 +40,7 @@ class Maps:
                     hint="for_each must be an expression giving a list, or a literal list",
                 )
         except StepFailure as exc:
-            fail_before_start(r, m, exc)
+            r.prep.fail_before_start(m, exc)
             return r.settled(m)
         values = list(values)
         m.fingerprint = digest([m.node.fingerprint, values])

@@ -268,3 +268,48 @@ class Pools:
         pool.timer = None
         self.wake(pool)
         self._on_ready()
+
+
+class Slots:
+    """The pool slots step instances hold between attempts (``inst.slot``, and
+    ``inst.grant`` for what the scheduler took for a first attempt); a slot given back
+    may let a parked step start (``on_free``)."""
+
+    __slots__ = ("on_free", "pools")
+
+    def __init__(self, pools: Pools, on_free: Callable[[], None]) -> None:
+        self.pools = pools
+        self.on_free = on_free
+
+    async def hold_for(self, inst: Any, name: str | None) -> None:
+        """Hold what the next attempt of ``inst`` needs from pool ``name`` (a slot and
+        a token)."""
+        pool = self.pools.get(name)
+        grant, inst.grant = inst.grant, None
+        if grant is not None and grant is pool:
+            return  # the scheduler took both for this attempt
+        if inst.slot is not pool:
+            self.release(inst)
+            if pool is not None:
+                await self.pools.acquire(pool, slot=True)
+                inst.slot = pool
+        elif pool is not None and pool.bucket is not None:
+            await self.pools.acquire(pool, slot=False)  # the slot is held: a token
+
+    def release(self, inst: Any, *, pump: bool = True) -> None:
+        """Give back the slot ``inst`` holds; a parked step may start (``pump``)."""
+        if inst.slot is not None:
+            slot, inst.slot, inst.grant = inst.slot, None, None
+            self.pools.release(slot)
+            if pump and slot.waiting:
+                self.on_free()
+
+    def spender(self, inst: Any) -> Callable[[int], None]:
+        """Counts reported tokens against the ``tokens`` limit of the pool ``inst`` holds."""
+        pools = self.pools
+
+        def spend(tokens: int) -> None:
+            if inst.slot is not None:
+                pools.spend(inst.slot, tokens)
+
+        return spend

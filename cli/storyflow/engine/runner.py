@@ -13,9 +13,12 @@ parked with its pool and the scheduler moves on, so one busy pool never holds up
 others; a pool that can take its oldest parked instance again offers it back, and the
 oldest ready instance, parked or not, starts first. Before its first attempt an
 instance may be kept or cached (`storyflow.engine.prepare`); what it does then —
-retries, breakers, fallbacks — is `storyflow.engine.attempts`; how the run ends,
-`storyflow.engine.finish`. Maps and loops are `storyflow.engine.maps` and
-`storyflow.engine.loops`; a step paused for an answer (`storyflow.engine.human`) stays
+retries, breakers, fallbacks — is `storyflow.engine.attempts`, which hands each attempt
+to the agent object the executor chose (`storyflow.engine.executors`: this process, or
+a Dask worker); how the run ends, `storyflow.engine.finish`. Those helpers get the
+narrow things they need (`Preparer`, `Serving`), never the runner. Maps and loops are
+`storyflow.engine.maps` and `storyflow.engine.loops`, parts of the scheduler that work
+on its instance table and counters; a step paused for an answer (`storyflow.engine.human`) stays
 unsettled, and the run ends once nothing else can run.
 
 Stopping: a signal (`interrupt`) or the workflow's ``timeout`` cancels the running
@@ -27,69 +30,36 @@ each process of a run gets the whole ``timeout`` afresh.
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from storyflow.engine import lifecycle
-from storyflow.engine.attempts import Attempts, error_record
+from storyflow.engine.attempts import Attempts, Serving, error_record
 from storyflow.engine.commit import Journal, Sink
-from storyflow.engine.executors import LOCAL, Executor
-from storyflow.engine.finish import Result, Stop, finish
-from storyflow.engine.instance import OK, Instance, LoopInstance, MapInstance, new_instance
+from storyflow.engine.finish import Result, Stop, finish, not_started
+from storyflow.engine.inputs import Inputs
+from storyflow.engine.instance import (
+    Instance,
+    LoopInstance,
+    MapInstance,
+    blocked_reason,
+    new_instance,
+)
 from storyflow.engine.loops import Loops
 from storyflow.engine.maps import Maps
+from storyflow.engine.options import Options
 from storyflow.engine.plan import Plan
-from storyflow.engine.pools import Pools
-from storyflow.engine.prepare import Prepared, fail_before_start, prepare
+from storyflow.engine.pools import Pools, Slots
+from storyflow.engine.prepare import Prepared, Preparer
 from storyflow.engine.scope import Scope
 from storyflow.engine.usage import StoreCallCache, Usage
 from storyflow.errors import StepFailure
-from storyflow.events import ErrorClass, EventType, RunStatus, StepStatus
+from storyflow.events import ErrorClass, EventType, StepStatus
 from storyflow.spec.model import Workflow
-from storyflow.store import RunRecord, StepRecord, Store, redact
+from storyflow.store import RunRecord, StepRecord, Store
 
 __all__ = ["Options", "Result", "Runner", "Sink"]
-
-
-@dataclass
-class Options:
-    """How a run executes; clocks, sleep and randomness are injected for tests."""
-
-    max_parallel: int = 8
-    forced: frozenset[str] = frozenset()
-    """Steps that re-run even if a previous attempt succeeded (``--from`` and downstream)."""
-    previous: Mapping[str, StepRecord] = field(default_factory=dict)
-    """Records of an earlier process of this run (resume)."""
-    clock: Callable[[], float] = time.time
-    """Wall-clock epoch seconds, for records and events."""
-    monotonic: Callable[[], float] = time.monotonic
-    """For breaker cooldowns and pool rates."""
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    """Waits out a retry delay."""
-    rand: Callable[[], float] = random.random
-    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    heartbeat: Callable[[], None] | None = None
-    heartbeat_every_s: float = 5.0
-    answers: Mapping[str, Any] = field(default_factory=dict)
-    """Answers for ``human`` steps by instance id (``resume --answer``), checked already."""
-    ask: Callable[[str, str, dict[str, Any]], Awaitable[Any]] | None = None
-    """Asks a person on the terminal ``(step, question, schema) -> answer``; None when
-    there is no terminal: a ``human`` step then pauses the run."""
-    depth: int = 0
-    """How many parent runs this run has (a sub-workflow's is 1)."""
-    ancestry: tuple[str, ...] = ()
-    """Workflow files of the runs above this one, to refuse a workflow that runs itself."""
-    no_cache: bool = False
-    """Bypass the call cache (``--no-cache``)."""
-    executor: Executor = LOCAL
-    """Where attempts run (`storyflow.engine.executors`); started by the caller."""
 
 
 CURRENT: ContextVar[Runner] = ContextVar("storyflow_runner")
@@ -142,24 +112,42 @@ class Runner:
         # The journal's own bound methods, so `runner.emit` costs no extra call.
         self.emit = self.journal.emit
         self.flush = self.journal.flush
+        self.move = self.journal.move
         self.usage = Usage(workflow.config, workflow.budget, run.meta.get("usage"))
         self.scope.base["run"]["usage"] = self.usage.totals  # live: `run.usage.tokens`
-        self.call_cache = None if options.no_cache else StoreCallCache(store, run.run_id)
-        self.attempts = Attempts(self)
-        self.maps = Maps(self)
-        self.loops = Loops(self)
         self.pools = (
             Pools(workflow.pools, options.monotonic, self._pools_ready, self.flush)
             if workflow.pools
             else None
         )
-
-    def move(self, inst: Instance, event: str) -> None:
-        lifecycle.step_fire(inst, event)
-        self.journal.checkpoint(inst)
-
-    def holds_secret(self, value: Any) -> bool:
-        return bool(self.secret_values) and redact(value, self.secret_values) != value
+        self.slots = Slots(self.pools, self._pools_ready) if self.pools is not None else None
+        inputs = Inputs(self.scope, self.t, workflow.agents, options.environ)
+        self.prep = Preparer(
+            inputs=inputs,
+            executor=options.executor,
+            journal=self.journal,
+            store=store,
+            clock=options.clock,
+            previous_record=self.previous_record,
+            forced=self.forced,
+        )
+        self.attempts = Attempts(Serving(
+            journal=self.journal,
+            inputs=inputs,
+            usage=self.usage,
+            options=options,
+            slots=self.slots,
+            agents=workflow.agents,
+            store=store,
+            run_id=run.run_id,
+            workflow_dir=self.workflow_dir,
+            run_dir=self.run_dir,
+            seed=workflow.seed,
+            secret_values=self.secret_values,
+            call_cache=None if options.no_cache else StoreCallCache(store, run.run_id),
+        ))
+        self.maps = Maps(self)
+        self.loops = Loops(self)
 
     def _secret_values(self) -> list[str]:
         names = {n for a in self.wf.agents.values() for n in a.secrets}
@@ -206,11 +194,7 @@ class Runner:
     def fail_to_start(self, exc: StepFailure) -> Result:
         """The run cannot start (its executor cannot be reached): it fails, nothing ran,
         every step stays as it was for ``resume``."""
-        counts: dict[str, int] = {}
-        for inst in self.insts.values():
-            counts[inst.state] = counts.get(inst.state, 0) + 1
-        return Result(RunStatus.FAILED, {}, error_record(exc), counts,
-                      usage=dict(self.usage.totals))
+        return not_started(self.insts.values(), error_record(exc), dict(self.usage.totals))
 
     async def _heartbeat(self) -> None:
         assert self.opt.heartbeat is not None
@@ -263,7 +247,7 @@ class Runner:
         else:
             while self.queue and self.running < self.opt.max_parallel and self.stop is None:
                 inst = self.queue.popleft()
-                prepared = prepare(self, inst)
+                prepared = self.prep.prepare(inst)
                 if prepared is None:  # kept, cached or failed here: no task, no slot
                     self._after(inst)
                     continue
@@ -286,7 +270,7 @@ class Runner:
             parked = pools.next_seq()
             if self.queue and (parked is None or self.queue[0].seq < parked):
                 inst = self.queue.popleft()
-                prepared = prepare(self, inst)
+                prepared = self.prep.prepare(inst)
                 if prepared is None:
                     self._after(inst)
                     continue
@@ -310,29 +294,10 @@ class Runner:
         self._pump()
         self.journal.schedule_flush()
 
-    async def pool_for(self, inst: Instance, name: str | None) -> None:
-        """Hold what the next attempt needs from pool ``name`` (a slot and a token)."""
-        assert self.pools is not None
-        pool = self.pools.get(name)
-        grant, inst.grant = inst.grant, None
-        if grant is not None and grant is pool:
-            return  # the scheduler took both for this attempt
-        if inst.slot is not pool:
-            self.release_slot(inst)
-            if pool is not None:
-                await self.pools.acquire(pool, slot=True)
-                inst.slot = pool
-        elif pool is not None and pool.bucket is not None:
-            await self.pools.acquire(pool, slot=False)  # the slot is held: a token
-
     def release_slot(self, inst: Instance, *, pump: bool = True) -> None:
-        """Give back the pool slot ``inst`` holds; a parked instance may start (``pump``)."""
-        if inst.slot is not None and self.pools is not None:
-            slot, inst.slot, inst.grant = inst.slot, None, None
-            self.pools.release(slot)
-            if pump and slot.waiting:
-                self._pump()
-                self.journal.schedule_flush()
+        """Give back the pool slot ``inst`` holds (if any)."""
+        if self.slots is not None:
+            self.slots.release(inst, pump=pump)
 
     def forced(self, inst: Instance) -> bool:
         """Whether ``inst`` must re-run: its top-level step is forced (``--from``, changed)."""
@@ -351,14 +316,14 @@ class Runner:
         work = deque([first])
         while work:
             inst = work.popleft()
-            reason = self._blocked_reason(inst)
+            reason = blocked_reason(inst, self.insts)
             if reason is None and inst.node.step.when is not None:
                 try:
                     scope = self.scope.for_step(None, inst.extra)
                     if not self.t.evaluate(inst.node.step.when, scope):
                         reason = "when was false"
                 except StepFailure as exc:
-                    fail_before_start(self, inst, exc)
+                    self.prep.fail_before_start(inst, exc)
                     work.extend(self.settled(inst))
                     continue
             if reason is not None:
@@ -389,20 +354,6 @@ class Runner:
         lifecycle.step_fire(inst, "ready")
         self.queue.append(inst)
         self.fresh.append(inst)
-
-    def _blocked_reason(self, inst: Instance) -> str | None:
-        siblings = inst.parent.current if isinstance(inst.parent, LoopInstance) else self.insts
-        deps = [siblings[d] for d in inst.node.deps]
-        join = inst.node.step.join
-        if join == "all_done" or not deps:
-            return None
-        ok = [d.state in OK for d in deps]
-        if join == "any_succeeded":
-            return None if any(ok) else "none of its needs succeeded"
-        for d, good in zip(deps, ok, strict=True):
-            if not good:
-                return f"{d.id} {d.state}"
-        return None
 
     def settled(self, inst: Instance) -> list[Instance]:
         """Record a finished instance; return dependents whose needs are now all settled."""

@@ -28,6 +28,7 @@ __all__ = [
     "Executor",
     "LocalExecutor",
     "Setting",
+    "agent_for",
     "open_executor",
     "require_dask",
     "setting",
@@ -144,6 +145,14 @@ class Executor(Protocol):
     async def close(self) -> None:
         """Disconnect (and stop a cluster the run started)."""
         ...
+
+
+def agent_for(executor: Executor, kind: str) -> Agent:
+    """What an attempt of ``kind`` is handed to: its agent, or the executor's proxy of
+    it that runs it elsewhere."""
+    from storyflow.agents import registry
+
+    return executor.agent(kind, registry.get(kind))
 
 
 class LocalExecutor:

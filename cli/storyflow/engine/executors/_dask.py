@@ -352,7 +352,8 @@ class DaskExecutor:
                     dashboard_address=None,
                     asynchronous=True,
                     silence_logs=logging.ERROR,
-                    scheduler_kwargs={"allowed_failures": 0},
+                    # no fixed port for its HTTP endpoint: several runs may share a machine
+                    scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
                 )
                 self.client = await Client(  # type: ignore[no-untyped-call]
                     self.cluster, asynchronous=True,
