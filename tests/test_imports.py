@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cli" / "storyflow"
 HEAVY = ("jsonschema", "jinja2", "ruamel", "diskcache", "transitions", "rich")
 OWNERS = {
     "ruamel": "spec/yaml_source.py",
-    "jinja2": "spec/templates.py",
+    "jinja2": "spec/templates/",
     "transitions": "engine/",
     "diskcache": "store/",
     "rich": "ui/",

@@ -680,7 +680,7 @@ def test_secret_read_in_agent_with_is_checked_against_that_agent(write_workflow:
         apiVersion: storyflow/v1
         name: x
         agents:
-          writer: {uses: llm, with: {api_key: "{{ secrets.KEY }}"}}
+          writer: {uses: llm, with: {system: "{{ secrets.KEY }}"}}
         steps:
           a: {agent: writer, prompt: hi}
         """,

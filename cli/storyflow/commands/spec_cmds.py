@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from storyflow.commands.app import app, err, guarded
-from storyflow.errors import EXIT_USAGE, InputError, Problem, UsageError
+from storyflow.errors import EXIT_USAGE, Problem, UsageError
 
 
 def known_kinds() -> Mapping[str, tuple[str, ...]]:
@@ -23,9 +23,14 @@ def known_kinds() -> Mapping[str, tuple[str, ...]]:
 def validate(
     files: list[Path] = typer.Argument(..., help="Workflow files to check.", show_default=False),
     fmt: str = typer.Option("text", "--format", help="text, json or github (annotations)."),
-    env: str | None = typer.Option(None, "--env", help="Also check with this environment applied."),
+    env: str | None = typer.Option(
+        None, "--env", help="Check only this environment (default: every one the file defines)."
+    ),
 ) -> None:
-    """Check workflow files against the schema and semantic rules; nothing runs."""
+    """Check workflow files against the schema and semantic rules; nothing runs.
+
+    Each environment is checked merged onto the file, as `run --env NAME` would use it.
+    """
     from storyflow.spec import validate_file
 
     if fmt not in ("text", "json", "github"):
@@ -33,10 +38,8 @@ def validate(
     kinds = known_kinds()
     results: list[tuple[Path, list[Problem]]] = []
     for f in files:
-        try:
-            results.append((f, validate_file(f, kinds=kinds, environment=env)))
-        except InputError as exc:  # an --env that does not exist in this file
-            results.append((f, [Problem(exc.message, file=str(f), hint=exc.hint)]))
+        # An --env the file does not define is one of its problems, located at `environments:`.
+        results.append((f, validate_file(f, kinds=kinds, environment=env, every_environment=True)))
     failed = any(p.severity == "error" for _, ps in results for p in ps)
     if fmt == "json":
         typer.echo(

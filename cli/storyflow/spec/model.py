@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_RETRY_ON: tuple[str, ...] = ("transient", "timeout", "invalid_output", "worker_lost")
+DEFAULT_RETRY_ON: tuple[str, ...] = ("transient", "timeout", "invalid_output")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -71,7 +72,30 @@ def check(source: Source, data: Any) -> list[Problem]:
     return problems
 
 
-def _check_step_schemas(source: Source, data: dict[str, Any]) -> list[Problem]:
+def check_sections(source: Source, data: Any, keys: Iterable[str]) -> list[Problem]:
+    """The schema problems of the top-level ``keys`` of ``data`` only.
+
+    What an environment overlay changes (agents, pools, defaults …) is checked again
+    after the merge without paying for the steps, which no overlay touches.
+    """
+    if not isinstance(data, dict):
+        return []
+    validator = _validator(WORKFLOW_SCHEMA)
+    properties = load_schema()["properties"]
+    problems: list[Problem] = []
+    for key in keys:
+        if key not in data or key not in properties:
+            continue
+        for err in validator.evolve(schema=properties[key]).iter_errors(data[key]):
+            err.path.appendleft(key)
+            problems.extend(_translate(source, err))
+    if "agents" in keys:
+        problems.extend(_check_step_schemas(source, data, steps=False))
+    return problems
+
+
+def _check_step_schemas(source: Source, data: dict[str, Any], *, steps: bool = True
+                        ) -> list[Problem]:
     """Each ``output_schema``, and each ``human`` step's answer ``schema``, must be a
     JSON Schema (checked here, once, rather than failing when the step runs)."""
     agents = data.get("agents") if isinstance(data.get("agents"), dict) else {}
@@ -101,7 +125,8 @@ def _check_step_schemas(source: Source, data: dict[str, Any]) -> list[Problem]:
             if isinstance(loop, dict):
                 walk(loop.get("steps"), (*here, "loop", "steps"))
 
-    walk(data.get("steps"), ("steps",))
+    if steps:
+        walk(data.get("steps"), ("steps",))
     problems = []
     for at, sub, what in found:
         problems.extend(_check_schema(source, at, sub, f"this {what}"))
@@ -142,6 +167,28 @@ def _check_input(source: Source, name: str, sub: dict[str, Any]) -> list[Problem
                            f"its schema: {err.message}")]
 
 
+FOREIGN_KEYS: dict[str, tuple[str, str, str]] = {
+    "if": ("when", "GitHub Actions' `if:`",
+           "a bare expression, e.g. when: steps.review.output.approved"),
+    "continue-on-error": ("allow_failure", "GitHub Actions' `continue-on-error:`",
+                          "allow_failure: true lets the run succeed when this step fails"),
+    "timeout-minutes": ("timeout", "GitHub Actions' `timeout-minutes:`",
+                        "a duration with its unit: 30s, 10m, 1h"),
+    "strategy": ("for_each", "GitHub Actions' `strategy: {matrix: …}`",
+                 "for_each: a list or an expression, one instance per item, `as:` names it"),
+    "matrix": ("for_each", "GitHub Actions' `matrix:`",
+               "for_each: a list or an expression, one instance per item, `as:` names it"),
+    "depends": ("needs", "Dagu's `depends:`",
+                "needs: [step, …]; reading steps.X.output in a template already needs X"),
+    "retryPolicy": ("retry", "Dagu's `retryPolicy:`",
+                    "retry: {attempts: 3, delay: 2s, backoff: exponential}"),
+    "continueOn": ("allow_failure", "Dagu's `continueOn:`",
+                   "allow_failure: true lets the run succeed when this step fails"),
+    "preconditions": ("when", "Dagu's `preconditions:`",
+                      "a bare expression, e.g. when: steps.review.output.approved"),
+}
+"""Keys of GitHub Actions and Dagu → (storyflow's key, where the key comes from, a hint)."""
+
 _TYPE_NAMES = {
     "object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
     "number": "a number", "boolean": "true or false", "null": "null",
@@ -157,6 +204,8 @@ def _describe(path: PathKey) -> str:
         return f"agent {path[-1]!r}"
     if len(path) >= 2 and path[-2] == "pools":
         return f"pool {path[-1]!r}"
+    if isinstance(path[-1], int) and len(path) >= 2:
+        return f"item {path[-1]} of {path[-2]}"  # `secrets[1]`, not a bare `1`
     return str(path[-1])
 
 
@@ -176,6 +225,22 @@ def _pattern_hint(pattern: str) -> str | None:
     return None
 
 
+def _foreign_key(
+    source: Source, at: PathKey, value: Any, where: str, allowed: set[str]
+) -> Problem | None:
+    """A key of GitHub Actions or Dagu, named with storyflow's word for it."""
+    key = at[-1]
+    foreign = FOREIGN_KEYS.get(key) if isinstance(key, str) else None
+    if foreign is None or foreign[0] not in allowed:
+        return None
+    target, origin, hint = foreign
+    if target == "timeout" and type(value) is int:
+        hint = f"timeout: {value}m ({hint})"
+    return source.problem(
+        at, f"unknown key {key!r} in {where}; storyflow writes it `{target}:` ({origin})",
+        hint=hint, at_key=True)
+
+
 def _translate(source: Source, err: Any) -> list[Problem]:
     path: PathKey = tuple(err.absolute_path)
     kind = err.validator
@@ -186,6 +251,10 @@ def _translate(source: Source, err: Any) -> list[Problem]:
         out = []
         for key in err.instance:
             if key in allowed or any(p.search(str(key)) for p in patterns):
+                continue
+            foreign = _foreign_key(source, (*path, key), err.instance[key], where, allowed)
+            if foreign is not None:
+                out.append(foreign)
                 continue
             out.append(
                 source.problem(

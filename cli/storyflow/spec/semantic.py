@@ -8,27 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from storyflow.errors import Problem
+from storyflow.spec import kinds as kind_checks
+from storyflow.spec.kinds import BUILTIN_KINDS as BUILTIN_KINDS  # agents.registry reads it here
 from storyflow.spec.schema import ARTIFACT_HINT
-from storyflow.spec.templates import Reference, Templates
+from storyflow.spec.templates import Reference, TemplateError, Templates
 from storyflow.spec.units import did_you_mean, nearest, rate_per_s
 from storyflow.spec.yaml_source import PathKey, Source
 
 STEP_ATTRS = ("output", "status", "attempts", "error", "agent", "degraded", "usage")
 JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace",
                            "true", "false", "none", "True", "False", "None"})
-BUILTIN_KINDS: dict[str, tuple[str, ...]] = {
-    "python": ("callable",),
-    "command": ("run",),
-    "template": ("template",),
-    "llm": (),
-    "workflow": ("path",),
-    "human": (),
-    "builtin/grammar": (),
-}
 
 
 @dataclass
@@ -149,22 +141,8 @@ class _Checker:
             self._check_kind(uses, (*path, "uses"))
         kind = uses if isinstance(uses, str) else agent.get("uses")
         if isinstance(kind, str) and kind in self.kinds:
-            merged = {**_dict(agent.get("with")), **_dict(raw.get("with"))}
-            if raw.get("prompt") is not None:
-                merged.setdefault("prompt", raw["prompt"])
-            for key in self.kinds[kind]:
-                if key not in merged:
-                    self.error(path, f"step {info.id!r} ({kind}) needs with.{key}",
-                               f"add `with: {{{key}: ...}}` to the step or its agent",
-                               at_key=True)
-            if kind == "human" and "question" not in merged and "prompt" not in merged:
-                self.error(path, f"step {info.id!r} (human) needs a question",
-                           "add `with: {question: ...}` (or a prompt) to the step or its agent",
-                           at_key=True)
-            child = merged.get("path")
-            if kind == "workflow" and isinstance(child, str) and "{" not in child:
-                where = (*path, "with", "path") if "path" in _dict(raw.get("with")) else path
-                self._check_child(child, where)
+            self.problems += kind_checks.check_step_with(
+                self.src, info.id, path, raw, kind, self.kinds[kind], self.agents)
         self._check_pool(raw.get("pool"), (*path, "pool"))
         fb = raw.get("fallback")
         if isinstance(fb, str) and fb not in self.agents:
@@ -211,19 +189,6 @@ class _Checker:
             self.error(path, f"unknown agent kind {kind!r}",
                        did_you_mean(kind, self.kinds, what="kinds"))
 
-    def _check_child(self, rel: str, path: PathKey) -> None:
-        """A sub-workflow's file must exist, and not be this file."""
-        if not self.src.path or not Path(self.src.path).is_file():
-            return  # checking text with no file behind it
-        here = Path(self.src.path).resolve()
-        target = (here.parent / rel).resolve()
-        if target == here:
-            self.error(path, f"the workflow {rel!r} would run inside itself",
-                       "a sub-workflow cannot be the workflow that contains it")
-        elif not target.is_file():
-            self.error(path, f"workflow file {rel!r} not found",
-                       f"the path is relative to this workflow's folder ({target})")
-
     def _check_pool(self, pool: Any, path: PathKey) -> None:
         if isinstance(pool, str) and pool not in self.pools:
             self.error(path, f"unknown pool {pool!r}", did_you_mean(pool, self.pools, what="pools"))
@@ -249,6 +214,7 @@ class _Checker:
             path = ("agents", name)
             if isinstance(raw.get("uses"), str):
                 self._check_kind(raw["uses"], (*path, "uses"))
+                self.problems += kind_checks.check_agent_with(self.src, name, raw)
             self._check_pool(raw.get("pool"), (*path, "pool"))
             fb = raw.get("fallback")
             if isinstance(fb, str) and fb not in self.agents:
@@ -298,17 +264,17 @@ class _Checker:
         for spath, text in _strings(value, path):
             if not expression and not self.t.is_template(text):
                 continue
-            err = self.t.check(text, expression=expression)
-            if err is not None:
-                if report:
-                    offset = (err.lineno - 1) if err.lineno and err.lineno > 1 else 0
-                    self.error(spath, _syntax_message(err.message),
-                               "check the {{ }} and {% %} pairs in this string",
-                               line_offset=offset)
-                continue
+            for err in self.t.problems(text, expression=expression) if report else ():
+                offset = (err.lineno - 1) if err.lineno and err.lineno > 1 else 0
+                self.error(spath, _syntax_message(err.message),
+                           err.hint or "check the {{ }} and {% %} pairs in this string",
+                           line_offset=offset)
             if not refs:
                 continue
-            found = self.t.references(text, expression=expression)
+            try:
+                found = self.t.references(text, expression=expression)
+            except TemplateError:
+                continue  # a syntax error, reported above
             for ref in sorted(found, key=lambda r: (r.root, r.key or "", r.attr or "")):
                 self._check_reference(ref, spath, info, owner, extra, inner_scope, report)
 
@@ -469,8 +435,8 @@ def _strings(value: Any, path: PathKey) -> Iterator[tuple[PathKey, str]]:
 
 
 def _syntax_message(message: str) -> str:
-    return message if message.startswith("template syntax error") else (
-        f"template syntax error: {message}")
+    """Name the template in the message (syntax errors and compile checks already do)."""
+    return message if message.startswith("template ") else f"template syntax error: {message}"
 
 
 def _dict(value: Any) -> dict[str, Any]:
