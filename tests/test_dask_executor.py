@@ -103,7 +103,7 @@ class Cluster:
         self.wait_for(workers)
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        out = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        out = open(self.root / f"{name}.log", "wb")
         proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=self.root, start_new_session=True)
         out.close()

@@ -1,4 +1,5 @@
-"""`storyflow doctor [FILE]`: health checks, each ``ok``, ``warn`` or ``fail`` with a fix."""
+"""`storyflow doctor [FILE] [--executor E]`: health checks, each ``ok``, ``warn`` or ``fail``
+with a fix."""
 
 from __future__ import annotations
 
@@ -19,21 +20,35 @@ def doctor(
         None, help="Also check this workflow and its agents.", show_default=False
     ),
     env: str | None = typer.Option(None, "--env", help="Apply this environment first."),
+    executor: str | None = typer.Option(
+        None, "--executor",
+        help="Check this executor instead of the workflow's: local, dask (a temporary "
+        "local cluster) or a scheduler address tcp://HOST:PORT.",
+    ),
     json_mode: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
     """Health checks: Python, state dir and store; with FILE, the workflow and its agents.
 
     Each check is ok, warn or fail, with a fix. An LLM agent's endpoint is asked for
     its models (GET {base_url}/models, 5 s timeout). Secret values are never printed.
+    On a Dask executor (the workflow's `executor:`, or --executor) the cluster is
+    reached as a run reaches it: its workers, their storyflow version, and whether
+    each imports every python callable.
     Exit status: 0 when no check failed (warnings allowed), 1 when any did.
     """
     from storyflow.commands.spec_cmds import known_kinds
-    from storyflow.doctor import machine_checks, workflow_checks
+    from storyflow.doctor import executor_checks, machine_checks, workflow_checks
+    from storyflow.engine.executors import setting
     from storyflow.ui.tables import Section, print_sections
 
+    if executor is not None:
+        setting(None, executor)  # a bad value is a usage error before anything is checked
     checks = machine_checks(state_dir())
     if file is not None:
-        checks += workflow_checks(file, environment=env, environ=os.environ, kinds=known_kinds())
+        checks += workflow_checks(file, environment=env, environ=os.environ, kinds=known_kinds(),
+                                  executor=executor)
+    elif executor is not None:
+        checks += executor_checks(None, executor, None, [])
     failed = sum(1 for c in checks if c.status == "fail")
     if json_mode:
         typer.echo(json.dumps([asdict(c) for c in checks], indent=2, ensure_ascii=False))

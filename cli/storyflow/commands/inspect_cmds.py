@@ -167,6 +167,8 @@ def show_document(store: Any, record: Any) -> dict[str, Any]:
                 entry["best_iteration"] = rec.meta["best"]
         if isinstance(rec.meta.get("usage"), dict):
             entry["usage"] = rec.meta["usage"]
+        if isinstance(rec.meta.get("worker"), str) and rec.meta["worker"]:
+            entry["worker"] = rec.meta["worker"]  # the executor worker of its latest attempt
         out_steps.append(entry)
     return {
         "run_id": record.run_id,
@@ -200,7 +202,11 @@ def show(
     output: str | None = typer.Option(None, "--output", help="Print one run output, raw."),
     json_mode: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """One run: steps, statuses, attempts, durations, outputs, errors."""
+    """One run: steps, statuses, attempts, durations, outputs, errors.
+
+    A run on a Dask cluster (--executor dask) also names the worker that ran each
+    step's latest attempt.
+    """
     from storyflow.spec.units import did_you_mean
     from storyflow.store import Store
 
@@ -232,6 +238,7 @@ def show(
             f"step {s['id']}: {s['status']} · {s['attempts']} attempt(s)"
             f" · {_dur(s['started_at'], s['ended_at'])}"
             + (f" · degraded (served by {s['agent']})" if s["degraded"] else "")
+            + (f" · on worker {s['worker']}" if s.get("worker") else "")
         )
         if s["error"]:
             typer.echo(f"error: {s['error']['class']}: {s['error']['message']}")
@@ -280,7 +287,14 @@ def show(
         rows.append(
             [s["id"], s["status"], str(s["attempts"]), _dur(s["started_at"], s["ended_at"]), note]
         )
-    typer.echo(_table(rows, ["STEP", "STATUS", "ATTEMPTS", "DURATION", "NOTE"]))
+    header = ["STEP", "STATUS", "ATTEMPTS", "DURATION", "NOTE"]
+    if any(s.get("worker") for s in doc["steps"]):  # some steps ran on a cluster's workers
+        from storyflow.ui.lines import worker_label
+
+        header.insert(4, "WORKER")
+        for row, s in zip(rows, doc["steps"], strict=True):
+            row.insert(4, worker_label(s["worker"]) if s.get("worker") else "-")
+    typer.echo(_table(rows, header))
     if doc["error"]:
         typer.echo(f"error: {doc['error']['message']}")
     for name, value in doc["outputs"].items():

@@ -34,7 +34,8 @@ def report(
 
     Per step instance: status, attempts, time waiting for a slot, running time, retries
     by error class, the agent that served it, tokens and cost. Per agent: calls, p50/p95
-    latency, failures, breaker openings. The critical path is the chain of steps that
+    latency, failures, breaker openings. Per worker of a run on a Dask cluster: steps
+    run, busy time, failures. The critical path is the chain of steps that
     set the wall time, with each one's share. `--format html` writes one self-contained
     page with a timeline; `--format junit` one test case per step instance.
     """

@@ -5,10 +5,14 @@ free space) and the store (opens, format version). Of a workflow file
 (`workflow_checks`): it validates, and each agent it uses can work — a python
 callable imports, a command is on PATH, an LLM endpoint answers and serves the
 configured model, declared secrets are set (names only, never values), a
-sub-workflow validates, a grammar file exists.
+sub-workflow validates, a grammar file exists — and, for a workflow that runs on a
+Dask cluster (its ``executor:``, or ``--executor``; `executor_checks`), that the
+cluster answers, has workers running this storyflow, and that each worker imports
+every python callable.
 
 Checks read the world (files, PATH, the network) but change nothing: no state
-directory or store is created.
+directory or store is created (a temporary local Dask cluster is started for the
+checks and stopped after them).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from storyflow.doctor._check import Check
+from storyflow.doctor._executor import executor_checks
 from storyflow.doctor._machine import MIN_FREE_BYTES, MIN_PYTHON, python_check, state_checks
 from storyflow.doctor._workflow import workflow_checks
 
@@ -23,6 +28,7 @@ __all__ = [
     "MIN_FREE_BYTES",
     "MIN_PYTHON",
     "Check",
+    "executor_checks",
     "machine_checks",
     "python_check",
     "state_checks",

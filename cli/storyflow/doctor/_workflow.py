@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from storyflow.doctor._check import Check, Target, literal
+from storyflow.doctor._executor import executor_checks
 from storyflow.doctor._llm import Endpoints, llm_checks, secrets_check
 
 _PROBLEMS_SHOWN = 3
@@ -41,8 +42,10 @@ def workflow_checks(
     environment: str | None,
     environ: Mapping[str, str],
     kinds: Mapping[str, tuple[str, ...]],
+    executor: str | None = None,
 ) -> list[Check]:
-    """The file validates (with ``environment`` applied), then each agent it uses."""
+    """The file validates (with ``environment`` applied), then each agent it uses, then
+    the executor it runs on (``executor``: ``--executor``, over the file's)."""
     from storyflow.errors import InputError, WorkflowError
     from storyflow.spec import load_workflow
 
@@ -64,6 +67,9 @@ def workflow_checks(
     for name, agent in wf.agents.items():
         if agent.secrets:
             checks.append(secrets_check(name, agent.secrets, environ))
+    callables = [spec for t in _targets(wf) if t.kind == "python"
+                 if (spec := literal(t.with_.get("callable"))) is not None]
+    checks += executor_checks(wf.executor, executor, ctx.folder, list(dict.fromkeys(callables)))
     return checks
 
 

@@ -3,7 +3,8 @@
 `build_report` turns a run's records and event log into a `Report` (a pure function:
 the command reads the store and the workflow file); the renderers turn a report into
 JSON (`to_document`, schemas/report.schema.json), titled tables (`sections`), one
-self-contained HTML page (`render_html`) or JUnit XML (`render_junit`).
+self-contained HTML page (`render_html`) or JUnit XML (`render_junit`). A run on a
+cluster also gets a per-worker table (`WorkerReport`).
 The critical path is `critical_path`, over instance timings alone.
 """
 
@@ -22,6 +23,7 @@ from storyflow.report._model import (
     PathEntry,
     Report,
     Usage,
+    WorkerReport,
 )
 from storyflow.report._text import sections
 
@@ -34,6 +36,7 @@ __all__ = [
     "PathEntry",
     "Report",
     "Usage",
+    "WorkerReport",
     "build_report",
     "critical_path",
     "parent_id",

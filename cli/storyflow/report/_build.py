@@ -11,6 +11,9 @@ command, which hands over plain values (tests hand over made-up ones).
   attempts of an earlier process of the run (before a resume) do not count twice;
   the per-agent figures use every attempt in the log.
 - Tokens and cost are the ``usage`` a record's ``meta`` carries, zero without one.
+- The worker of an instance is the ``worker`` its record's ``meta`` carries (the
+  executor worker of its latest attempt); the per-worker figures add up those
+  instances, and count the ``worker_lost`` attempts the event log names a worker for.
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from storyflow.report._critical import critical_path
-from storyflow.report._model import AgentReport, Attempt, InstanceReport, Report, Usage
+from storyflow.report._model import (
+    AgentReport,
+    Attempt,
+    InstanceReport,
+    Report,
+    Usage,
+    WorkerReport,
+)
 
 if TYPE_CHECKING:
     from storyflow.store import RunRecord, StepRecord
@@ -81,9 +91,12 @@ def build_report(
     ids = list(dict.fromkeys([*order, *sorted(records)]))
     by_step: dict[str, list[Mapping[str, Any]]] = {}
     openings: Counter[str] = Counter()
+    lost: Counter[str] = Counter()
     for ev in events:
         if ev.get("type") == "breaker.opened" and isinstance(ev.get("agent"), str):
             openings[ev["agent"]] += 1
+        if (worker := _lost_worker(ev)) is not None:
+            lost[worker] += 1
         step = ev.get("step")
         if isinstance(step, str) and isinstance(ev.get("ts"), int | float):
             by_step.setdefault(step, []).append(ev)
@@ -123,6 +136,7 @@ def build_report(
         agents=_agents(calls, spent, openings),
         critical_path=critical_path(instances, deps, start_at=start_at, end_at=end_at),
         graph=graph,
+        workers=_workers(instances, lost),
     )
 
 
@@ -244,6 +258,7 @@ def _instance(
         error_message=_one_line(error.get("message")) if error else None,
         retries=dict(Counter(a.error_class or "unknown" for a in mine if a.outcome == "retrying")),
         usage=_usage(rec.meta.get("usage")),
+        worker=worker if isinstance(worker := rec.meta.get("worker"), str) and worker else None,
     )
 
 
@@ -299,3 +314,30 @@ def _agents(
             )
         )
     return tuple(out)
+
+
+def _lost_worker(ev: Mapping[str, Any]) -> str | None:
+    """The worker of a ``worker_lost`` attempt (a retry or a final failure), or None."""
+    if ev.get("type") not in ("step.retrying", "step.failed"):
+        return None
+    error, worker = ev.get("error"), ev.get("worker")
+    if not isinstance(error, Mapping) or error.get("class") != "worker_lost":
+        return None
+    return worker if isinstance(worker, str) and worker else None
+
+
+def _workers(instances: Sequence[InstanceReport], lost: Counter[str]) -> tuple[WorkerReport, ...]:
+    ran: dict[str, list[InstanceReport]] = {}
+    for inst in instances:
+        if inst.worker is not None:
+            ran.setdefault(inst.worker, []).append(inst)
+    return tuple(
+        WorkerReport(
+            worker=name,
+            steps=len(ran.get(name, ())),
+            busy_s=sum(i.run_s or 0.0 for i in ran.get(name, ())),
+            failed=sum(1 for i in ran.get(name, ()) if i.status == "failed"),
+            lost=lost.get(name, 0),
+        )
+        for name in sorted({*ran, *lost})
+    )

@@ -18,6 +18,7 @@ from storyflow.report._build import percentile
 from storyflow.report._json import totals
 from storyflow.report._model import InstanceReport, Report
 from storyflow.report._text import counts, headline, money, seconds, tokens
+from storyflow.ui.lines import worker_label
 
 _LABEL_W = 240
 _CHART_W = 760
@@ -98,6 +99,8 @@ def render_html(report: Report) -> str:
         "<h2>Agents</h2>",
         _agents(report),
     ]
+    if report.workers:
+        parts += ["<h2>Workers</h2>", _workers(report)]
     if report.graph:
         parts += ["<h2>Workflow graph</h2>", f"<pre>{e(report.graph)}</pre>"]
     parts.append("</body></html>\n")
@@ -206,7 +209,8 @@ def _bars(inst: InstanceReport, end: float) -> list[tuple[str, float, float, str
     begin = inst.last_started_at
     if begin is None:
         begin = inst.ready_at if inst.ready_at is not None else stop
-    out.append((f"run-{_cls(inst.status)}", begin, stop, inst.status))
+    where = f" on {worker_label(inst.worker)}" if inst.worker else ""
+    out.append((f"run-{_cls(inst.status)}", begin, stop, inst.status + where))
     return [b for b in out if b[2] >= b[1]]
 
 
@@ -231,16 +235,20 @@ def _critical(report: Report) -> str:
 
 
 def _steps(report: Report, on_path: set[str]) -> str:
+    on_workers = bool(report.workers)
     rows = [
         (i.id, i.status, str(i.attempts), seconds(i.wait_s), seconds(i.duration_s),
          seconds(i.retry_s) if i.retry_s else "-", counts(i.retries),
          (i.agent or "-") + (" (fallback)" if i.degraded else ""), tokens(i.usage),
-         money(i.usage.cost), f"{i.error_class}: {i.error_message}" if i.error_class else "")
+         money(i.usage.cost))
+        + ((worker_label(i.worker) if i.worker else "-",) if on_workers else ())
+        + (f"{i.error_class}: {i.error_message}" if i.error_class else "",)
         for i in report.instances
     ]
     classes = ["crit" if i.id in on_path else "" for i in report.instances]
-    return _table(("step", "status", "attempts", "wait", "running", "in retries", "retries",
-                   "agent", "tokens", "cost", "error"), rows, {2, 3, 4, 5, 8, 9}, classes)
+    header = ("step", "status", "attempts", "wait", "running", "in retries", "retries",
+              "agent", "tokens", "cost") + (("worker",) if on_workers else ()) + ("error",)
+    return _table(header, rows, {2, 3, 4, 5, 8, 9}, classes)
 
 
 def _agents(report: Report) -> str:
@@ -254,3 +262,13 @@ def _agents(report: Report) -> str:
     ]
     return _table(("agent", "calls", "p50", "p95", "failures", "breaker openings", "tokens",
                    "cost"), rows, {1, 2, 3, 5, 6, 7})
+
+
+def _workers(report: Report) -> str:
+    rows = [
+        (w.worker, str(w.steps), seconds(w.busy_s), str(w.failed), str(w.lost))
+        for w in report.workers
+    ]
+    table = _table(("worker", "steps", "busy", "failed steps", "attempts lost (worker_lost)"),
+                   rows, {1, 2, 3, 4})
+    return table + "<p>Busy: the steps' latest attempts on the worker, summed.</p>"

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from storyflow.report._build import percentile
-from storyflow.report._model import AgentReport, InstanceReport, Report, Usage
+from storyflow.report._model import AgentReport, InstanceReport, Report, Usage, WorkerReport
 
 _DIGITS = 6
 
@@ -44,7 +44,7 @@ def totals(report: Report) -> dict[str, Any]:
 
 
 def _instance(inst: InstanceReport) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "id": inst.id,
         "step": inst.step,
         "parent": inst.parent,
@@ -65,6 +65,19 @@ def _instance(inst: InstanceReport) -> dict[str, Any]:
         if inst.error_class is None
         else {"class": inst.error_class, "message": inst.error_message or ""},
         **_usage(inst.usage),
+    }
+    if inst.worker is not None:
+        entry["worker"] = inst.worker
+    return entry
+
+
+def _worker(worker: WorkerReport) -> dict[str, Any]:
+    return {
+        "worker": worker.worker,
+        "steps": worker.steps,
+        "busy_s": _r(worker.busy_s),
+        "failed": worker.failed,
+        "worker_lost": worker.lost,
     }
 
 
@@ -120,4 +133,5 @@ def to_document(report: Report) -> dict[str, Any]:
         },
         "steps": [_instance(i) for i in report.instances],
         "agents": [_agent(a) for a in report.agents],
+        "workers": [_worker(w) for w in report.workers],
     }

@@ -93,6 +93,9 @@ class InstanceReport:
     retries: dict[str, int] = field(default_factory=dict)
     """Retries by the error class that caused them."""
     usage: Usage = Usage()
+    worker: str | None = None
+    """The executor worker that ran its latest attempt (a Dask worker's address); None
+    when it ran in the ``storyflow`` process."""
 
     @property
     def wait_s(self) -> float | None:
@@ -130,6 +133,28 @@ class AgentReport:
     breaker_openings: int
     """Times its circuit breaker opened."""
     usage: Usage = Usage()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """One executor worker (a Dask worker) across the run."""
+
+    worker: str
+    """Its address, like ``tcp://10.0.0.7:40123``."""
+    steps: int
+    """Step instances whose latest attempt ran on it."""
+    busy_s: float
+    """What those attempts took, summed (an attempt still running counts nothing)."""
+    failed: int
+    """Of those instances, the ones that failed."""
+    lost: int
+    """Attempts that failed because it died (``worker_lost``), from the event log."""
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """``{"failed": n, "worker_lost": m}`` without the zeros."""
+        counts = {"failed": self.failed, "worker_lost": self.lost}
+        return {k: v for k, v in counts.items() if v}
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +224,9 @@ class Report:
     critical_path: CriticalPath
     graph: str | None = None
     """The workflow's plan as text, when its file is still there and unchanged."""
+    workers: tuple[WorkerReport, ...] = ()
+    """Every executor worker a step instance ran on, by address; empty when every step
+    ran in the ``storyflow`` process."""
 
     @property
     def tasks(self) -> tuple[InstanceReport, ...]:

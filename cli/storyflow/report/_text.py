@@ -7,7 +7,7 @@ from datetime import datetime
 from storyflow.report._build import percentile
 from storyflow.report._json import totals
 from storyflow.report._model import Report, Usage
-from storyflow.ui.lines import format_duration
+from storyflow.ui.lines import format_duration, worker_label
 from storyflow.ui.tables import Section
 
 _STATUS_STYLES = {
@@ -57,7 +57,7 @@ def headline(report: Report) -> str:
 
 
 def sections(report: Report) -> list[Section]:
-    """Run summary, critical path, steps and agents."""
+    """Run summary, critical path, steps, agents, and the workers of a run on a cluster."""
     t = totals(report)
     by_status = ", ".join(f"{n} {s}" for s, n in sorted(t["steps"].items())) or "no steps"
     summary = [
@@ -89,6 +89,7 @@ def sections(report: Report) -> list[Section]:
         + ("from the workflow's plan" if path.source == "plan" else "inferred from timings")
         + (f"; {seconds(path.tail_s)} after the last step" if path.tail_s >= 0.05 else ""),
     )
+    on_workers = bool(report.workers)
     step_rows = tuple(
         (
             i.id,
@@ -102,6 +103,7 @@ def sections(report: Report) -> list[Section]:
             tokens(i.usage),
             money(i.usage.cost),
         )
+        + ((worker_label(i.worker) if i.worker else "-",) if on_workers else ())
         for i in report.instances
     )
     agent_rows = tuple(
@@ -117,6 +119,10 @@ def sections(report: Report) -> list[Section]:
         )
         for a in report.agents
     )
+    worker_rows = tuple(
+        (worker_label(w.worker), str(w.steps), seconds(w.busy_s), counts(w.failures))
+        for w in report.workers
+    )
     return [
         Section(headline(report), notes=tuple(summary)),
         Section(
@@ -129,7 +135,7 @@ def sections(report: Report) -> list[Section]:
         Section(
             "steps",
             ("STEP", "STATUS", "ATTEMPTS", "WAIT", "RUNNING", "IN RETRIES", "RETRIES", "AGENT",
-             "TOKENS", "COST"),
+             "TOKENS", "COST") + (("WORKER",) if on_workers else ()),
             step_rows,
             right=frozenset({2, 3, 4, 5, 8, 9}),
             styles={1: _STATUS_STYLES},
@@ -140,5 +146,11 @@ def sections(report: Report) -> list[Section]:
             agent_rows,
             right=frozenset({1, 2, 3, 5, 6, 7}),
             notes=() if agent_rows else ("no agent was called",),
+        ),
+        *(
+            [Section("workers", ("WORKER", "STEPS", "BUSY", "FAILURES"), worker_rows,
+                     right=frozenset({1, 2}),
+                     notes=("busy = the steps' latest attempts on the worker, summed",))]
+            if worker_rows else []
         ),
     ]

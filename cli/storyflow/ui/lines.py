@@ -1,14 +1,15 @@
 """Run events as one-line text: the glyphs, the shared helpers and the plain line formats.
 
-Both text sinks draw on this module: `PlainSink` prints `LINE_FORMATS` lines, and the live
-view reuses the helpers (durations, error and breaker text, `summary_line`). Standard
-library only, so importing it never loads ``rich``.
+Both text sinks draw on this module: `PlainSink` prints `LINE_FORMATS` lines (and the
+`EXTRA_LINES` of a run on a cluster), and the live view reuses the helpers (durations,
+error, breaker and executor text, `summary_line`). Standard library only, so importing
+it never loads ``rich``.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +17,17 @@ from storyflow.events import StepStatus
 
 __all__ = [
     "ASCII",
+    "EXTRA_LINES",
     "LINE_FORMATS",
     "UNICODE",
+    "WORKERS_SHOWN",
     "Event",
     "Glyphs",
     "breaker_text",
     "degraded_text",
     "error_text",
+    "executor_lines",
+    "executor_text",
     "format_duration",
     "generic_line",
     "glyphs_for",
@@ -31,6 +36,8 @@ __all__ = [
     "one_line",
     "ordered_counts",
     "summary_line",
+    "worker_label",
+    "workers_text",
 ]
 
 Event = Mapping[str, Any]
@@ -151,6 +158,64 @@ def breaker_text(event: Event) -> str:
     return f"breaker {agent} opened{after}; calls fail fast, trial in {when}"
 
 
+def worker_label(address: str) -> str:
+    """A worker's address for people: ``tcp://127.0.0.1:38135`` → ``127.0.0.1:38135``."""
+    return address.partition("://")[2] or address
+
+
+WORKERS_SHOWN = 8
+"""At most this many workers are named on a line; the rest are counted."""
+
+
+def workers_text(names: Sequence[str], total: int, glyphs: Glyphs) -> str:
+    """``2 workers: 127.0.0.1:38135, 127.0.0.1:38933``, naming at most `WORKERS_SHOWN`
+    of ``total`` (``names`` are the first ones, already labelled)."""
+    text = f"{total:,} worker{'' if total == 1 else 's'}"
+    shown = list(names[:WORKERS_SHOWN])
+    if shown:
+        text += ": " + ", ".join(shown)
+    if total > len(shown) and shown:
+        text += f", {glyphs.more} and {total - len(shown):,} more"
+    return text
+
+
+def executor_text(executor: Mapping[str, Any]) -> str:
+    """Where a run's steps run, from a ``run.started`` event's ``executor``:
+    ``dask tcp://127.0.0.1:8786 (local cluster)``."""
+    text = str(executor.get("kind", "?"))
+    if executor.get("address"):
+        text += f" {executor['address']}"
+    cluster = executor.get("cluster")
+    if cluster == "local":
+        text += " (local cluster)"
+    elif cluster == "external":
+        text += " (external scheduler)"
+    return text
+
+
+def executor_lines(event: Event, glyphs: Glyphs) -> list[str]:
+    """The lines a ``run.started``/``run.resumed`` adds for a run on a cluster: the
+    executor and its workers, then its note; none for a local run."""
+    executor = event.get("executor")
+    if not isinstance(executor, Mapping) or executor.get("kind", "local") == "local":
+        return []
+    text = "executor: " + executor_text(executor)
+    workers = executor.get("workers")
+    if isinstance(workers, list):
+        names = [worker_label(str(w)) for w in workers[:WORKERS_SHOWN]]
+        text += glyphs.sep + workers_text(names, len(workers), glyphs)
+    lines = [one_line(text, glyphs)]
+    if executor.get("note"):
+        lines.append("executor note: " + one_line(executor["note"], glyphs))
+    return lines
+
+
+def _on(event: Event) -> str:
+    """`` on 127.0.0.1:38135`` for an event that names the worker of its attempt."""
+    worker = event.get("worker")
+    return f" on {worker_label(worker)}" if isinstance(worker, str) and worker else ""
+
+
 def _extras(event: Event, glyphs: Glyphs) -> str:
     """`` · 120 tok · $0.0012 · degraded`` for whichever of these the event carries."""
     text = ""
@@ -207,7 +272,7 @@ def _step_started(e: Event, g: Glyphs) -> str:
 def _step_succeeded(e: Event, g: Glyphs) -> str:
     duration = e.get("duration_s")
     took = f" {format_duration(duration)}" if duration is not None else ""
-    return f"{g.ok} {e['step']}{took}{_extras(e, g)}"
+    return f"{g.ok} {e['step']}{took}{_on(e)}{_extras(e, g)}"
 
 
 def _step_same(e: Event, g: Glyphs) -> str:
@@ -219,7 +284,7 @@ def _step_same(e: Event, g: Glyphs) -> str:
 
 def _step_failed(e: Event, g: Glyphs) -> str:
     attempt = e.get("attempt")
-    text = f"{g.fail} {e['step']}" + (f" attempt {attempt}" if attempt else "")
+    text = f"{g.fail} {e['step']}" + (f" attempt {attempt}" if attempt else "") + _on(e)
     error = e.get("error")
     if error:
         text += ": " + error_text(error, g)
@@ -233,7 +298,13 @@ def _step_failed(e: Event, g: Glyphs) -> str:
 def _step_retrying(e: Event, g: Glyphs) -> str:
     delay = e.get("delay_s")
     when = f" in {format_duration(delay)}" if delay is not None else ""
-    return f"{g.retry} {e['step']} retry{when}"
+    text = f"{g.retry} {e['step']} retry{when}"
+    on = _on(e)
+    if on:  # where the failed attempt ran, and why it failed
+        error = e.get("error")
+        why = error.get("class") if isinstance(error, Mapping) else None
+        text += f" ({why or 'failed'}{on})"
+    return text
 
 
 def _step_skipped(e: Event, g: Glyphs) -> str:
@@ -311,3 +382,9 @@ LINE_FORMATS: Mapping[str, Callable[[Event, Glyphs], str]] = {
     "run.waiting": _run_ended,
 }
 """Event type → its plain line (without the offset); `generic_line` covers the rest."""
+
+EXTRA_LINES: Mapping[str, Callable[[Event, Glyphs], list[str]]] = {
+    "run.started": executor_lines,
+    "run.resumed": executor_lines,
+}
+"""Event type → the lines printed after its own (each with the same offset)."""

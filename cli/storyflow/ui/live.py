@@ -16,16 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from storyflow.ui.lines import (
     ASCII,
+    WORKERS_SHOWN,
     Event,
     breaker_text,
     degraded_text,
     error_text,
+    executor_text,
     format_duration,
     glyphs_for,
     narrow_encoding,
     one_line,
     ordered_counts,
     summary_line,
+    worker_label,
+    workers_text,
 )
 
 if TYPE_CHECKING:
@@ -113,6 +117,11 @@ class LiveSink:
         """Open breakers: agent → when (our clock) its trial call is due."""
         self._tokens = 0
         self._cost = 0.0
+        self._executor = ""
+        """Where the steps run (a cluster), from ``run.started``; empty for a local run."""
+        self._executor_note = ""
+        self._workers: dict[str, list[int]] = {}
+        """A cluster's workers (by label) → [steps succeeded, steps failed] on each."""
         self._summary: Event | None = None
         self._handlers: dict[str, Callable[[Event], None]] = {
             "run.started": self._on_run_started,
@@ -213,6 +222,24 @@ class LiveSink:
         self._t_end = None
         if isinstance(e.get("steps"), int):
             self._planned = e["steps"]
+        executor = e.get("executor")
+        if isinstance(executor, Mapping) and executor.get("kind", "local") != "local":
+            self._executor = executor_text(executor)
+            self._executor_note = str(executor.get("note") or "")
+            workers = executor.get("workers")  # once a run: O(workers) is fine
+            for worker in workers if isinstance(workers, list) else ():
+                self._workers.setdefault(worker_label(str(worker)), [0, 0])
+
+    def _ended_on(self, e: Event, outcome: int | None) -> str:
+        """`` on LABEL`` for an event naming the worker of its attempt (else empty); an
+        ``outcome`` (0 succeeded, 1 failed) is counted for that worker."""
+        worker = e.get("worker")
+        if not isinstance(worker, str) or not worker:
+            return ""
+        label = worker_label(worker)
+        if outcome is not None:
+            self._workers.setdefault(label, [0, 0])[outcome] += 1
+        return f" on {label}"
 
     def _on_step_started(self, e: Event) -> None:
         step = str(e.get("step"))
@@ -236,6 +263,8 @@ class LiveSink:
 
     def _on_step_done(self, e: Event) -> None:
         self._finish(str(e.get("step")), e["type"].partition(".")[2])
+        if e["type"] == "step.succeeded":
+            self._ended_on(e, 0)
         self._add_usage(e)
         if e.get("degraded"):
             self._counts["degraded"] = self._counts.get("degraded", 0) + 1
@@ -262,7 +291,7 @@ class LiveSink:
                 rec.error = str(error.get("class", "")) if isinstance(error, Mapping) else ""
             return
         self._finish(step, "failed")
-        self._failures.append((step, error_text(error, self._g)))
+        self._failures.append((step + self._ended_on(e, 1), error_text(error, self._g)))
 
     def _on_step_retrying(self, e: Event) -> None:
         step = str(e.get("step"))
@@ -274,7 +303,7 @@ class LiveSink:
         rec.retry_at = self._clock() + float(e.get("delay_s") or 0.0)
         error = e.get("error")
         if isinstance(error, Mapping) and error.get("class"):
-            rec.error = str(error["class"])
+            rec.error = str(error["class"]) + self._ended_on(e, None)
 
     def _on_step_fallback(self, e: Event) -> None:
         rec = self._active.get(str(e.get("step")))
@@ -332,6 +361,13 @@ class LiveSink:
             notices = list(self._notices)
             breakers = list(islice(self._breakers.items(), self._max_rows))
             elapsed, status = self._elapsed(now), self._status
+            workers = [
+                label + (f" {g.ok}{ok:,}" if ok else "")
+                + (f" {g.fail}{failed:,}" if failed else "")
+                for label, (ok, failed) in islice(self._workers.items(), WORKERS_SHOWN)
+            ]
+            n_workers = len(self._workers)
+            executor, executor_note = self._executor, self._executor_note
 
         header = Text.assemble(
             (self._workflow or "run", "bold"),
@@ -346,7 +382,16 @@ class LiveSink:
         bar.add_row(
             ProgressBar(total=max(planned, 1), completed=done), f"{done:,}/{planned:,}{percent}"
         )
-        parts: list[RenderableType] = [header, bar, self._counts_text(counts)]
+        parts: list[RenderableType] = [header]
+        if executor:
+            parts.append(Text(f"executor: {executor}", style="dim", no_wrap=True,
+                              overflow="ellipsis"))
+        if n_workers:  # at most WORKERS_SHOWN named: a line or two, whatever the cluster
+            parts.append(Text(workers_text(workers, n_workers, g), style="dim"))
+        if executor_note:
+            note = f"executor note: {one_line(executor_note, g)}"[:200]
+            parts.append(Text(note, style="yellow", no_wrap=True, overflow="ellipsis"))
+        parts += [bar, self._counts_text(counts)]
 
         if rows:
             table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")

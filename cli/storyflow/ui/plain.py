@@ -10,6 +10,7 @@ from typing import TextIO
 
 from storyflow.ui.lines import (
     ASCII,
+    EXTRA_LINES,
     LINE_FORMATS,
     Event,
     generic_line,
@@ -43,6 +44,9 @@ class JsonSink:
 class PlainSink:
     """One plain line per event, for CI logs and ``--no-progress``; never an ANSI code.
 
+    A run on a cluster adds lines to its ``run.started`` (the executor and its workers,
+    then a note if the executor has one), each with the same offset.
+
     Lines start with the event's offset from the run's start (``mm:ss.s``), measured from
     ``clock_start`` (epoch seconds) or else from the first event's ``ts``. There is no
     colour to switch off, so ``NO_COLOR`` holds trivially. When the stream's encoding
@@ -71,7 +75,14 @@ class PlainSink:
                 body = LINE_FORMATS[etype](event, self._g)  # type: ignore[index]
             except Exception:  # unknown type, or fields of unexpected shape
                 body = generic_line(event, self._g)
-            line = offset_text(self._last - (self._start or 0.0)) + " " + body
+            offset = offset_text(self._last - (self._start or 0.0))
+            line = f"{offset} {body}"
+            extra = EXTRA_LINES.get(etype) if isinstance(etype, str) else None
+            if extra is not None:
+                try:
+                    line += "".join(f"\n{offset} {more}" for more in extra(event, self._g))
+                except Exception:  # fields of unexpected shape: the line alone
+                    pass
         if self._encoding is not None:
             line = line.encode(self._encoding, "replace").decode(self._encoding)
         self._stream.write(line + "\n")
