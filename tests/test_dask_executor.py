@@ -82,11 +82,13 @@ def events_of(stdout: str) -> list[dict[str, Any]]:
 class Cluster:
     """`dask scheduler` and `dask worker` processes on 127.0.0.1, as a user starts them."""
 
-    def __init__(self, root: Path, workers: int = 2, threads: int = 1) -> None:
+    def __init__(self, root: Path, workers: int = 2, threads: int = 1,
+                 worker_env: dict[str, str] | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.file = root / "scheduler.json"
         self.env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+        self.worker_env = {**self.env, **(worker_env or {})}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.scheduler = self._spawn(
             "scheduler", [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -102,10 +104,12 @@ class Cluster:
         self.workers = [self.add_worker(threads, i) for i in range(workers)]
         self.wait_for(workers)
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str],
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.root / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=self.root, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env or self.env, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=self.root,
+                                start_new_session=True)
         out.close()
         self.procs.append(proc)
         return proc
@@ -115,7 +119,7 @@ class Cluster:
             str(DASK), "worker", self.address, "--nthreads", str(threads), "--nworkers", "1",
             "--host", "127.0.0.1", "--no-dashboard",
             "--local-directory", str(self.root / f"w{i}"),
-        ])
+        ], env=self.worker_env)
 
     def wait_for(self, n: int) -> None:
         code = (
@@ -553,3 +557,63 @@ def test_a_scheduler_that_goes_away_fails_the_run_resumably(
     assert resumed[-1]["status"] == "succeeded"
     runs = log.read_text().split("\n")
     assert runs.count("start a") == 1
+
+
+def test_ctrl_c_cancels_the_command_on_its_worker_and_the_run_resumes(
+    project: CliProject, tmp_path: Path, cluster: Cluster
+) -> None:
+    pid_file = tmp_path / "sleeper.pid"
+    wf = project.write("wf.yaml", f"""\
+        apiVersion: storyflow/v1
+        name: interrupted
+        steps:
+          slow: {{uses: command, with: {{run: "echo $$ > {pid_file}; exec sleep 60"}}}}
+    """)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "storyflow", "run", str(wf), "--json",
+         "--executor", cluster.address],
+        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env(project.state),
+    )
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not (pid_file.exists() and pid_file.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert events_of(out)[-1]["status"] == "interrupted"
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the command outlived the interrupted run"
+        time.sleep(0.05)
+    pid_file.write_text("")
+    wf.write_text(wf.read_text().replace("exec sleep 60", "echo done"))
+    resumed = project.events("resume", "--last")
+    assert resumed[-1]["status"] == "succeeded"
+
+
+def test_a_worker_without_storyflow_is_named_in_a_clear_error(
+    project: CliProject, tmp_path: Path
+) -> None:
+    fake = tmp_path / "fake"
+    (fake / "storyflow").mkdir(parents=True)
+    (fake / "storyflow" / "__init__.py").write_text("__version__ = '0.0.0'\n")
+    own = Cluster(tmp_path / "bare", workers=1, worker_env={"PYTHONPATH": str(fake)})
+    try:
+        wf = project.write("wf.yaml", """\
+            apiVersion: storyflow/v1
+            name: bare
+            steps:
+              a: {uses: python, with: {callable: "probe:where", name: a}}
+        """)
+        result = project.cli("run", str(wf), "--executor", own.address, "--no-progress")
+        assert result.returncode == 1
+        worker = json.loads(own.file.read_text())["address"].rsplit(":", 1)[0]
+        assert f"worker {worker}:" in result.stderr
+        assert "cannot run storyflow" in result.stderr
+        assert "install storyflow==" in result.stderr
+    finally:
+        own.close()
