@@ -367,7 +367,10 @@ class DaskExecutor:
                     s.connect_timeout_s + 5,
                 )
             _prompt(self.client)
-            await self.client.wait_for_workers(1, timeout=s.connect_timeout_s)
+            # Ours: every worker asked for (placement then spreads from the start);
+            # another's: at least one.
+            expected = len(self.cluster.workers) if self.cluster is not None else 1
+            await self.client.wait_for_workers(expected, timeout=s.connect_timeout_s)
             infos = await self.client.run(worker_info, on_error="return")
             allowed = await self.client.run_on_scheduler(_allowed_failures)
             if self.cluster is not None:  # ours: its streams may be prompt too
