@@ -356,8 +356,8 @@ class DaskExecutor:
                     scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
                 )
                 self.client = await Client(  # type: ignore[no-untyped-call]
-                    self.cluster, asynchronous=True,
-                                           set_as_default=False)
+                    self.cluster, asynchronous=True, set_as_default=False
+                )
             else:
                 self.client = await asyncio.wait_for(
                     Client(  # type: ignore[no-untyped-call]
