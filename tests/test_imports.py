@@ -27,6 +27,8 @@ OWNERS = {
     "rich": "ui/",
     "typer": "commands/",
     "httpx": "agents/llm_agent/",
+    "distributed": "engine/executors/_dask.py",
+    "dask": "engine/executors/_dask.py",
 }
 """Library → the module, or the package (ending in '/'), allowed to import it."""
 
@@ -81,6 +83,17 @@ def test_validate_does_import_what_it_needs(minimal_workflow: Path) -> None:
     """The probe can see heavy imports at all (so the tests above are not vacuous)."""
     modules = imported_modules("-m", "storyflow", "validate", str(minimal_workflow))
     assert {"ruamel", "jsonschema", "jinja2"} <= {m.split(".")[0] for m in modules}
+
+
+def test_a_local_run_does_not_import_dask(minimal_workflow: Path, tmp_path: Path) -> None:
+    """The dask extra costs nothing to a run that does not use it."""
+    env_dir = tmp_path / "state"
+    modules = imported_modules(
+        "-m", "storyflow", "--state-dir", str(env_dir), "run", str(minimal_workflow),
+        "--no-progress",
+    )
+    assert "storyflow.engine.runner" in modules
+    assert not {m for m in modules if m.split(".")[0] in ("dask", "distributed")}
 
 
 def test_builtin_kinds_do_not_look_for_plugins(minimal_workflow: Path) -> None:
