@@ -79,6 +79,25 @@ def events_of(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+def launch(project: CliProject, *args: str | Path,
+           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``storyflow ARGS --json`` in the background, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "storyflow", *map(str, args), "--json"],
+        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env(project.state, env),
+    )
+
+
+def wait_for_file(path: Path, proc: subprocess.Popen[str]) -> int:
+    """Wait (while ``proc`` lives) until ``path`` holds a pid; the pid."""
+    deadline = time.monotonic() + CLI_TIMEOUT_S
+    while not (path.exists() and path.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    return int(path.read_text())
+
+
 class Cluster:
     """`dask scheduler` and `dask worker` processes on 127.0.0.1, as a user starts them."""
 
@@ -180,11 +199,7 @@ def test_a_temporary_local_cluster_runs_every_worker_kind(project: CliProject) -
           pids: "{{ steps.items.output | map(attribute='pid') | list }}"
           cmd: "{{ steps.cmd.output }}"
     """)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--json"],
-        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=cli_env(project.state),
-    )
+    proc = launch(project, "run", wf)
     out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
@@ -253,12 +268,8 @@ def test_steps_spread_over_worker_processes_never_the_coordinator(
           plain: "{{ steps.plain.output.secret }}"
     """)
     secret = "s3cr3t-value-for-the-test"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--json",
-         "--executor", cluster.address],
-        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=cli_env(project.state, {"SF_TEST_TOKEN": secret}),
-    )
+    proc = launch(project, "run", wf, "--executor", cluster.address,
+                  env={"SF_TEST_TOKEN": secret})
     out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, err
     outputs = events_of(out)[-1]["outputs"]
@@ -293,17 +304,9 @@ def test_a_sigkilled_worker_fails_the_attempt_as_worker_lost_and_it_runs_elsewhe
                 uses: python
                 with: {{callable: "probe:where", name: "o{{{{ item }}}}", log: "{log}"}}
         """)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "storyflow", "run", str(wf), "--json",
-             "--executor", own.address],
-            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=cli_env(project.state),
-        )
+        proc = launch(project, "run", wf, "--executor", own.address)
         pid_file = Path(str(gate) + ".pid")
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not pid_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_file(pid_file, proc)
         time.sleep(0.05)
         os.kill(int(pid_file.read_text()), signal.SIGKILL)  # the worker process itself
         gate.write_text("open")  # the attempt that runs again passes straight through
@@ -343,21 +346,13 @@ def test_kill_9_of_the_coordinator_then_resume_on_dask_reruns_only_the_attempt_i
             with: {{callable: "probe:gated", name: held, gate: "{gate}", log: "{log}"}}
           after: {{needs: [held], uses: command, with: {{run: ["echo", "done"]}}}}
     """)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--json"],
-        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        env=cli_env(project.state),
-    )
+    proc = launch(project, "run", wf)
     assert proc.stdout is not None
     run_id = json.loads(proc.stdout.readline())["run_id"]
     pid_file = Path(str(gate) + ".pid")
-    deadline = time.monotonic() + CLI_TIMEOUT_S
-    while not pid_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_file(pid_file, proc)
     proc.kill()
-    proc.wait(timeout=CLI_TIMEOUT_S)
-    proc.stdout.close()
+    proc.communicate(timeout=CLI_TIMEOUT_S)  # reaped, its pipes closed
     gate.write_text("open")
     events = project.events("resume", run_id, "--executor", "dask")
     assert events[-1]["status"] == "succeeded"
@@ -529,17 +524,9 @@ def test_a_scheduler_that_goes_away_fails_the_run_resumably(
                 uses: python
                 with: {{callable: "probe:gated", name: held, gate: "{gate}", log: "{log}"}}
         """)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "storyflow", "run", str(wf), "--json",
-             "--executor", own.address],
-            cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=cli_env(project.state),
-        )
+        proc = launch(project, "run", wf, "--executor", own.address)
         pid_file = Path(str(gate) + ".pid")
-        deadline = time.monotonic() + CLI_TIMEOUT_S
-        while not pid_file.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_file(pid_file, proc)
         os.killpg(own.scheduler.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
         assert proc.returncode == 1, err
@@ -569,17 +556,8 @@ def test_ctrl_c_cancels_the_command_on_its_worker_and_the_run_resumes(
         steps:
           slow: {{uses: command, with: {{run: "echo $$ > {pid_file}; exec sleep 60"}}}}
     """)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "storyflow", "run", str(wf), "--json",
-         "--executor", cluster.address],
-        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=cli_env(project.state),
-    )
-    deadline = time.monotonic() + CLI_TIMEOUT_S
-    while not (pid_file.exists() and pid_file.read_text().strip()):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
-    pid = int(pid_file.read_text())
+    proc = launch(project, "run", wf, "--executor", cluster.address)
+    pid = wait_for_file(pid_file, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 130, err
