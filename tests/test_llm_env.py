@@ -96,7 +96,7 @@ def test_short_story_with_an_llm(tmp_path: Path, model: FakeLLM) -> None:
 def test_the_environment_reaches_sub_workflows(tmp_path: Path, model: FakeLLM) -> None:
     summary = run(tmp_path, model, "novella.yaml", "-i", "chapters=3")
     assert summary["status"] == "succeeded"
-    runs = json.loads(run_cli("runs", "--json", state_dir=tmp_path / "state").stdout)
+    runs = json.loads(run_cli("runs", "--all", "--json", state_dir=tmp_path / "state").stdout)
     children = [r for r in runs if r["parent_run"]]
     assert children
     for child in children:

@@ -97,12 +97,12 @@ def test_without_jitter_delays_grow_monotonically(policy: RetryPolicy, attempts:
 
 
 @given(policy=policies, attempt=st.integers(1, 100), r=st.floats(0, 1, exclude_max=True))
-def test_full_jitter_stays_within_zero_and_the_base(policy: RetryPolicy, attempt: int,
-                                                    r: float) -> None:
+def test_equal_jitter_stays_within_half_the_base_and_the_base(policy: RetryPolicy,
+                                                             attempt: int, r: float) -> None:
     jittered = RetryPolicy(policy.attempts, policy.delay_s, policy.backoff, policy.max_delay_s,
                            jitter=True)
     base = retry.base_delay_s(jittered, attempt)
-    assert 0 <= retry.delay_s(jittered, attempt, rand=lambda: r) <= base
+    assert base / 2 <= retry.delay_s(jittered, attempt, rand=lambda: r) <= base
 
 
 @given(policy=policies, attempt=st.integers(1, 100), r=st.floats(0, 1, exclude_max=True),
@@ -122,7 +122,8 @@ def test_backoff_schedules_by_hand() -> None:
     assert [retry.delay_s(lin, n) for n in range(1, 6)] == [2, 4, 6, 7, 7]
     assert retry.delay_s(exp, 2, rand=lambda: 0.25) == 2  # jitter off: rand unused
     jit = RetryPolicy(attempts=6, delay_s=1, backoff="exponential", max_delay_s=10, jitter=True)
-    assert retry.delay_s(jit, 3, rand=lambda: 0.25) == 1.0
+    assert retry.delay_s(jit, 3, rand=lambda: 0.25) == 2.5  # base 4: 2 + 2 * 0.25
+    assert retry.delay_s(jit, 1, rand=lambda: 0.0) == 0.5  # never at once
     assert not retry.should_retry(jit, "circuit_open", 1)  # not retried by default
     assert retry.should_retry(jit, "transient", 5) and not retry.should_retry(jit, "transient", 6)
 

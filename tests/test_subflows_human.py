@@ -103,12 +103,17 @@ def test_a_child_run_is_linked_to_its_parent(env: CliProject) -> None:
     logs = [e["message"] for e in events if e["type"] == "step.log"]
     assert f"child run {child_id} starts" in logs
 
-    runs = json.loads(env.cli("runs", "--json").stdout)
+    runs = json.loads(env.cli("runs", "--json").stdout)  # top-level runs, children nested
     RUNS.validate(runs)
-    by_id = {r["run_id"]: r for r in runs}
+    assert [r["run_id"] for r in runs] == [run_id]
+    assert [c["run_id"] for c in runs[0]["children"]] == [child_id]
+    every = json.loads(env.cli("runs", "--all", "--json").stdout)  # flat
+    RUNS.validate(every)
+    by_id = {r["run_id"]: r for r in every}
     assert by_id[child_id]["parent_run"] == run_id
     assert by_id[run_id]["parent_run"] is None
-    assert "PARENT" in env.cli("runs").stdout
+    assert "PARENT" in env.cli("runs", "--all").stdout
+    assert f"  └ {child_id}" in env.cli("runs").stdout
 
     parent = env.show(run_id)
     assert parent["children"] == [{"step": "chapter", "run_id": child_id, "status": "succeeded"}]

@@ -103,20 +103,34 @@ def interactive() -> bool:
 
 
 def terminal_ask(ui: Any) -> Any:
-    """The run's ``ask``: one question at a time, the live display paused meanwhile."""
+    """The run's ``ask``: one question at a time, the live display paused meanwhile.
+
+    When no answer comes — the input is closed (end of file), or no answer fits the
+    schema after the re-asks — it raises `AnswerNeeded`: the step waits, as it does
+    off a terminal, and the run ends ``waiting`` (exit 3). Once the input is closed,
+    later questions wait without being asked.
+    """
     import asyncio
 
+    from storyflow.errors import AnswerNeeded
+
     lock = asyncio.Lock()
+    closed = [False]
 
     async def ask(step: str, question: str, schema: dict[str, Any]) -> Any:
-        from storyflow.ui.ask import prompt_answer
+        from storyflow.ui.ask import NoAnswer, prompt_answer
 
         async with lock:
+            if closed[0]:
+                raise AnswerNeeded([])
             suspend, resume = getattr(ui, "suspend", None), getattr(ui, "resume", None)
             if suspend is not None:
                 suspend()
             try:
                 return await asyncio.to_thread(prompt_answer, step, question, schema)
+            except NoAnswer as exc:
+                closed[0] = closed[0] or exc.closed
+                raise AnswerNeeded([]) from exc
             finally:
                 if resume is not None:
                     resume()

@@ -4,7 +4,9 @@
 schema defaults to a string). An answer given with ``resume --answer`` is used as is
 (the command checked it against the schema). On a terminal the run's ``ask`` prompts
 for one; elsewhere the step pauses: the run ends ``waiting`` (exit 3) and prints the
-``storyflow resume RUN --answer STEP=...`` that continues it.
+``storyflow resume RUN --answer STEP=...`` that continues it. It pauses the same way
+on a terminal that gives no answer: ``ask`` raises `AnswerNeeded` when the input is
+closed or no answer fits the schema after the re-asks.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ class HumanAgent:
         if call.step_id in answers:
             return answers[call.step_id]
         if runner.opt.ask is not None:
-            return await runner.opt.ask(call.step_id, question, schema)
+            try:
+                return await runner.opt.ask(call.step_id, question, schema)
+            except AnswerNeeded:
+                pass  # no answer came at the terminal: wait, as off a terminal
         raise AnswerNeeded(
             [{"run_id": call.run_id, "step": call.step_id, "question": question, "schema": schema}]
         )

@@ -28,13 +28,19 @@ def delay_s(
     retry_after_s: float | None = None,
     rand: Callable[[], float] = random.random,
 ) -> float:
-    """The wait before the next attempt: full jitter in [0, base], or a server's Retry-After.
+    """The wait before the next attempt: "equal jitter" in [base/2, base], or a server's
+    Retry-After.
+
+    Half the base delay is always waited, so a retry never fires at once (full jitter,
+    in [0, base], could draw 0: a flaky API hammered again at once); the other half is
+    random, so clients that failed together do not retry together. The value returned
+    is the one waited and the one the ``step.retrying`` event reports.
 
     A ``Retry-After`` is honoured as a floor (the server said when to come back), still
     capped by ``max_delay`` so a hostile header cannot stall a run for hours.
     """
     base = base_delay_s(policy, failed_attempt)
-    delay = base * rand() if policy.jitter else base
+    delay = base / 2 + base / 2 * rand() if policy.jitter else base
     if retry_after_s is not None:
         delay = max(delay, min(retry_after_s, policy.max_delay_s))
     return delay

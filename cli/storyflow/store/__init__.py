@@ -7,7 +7,7 @@ and the store format version live in ``_store.py``.
 from __future__ import annotations
 
 from storyflow.store._events_log import EventLog, follow_events, read_events
-from storyflow.store._lease import Lease
+from storyflow.store._lease import Holder, Lease
 from storyflow.store._records import RunRecord, StepRecord
 from storyflow.store._redact import redact
 from storyflow.store._store import MIGRATIONS, STORE_FORMAT, Store
@@ -16,6 +16,7 @@ __all__ = [
     "MIGRATIONS",
     "STORE_FORMAT",
     "EventLog",
+    "Holder",
     "Lease",
     "RunRecord",
     "StepRecord",

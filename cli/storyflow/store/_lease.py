@@ -1,8 +1,10 @@
 """Leases: one live process holds a run at a time.
 
-A lease is one store key holding ``{"pid", "host", "token", "heartbeat"}``. The holder
-refreshes ``heartbeat`` while it runs; a holder whose process is gone (same host) or
-whose heartbeat is older than the TTL (any host) is dead, and its lease is taken over.
+A lease is one store key holding ``{"pid", "host", "token", "heartbeat", "since"}``.
+The holder refreshes ``heartbeat`` while it runs; a holder whose process is gone (same
+host) or whose heartbeat is older than the TTL (any host) is dead, and its lease is
+taken over. A dead holder's lease stays in the store until then, so readers (`runs`,
+`show`) can tell a run that is running from one whose process was killed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,9 @@ import diskcache
 from storyflow.errors import RunHeldError
 from storyflow.store._closing import Closing
 from storyflow.store._fence import Fence
+
+LEASE_TTL_S = 30.0
+"""A holder that has not refreshed its heartbeat for this long is dead (hung or gone)."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -43,6 +49,40 @@ def holder_alive(record: dict[str, Any], *, now: float, ttl_s: float, host: str)
     if record.get("host") != host:
         return True
     return pid_alive(int(record.get("pid", 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """What a run's lease says about the process that holds (or held) it."""
+
+    pid: int
+    """Its process id, on `host`."""
+    host: str
+    """The host it runs on."""
+    heartbeat: float
+    """Epoch seconds of its last sign of life."""
+    since: float | None
+    """Epoch seconds when it took the run; None in leases written before storyflow kept it."""
+    alive: bool
+    """Whether it still holds the run: its process exists and its heartbeat is fresh."""
+
+
+def read_holder(cache: diskcache.Cache, key: str, *, now: float, ttl_s: float,
+                root: Path) -> Holder | None:
+    """The run's holder as its lease says, alive or dead; None when nobody holds it.
+    Reads only: a dead holder's lease is left for the next `acquire` to take over."""
+    with Fence(root, "read the run's lease"):
+        record: dict[str, Any] | None = cache.get(key)
+    if record is None:
+        return None
+    since = record.get("since")
+    return Holder(
+        pid=int(record.get("pid", 0)),
+        host=str(record.get("host", "")),
+        heartbeat=float(record.get("heartbeat", 0.0)),
+        since=float(since) if isinstance(since, int | float) else None,
+        alive=holder_alive(record, now=now, ttl_s=ttl_s, host=socket.gethostname()),
+    )
 
 
 def _held_error(run_id: str, record: dict[str, Any]) -> RunHeldError:
@@ -73,6 +113,8 @@ class Lease(Closing):
         """The run held."""
         self.token = token
         """Unique to this acquisition; tells our lease from a successor's."""
+        self.since = clock()
+        """Epoch seconds when this process took the run."""
 
     def _record(self) -> dict[str, Any]:
         return {
@@ -80,6 +122,7 @@ class Lease(Closing):
             "host": socket.gethostname(),
             "token": self.token,
             "heartbeat": self._clock(),
+            "since": self.since,
         }
 
     def heartbeat(self) -> None:

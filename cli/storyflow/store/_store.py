@@ -19,7 +19,7 @@ import diskcache
 from storyflow.errors import StoreError, UsageError
 from storyflow.store._closing import Closing
 from storyflow.store._fence import FOREIGN_ERRORS, Fence, translate
-from storyflow.store._lease import Lease, acquire
+from storyflow.store._lease import LEASE_TTL_S, Holder, Lease, acquire, read_holder
 from storyflow.store._records import RunRecord, StepRecord
 
 # --- Keys: the whole scheme, in one place ------------------------------------------
@@ -28,7 +28,7 @@ from storyflow.store._records import RunRecord, StepRecord
 #   run:<run_id>                     RunRecord.to_dict()
 #   step:<run_id>:<instance_id>      StepRecord.to_dict()
 #   cache:<fingerprint>              {"output", "run_id", "at"} for `cache: true` steps
-#   lease:<run_id>                   {"pid", "host", "token", "heartbeat"}
+#   lease:<run_id>                   {"pid", "host", "token", "heartbeat", "since"}
 #   valid:<source_hash>              1: this exact workflow source passed the schema
 # Run ids never contain ":", so the step key splits unambiguously.
 
@@ -317,7 +317,7 @@ class Store(Closing):
 
     # --- leases ----------------------------------------------------------------------
 
-    def acquire_lease(self, run_id: str, *, ttl_s: float = 30.0) -> Lease:
+    def acquire_lease(self, run_id: str, *, ttl_s: float = LEASE_TTL_S) -> Lease:
         """Hold the run; `RunHeldError` if another live process holds it."""
         return acquire(
             self._cache,
@@ -326,6 +326,13 @@ class Store(Closing):
             ttl_s=ttl_s,
             clock=self.clock,
             root=self.root,
+        )
+
+    def holder(self, run_id: str, *, ttl_s: float = LEASE_TTL_S) -> Holder | None:
+        """Who holds the run, alive or dead (killed, hung); None when nobody does.
+        Reads only: a dead holder's lease stays until `acquire_lease` takes it over."""
+        return read_holder(
+            self._cache, lease_key(run_id), now=self.clock(), ttl_s=ttl_s, root=self.root
         )
 
 
