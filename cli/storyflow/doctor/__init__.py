@@ -1,7 +1,9 @@
 """Health checks for `storyflow doctor`, each ``ok``, ``warn`` or ``fail`` with a fix.
 
 Of the machine (`machine_checks`): the Python version, the state directory (writable,
-free space) and the store (opens, format version). Of a workflow file
+free space) and the store (opens, format version; its database passes SQLite's
+integrity check, every run and step record reads back, every run folder has its
+record). Of a workflow file
 (`workflow_checks`): it validates, and each agent it uses can work — a python
 callable imports, a command is on PATH, an LLM endpoint answers and serves the
 configured model, declared secrets are set (names only, never values), a
@@ -21,7 +23,13 @@ from pathlib import Path
 
 from storyflow.doctor._check import Check
 from storyflow.doctor._executor import executor_checks
-from storyflow.doctor._machine import MIN_FREE_BYTES, MIN_PYTHON, python_check, state_checks
+from storyflow.doctor._machine import (
+    MIN_FREE_BYTES,
+    MIN_PYTHON,
+    python_check,
+    state_checks,
+    store_checks,
+)
 from storyflow.doctor._workflow import workflow_checks
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "machine_checks",
     "python_check",
     "state_checks",
+    "store_checks",
     "workflow_checks",
 ]
 

@@ -2,13 +2,21 @@
 
 Both are persisted as plain dicts (`to_dict`), so the store never pickles our classes
 and an older or newer storyflow can still read them; `from_dict` ignores unknown keys.
+`from_dict` also checks the shape of what it reads (fields present, of the right
+types) and raises `RecordError` for a record that is not one, so a damaged record is
+reported rather than misread.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any
+
+
+class RecordError(ValueError):
+    """A stored value does not have the shape of the record it should be."""
 
 
 def _plain(value: Any) -> Any:
@@ -86,9 +94,10 @@ class RunRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunRecord:
-        """Rebuild a record; keys this version does not know are ignored."""
-        return cls(**{k: d[k] for k in _RUN_FIELDS if k in d})
+    def from_dict(cls, d: Any) -> RunRecord:
+        """Rebuild a record; keys this version does not know are ignored.
+        `RecordError` when ``d`` is not a run record (a field missing or mistyped)."""
+        return cls(**_checked(d, _RUN_SHAPE, _RUN_REQUIRED))
 
 
 @dataclass(slots=True)
@@ -139,10 +148,91 @@ class StepRecord:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StepRecord:
-        """Rebuild a record; keys this version does not know are ignored."""
-        return cls(**{k: d[k] for k in _STEP_FIELDS if k in d})
+    def from_dict(cls, d: Any) -> StepRecord:
+        """Rebuild a record; keys this version does not know are ignored.
+        `RecordError` when ``d`` is not a step record (a field missing or mistyped)."""
+        return cls(**_checked(d, _STEP_SHAPE, _STEP_REQUIRED))
 
 
-_RUN_FIELDS = tuple(f.name for f in fields(RunRecord))
-_STEP_FIELDS = tuple(f.name for f in fields(StepRecord))
+# --- Shapes: what each field may hold, checked when a record is read -----------------
+
+_Test = tuple[Callable[[Any], bool], str]
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _error(v: Any) -> bool:
+    return isinstance(v, dict) and isinstance(v.get("class"), str) and isinstance(
+        v.get("message"), str
+    )
+
+
+def _run_meta(v: Any) -> bool:
+    """A mapping; the keys readers walk (``steps``, ``children``) hold what they expect."""
+    if not isinstance(v, dict):
+        return False
+    steps, children = v.get("steps"), v.get("children")
+    return (steps is None or (isinstance(steps, list) and all(isinstance(s, str) for s in steps))
+            ) and (children is None or (isinstance(children, dict) and all(
+                isinstance(c, str) for c in children.values())))
+
+
+def _or_none(test: _Test) -> _Test:
+    check, what = test
+    return (lambda v: v is None or check(v)), f"{what} or null"
+
+
+_STR: _Test = (lambda v: isinstance(v, str), "a string")
+_NUM: _Test = (_num, "a number")
+_INT: _Test = (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
+_BOOL: _Test = (lambda v: isinstance(v, bool), "true or false")
+_MAP: _Test = (lambda v: isinstance(v, dict), "a mapping")
+_ERROR: _Test = (_error, "an error ({class, message})")
+_ANY: _Test = (lambda v: True, "anything")
+
+_RUN_SHAPE: dict[str, _Test] = {
+    "run_id": _STR, "workflow": _STR, "workflow_path": _STR,
+    "workflow_version": _or_none(_STR), "source_hash": _STR, "status": _STR,
+    "inputs": _MAP, "environment": _or_none(_STR),
+    "sets": (lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+             "a list of strings"),
+    "created_at": _NUM, "updated_at": _NUM, "ended_at": _or_none(_NUM),
+    "outputs": _or_none(_MAP), "error": _or_none(_ERROR), "parent_run": _or_none(_STR),
+    "parent_step": _or_none(_STR), "meta": (_run_meta, "a mapping"),
+}
+_STEP_SHAPE: dict[str, _Test] = {
+    "id": _STR, "status": _STR, "attempts": _INT, "fingerprint": _or_none(_STR),
+    "output": _ANY, "error": _or_none(_ERROR), "ready_at": _or_none(_NUM),
+    "started_at": _or_none(_NUM), "ended_at": _or_none(_NUM), "agent": _or_none(_STR),
+    "degraded": _BOOL, "meta": _MAP,
+}
+_RUN_REQUIRED = frozenset(
+    f.name for f in fields(RunRecord) if f.default is MISSING and f.default_factory is MISSING
+)
+_STEP_REQUIRED = frozenset(
+    f.name for f in fields(StepRecord) if f.default is MISSING and f.default_factory is MISSING
+)
+
+
+def _checked(d: Any, shape: dict[str, _Test], required: frozenset[str]) -> dict[str, Any]:
+    """The fields of ``d`` this version knows, each checked; `RecordError` if one is off."""
+    if not isinstance(d, dict):
+        raise RecordError(f"a {type(d).__name__}, not a mapping")
+    missing = sorted(required.difference(d))
+    if missing:
+        raise RecordError("missing " + ", ".join(f"field {name!r}" for name in missing))
+    out: dict[str, Any] = {}
+    for name, (check, what) in shape.items():
+        if name in d:
+            value = d[name]
+            if not check(value):
+                raise RecordError(f"field {name!r} is {_kind(value)}, not {what}")
+            out[name] = value
+    return out
+
+
+def _kind(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

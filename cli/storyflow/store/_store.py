@@ -17,8 +17,21 @@ from typing import Any
 import diskcache
 
 from storyflow.errors import StoreError, UsageError
+from storyflow.store import _parsed
 from storyflow.store._closing import Closing
-from storyflow.store._fence import FOREIGN_ERRORS, Fence, translate
+from storyflow.store._damage import (
+    Damage,
+    RunListing,
+    damaged_error,
+    decode_run,
+    decode_step,
+    index_ok,
+    listing,
+    lost_error,
+    rebuilt_index,
+)
+from storyflow.store._fence import FOREIGN_ERRORS, Fence, Undecodable, read_value, translate
+from storyflow.store._integrity import Finding, check_integrity
 from storyflow.store._lease import LEASE_TTL_S, Holder, Lease, acquire, read_holder
 from storyflow.store._records import RunRecord, StepRecord
 
@@ -30,7 +43,10 @@ from storyflow.store._records import RunRecord, StepRecord
 #   cache:<fingerprint>              {"output", "run_id", "at"} for `cache: true` steps
 #   lease:<run_id>                   {"pid", "host", "token", "heartbeat", "since"}
 #   valid:<source_hash>              1: this exact workflow source passed the schema
+#   parsed:<path>                    {"hash", "sum", "blob"}: a valid file's parsed data
+#                                    (both read and written by _parsed.py)
 # Run ids never contain ":", so the step key splits unambiguously.
+# A record that does not read back is reported (`Damage`), never misread; see _damage.py.
 
 FORMAT_KEY = "meta:format"
 RUN_INDEX_KEY = "meta:runs"
@@ -50,14 +66,6 @@ def cache_key(fingerprint: str) -> str:
 
 def lease_key(run_id: str) -> str:
     return f"lease:{run_id}"
-
-
-def valid_key(source_hash: str) -> str:
-    return f"valid:{source_hash}"
-
-
-def parsed_key(path: str) -> str:
-    return f"parsed:{path}"
 
 
 # --- Format version ----------------------------------------------------------------
@@ -81,6 +89,10 @@ _SETTINGS: dict[str, Any] = {
 }
 _DIR_MODE = 0o700
 _CANDIDATES_SHOWN = 5
+_FRESH_STORE_HINT = (
+    "`storyflow doctor` checks the store; to start a fresh one, move {root}/db aside "
+    "(the run folders under {root}/runs keep each run's event log)"
+)
 
 
 def _make_private_dir(path: Path, *, force_mode: bool) -> None:
@@ -116,10 +128,18 @@ class Store(Closing):
 
     def _check_format(self) -> None:
         with Fence(self.root, "read the store format"), self._cache.transact():
-            found: int | None = self._cache.get(FORMAT_KEY)
+            found = read_value(self._cache, FORMAT_KEY)
             if found is None:
                 self._cache.set(FORMAT_KEY, STORE_FORMAT)
                 return
+            if type(found) is not int:
+                shown = (found.reason if isinstance(found, Undecodable)
+                         else f"{found!r} (a {type(found).__name__})")
+                raise StoreError(
+                    f"the store at {self.root} is damaged: its format version ({FORMAT_KEY}) "
+                    f"is {shown}, not an integer; this storyflow reads format {STORE_FORMAT}",
+                    hint=_FRESH_STORE_HINT.format(root=self.root),
+                )
             if found > STORE_FORMAT:
                 raise StoreError(
                     f"the store at {self.root} was written by a newer storyflow (format {found})",
@@ -166,22 +186,40 @@ class Store(Closing):
         key = run_key(rec.run_id)
         with Fence(self.root, "save the run"), self._cache.transact():
             if key not in self._cache:
-                index: list[list[Any]] = self._cache.get(RUN_INDEX_KEY, [])
+                index = self._index()
                 bisect.insort(index, [rec.created_at, rec.run_id])
                 self._cache.set(RUN_INDEX_KEY, index)
             self._cache.set(key, rec.to_dict())
 
-    def get_run(self, run_id: str) -> RunRecord | None:
-        """The run with exactly this id, if any."""
+    def read_run(self, run_id: str) -> RunRecord | Damage | None:
+        """The run with exactly this id: its record, a `Damage` when the record does not
+        read back, None when there is none."""
         with Fence(self.root, "read a run"):
-            d: dict[str, Any] | None = self._cache.get(run_key(run_id))
-        return None if d is None else RunRecord.from_dict(d)
+            d = read_value(self._cache, run_key(run_id))
+        return None if d is None else decode_run(run_id, d)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with exactly this id, if any; `StoreError` if its record is damaged."""
+        found = self.read_run(run_id)
+        if isinstance(found, Damage):
+            raise damaged_error(self.root, found)
+        return found
+
+    def _index(self) -> list[list[Any]]:
+        """The run index ``[[created_at, run_id], ...]``, oldest first; rebuilt from the
+        run records (not saved) when it is damaged."""
+        with Fence(self.root, "read the run index"):
+            index = read_value(self._cache, RUN_INDEX_KEY)
+        if index is None:
+            return []
+        if index_ok(index):
+            return index
+        with Fence(self.root, "rebuild the run index"):
+            return rebuilt_index(self._cache, self.read_run)
 
     def _run_ids(self) -> list[str]:
         """Every run id, oldest first."""
-        with Fence(self.root, "read the run index"):
-            index: list[list[Any]] = self._cache.get(RUN_INDEX_KEY, [])
-        return [run_id for _, run_id in index]
+        return [run_id for _, run_id in self._index()]
 
     def find_run(self, ref: str) -> RunRecord:
         """The run with id `ref`, or the one run whose id starts with `ref`."""
@@ -205,15 +243,28 @@ class Store(Closing):
                     f"'{ref}' matches {len(matches)} runs",
                     hint=f"give more of the id: {shown}" + (f" (+{more} more)" if more > 0 else ""),
                 )
+            else:  # a run whose record the store lost is not "no run"
+                lost = lost_error(self.root, ref, set(self._run_ids()), self.read_run)
+                if lost is not None:
+                    raise lost
         raise UsageError(f"no run matches '{ref}'", hint="storyflow runs lists runs")
 
     def last_run(self) -> RunRecord | None:
-        """The newest run by creation time that is not a sub-workflow's child run."""
+        """The newest run by creation time that is not a sub-workflow's child run;
+        `StoreError` if a newer run's record is damaged (it might be the one meant)."""
         for run_id in reversed(self._run_ids()):
-            rec = self.get_run(run_id)
-            if rec is not None and rec.parent_run is None:
-                return rec
+            found = self.read_run(run_id)
+            if isinstance(found, Damage):
+                raise damaged_error(self.root, found, "name the run you mean (storyflow "
+                                    "runs lists them); `storyflow doctor` checks the store")
+            if found is not None and found.parent_run is None:
+                return found
         return None
+
+    def read_runs(self) -> RunListing:
+        """Every run, newest first: the records that read back, those that do not, and
+        the run folders left with no record (a database emptied, deleted or replaced)."""
+        return listing(self.root, self._index(), self.read_run)
 
     def list_runs(
         self,
@@ -227,8 +278,8 @@ class Store(Closing):
         for run_id in reversed(self._run_ids()):
             if limit is not None and len(out) >= limit:
                 break
-            rec = self.get_run(run_id)
-            if rec is None:
+            rec = self.read_run(run_id)
+            if not isinstance(rec, RunRecord):  # damaged records: `read_runs` names them
                 continue
             if status is not None and rec.status != status:
                 continue
@@ -256,28 +307,42 @@ class Store(Closing):
             raise translate(exc, self.root, "save steps") from exc
 
     def get_step(self, run_id: str, instance_id: str) -> StepRecord | None:
-        """The step instance's last checkpoint, if any."""
-        with Fence(self.root, "read a step"):
-            d: dict[str, Any] | None = self._cache.get(step_key(run_id, instance_id))
-        return None if d is None else StepRecord.from_dict(d)
+        """The step instance's last checkpoint, if any (a damaged one counts as none)."""
+        return self.get_steps(run_id, [instance_id]).get(instance_id)
 
     def get_steps(self, run_id: str, instance_ids: Iterable[str]) -> dict[str, StepRecord]:
-        """The checkpoints of those instances that have one, by instance id."""
+        """The checkpoints of those instances that have one, by instance id. A record
+        that does not read back counts as absent (the step runs again); `read_steps`
+        names it."""
+        return self.read_steps(run_id, instance_ids)[0]
+
+    def read_steps(
+        self, run_id: str, instance_ids: Iterable[str]
+    ) -> tuple[dict[str, StepRecord], dict[str, Damage]]:
+        """The checkpoints of those instances that have one, and those whose record
+        does not read back, by instance id."""
         out: dict[str, StepRecord] = {}
+        damaged: dict[str, Damage] = {}
         with Fence(self.root, "read steps"):
             for instance_id in instance_ids:
-                d: dict[str, Any] | None = self._cache.get(step_key(run_id, instance_id))
+                d = read_value(self._cache, step_key(run_id, instance_id))
                 if d is not None:
-                    out[instance_id] = StepRecord.from_dict(d)
-        return out
+                    found = decode_step(run_id, instance_id, d)
+                    if isinstance(found, Damage):
+                        damaged[instance_id] = found
+                    else:
+                        out[instance_id] = found
+        return out, damaged
 
     # --- cross-run output cache ------------------------------------------------------
 
     def cache_get(self, fingerprint: str) -> tuple[bool, Any]:
         """``(True, output)`` if a step with this fingerprint already succeeded."""
         with Fence(self.root, "read the output cache"):
-            entry: dict[str, Any] | None = self._cache.get(cache_key(fingerprint))
-        return (False, None) if entry is None else (True, entry["output"])
+            entry = read_value(self._cache, cache_key(fingerprint))
+        if isinstance(entry, dict) and "output" in entry:
+            return True, entry["output"]
+        return False, None  # none, or damaged: the step runs and its entry is replaced
 
     def cache_put(self, fingerprint: str, output: Any, run_id: str) -> None:
         """Remember a successful output under its fingerprint."""
@@ -289,12 +354,10 @@ class Store(Closing):
 
     def known_valid(self, source_hash: str) -> bool:
         """Whether this exact source (bytes, parameters, storyflow version) passed the schema."""
-        with Fence(self.root, "read the validation cache"):
-            return self._cache.get(valid_key(source_hash)) is not None
+        return _parsed.known_valid(self._cache, self.root, source_hash)
 
     def remember_valid(self, source_hash: str) -> None:
-        with Fence(self.root, "write the validation cache"):
-            self._cache.set(valid_key(source_hash), 1)
+        _parsed.remember_valid(self._cache, self.root, source_hash)
 
     @property
     def parsed_files(self) -> Any:
@@ -303,17 +366,24 @@ class Store(Closing):
 
     def parsed(self, path: str, text_hash: str) -> Any:
         """The parsed data of the workflow file at ``path`` if its text hashes to
-        ``text_hash`` (it was loaded before, unchanged); else None."""
-        with Fence(self.root, "read the parsed-workflow cache"):
-            entry = self._cache.get(parsed_key(path))
-        if isinstance(entry, dict) and entry.get("hash") == text_hash:
-            return entry.get("data")
-        return None
+        ``text_hash`` (it was loaded before, unchanged); else None. A damaged entry is
+        dropped: the file is parsed again."""
+        return _parsed.parsed(self._cache, self.root, path, text_hash)
 
     def remember_parsed(self, path: str, text_hash: str, data: Any) -> None:
         """Keep the parsed data of a valid workflow file (one entry per path)."""
-        with Fence(self.root, "write the parsed-workflow cache"):
-            self._cache.set(parsed_key(path), {"hash": text_hash, "data": data})
+        _parsed.remember_parsed(self._cache, self.root, path, text_hash, data)
+
+    # --- integrity -------------------------------------------------------------------
+
+    def check_integrity(self, *, budget_s: float = 20.0) -> list[Finding]:
+        """What `storyflow doctor` says of the store: the database file's own check,
+        every record read back (for up to ``budget_s`` seconds), and what is lost.
+        Reads only."""
+        with Fence(self.root, "read the run index"):
+            raw = read_value(self._cache, RUN_INDEX_KEY)
+        index = [] if raw is None else raw if index_ok(raw) else None
+        return check_integrity(self._cache, self.root, index, budget_s=budget_s)
 
     # --- leases ----------------------------------------------------------------------
 
