@@ -40,10 +40,37 @@ G = Globals()
 
 
 def state_dir() -> Path:
+    """The state directory: ``--state-dir``, else ``$STORYFLOW_STATE_DIR``, else
+    ``./.storyflow``. A path that cannot be one (too long, a symlink loop, not a
+    directory, no permission) is a usage error."""
     if G.state_dir is not None:
-        return G.state_dir
+        return _usable(G.state_dir, "--state-dir")
     env = os.environ.get("STORYFLOW_STATE_DIR")
-    return Path(env) if env else Path.cwd() / ".storyflow"
+    return _usable(Path(env), "$STORYFLOW_STATE_DIR") if env else Path.cwd() / ".storyflow"
+
+
+def _usable(path: Path, origin: str) -> Path:
+    import stat
+
+    from storyflow.errors import UsageError
+
+    hint = f"give {origin} a directory you can write to (it is created if missing)"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return path  # created when first used
+    except OSError as exc:  # too long, a symlink loop, a file in the way, no permission
+        raise UsageError(f"{origin} {_shown(path)}: {exc.strerror or exc}", hint=hint) from exc
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"{origin} {_shown(path)} is not a directory", hint=hint)
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(f"{origin} {_shown(path)}: permission denied", hint=hint)
+    return path
+
+
+def _shown(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text)} characters)"
 
 
 def err(text: str) -> None:

@@ -246,7 +246,7 @@ def apply_parameters(
             raise InputError(
                 f"--set {item!r} is not path=value", hint="for example --set config.temperature=0.2"
             )
-        _set_path(data, dotted.strip(), parse_scalar(raw))
+        _set_path(data, dotted.strip(), parse_scalar(raw, f"--set {dotted.strip()}"))
     return data
 
 

@@ -12,18 +12,26 @@ mirrors how the agent treats its inputs at run time (tests hold the two together
 * ``python`` passes every key to the function as a keyword argument, and
   ``builtin/grammar`` ignores other keys on purpose (an environment may switch an
   ``llm`` agent to it): neither is checked. Nor are third-party kinds.
+
+A ``command`` whose ``run`` is a shell string gets a warning (not an error: the run
+does what the author wrote) for each ``{{ … }}`` pasted into it unquoted.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from storyflow.errors import Problem
 from storyflow.spec.units import nearest
 from storyflow.spec.yaml_source import PathKey, Source
+
+if TYPE_CHECKING:
+    from storyflow.spec.templates import Templates
 
 BUILTIN_KINDS: Final[dict[str, tuple[str, ...]]] = {
     "python": ("callable",),
@@ -78,12 +86,17 @@ _KEY_HINTS: Final = {("llm", key): _SECRET_HINT for key in ("api_key", "key", "t
 """Hints for keys users often try, as the agents give them at run time."""
 
 
-def check_agent_with(src: Source, name: str, raw: Mapping[str, Any]) -> list[Problem]:
-    """The keys of agent ``name``'s ``with`` its kind does not read."""
+def check_agent_with(src: Source, name: str, raw: Mapping[str, Any],
+                     templates: Templates | None = None) -> list[Problem]:
+    """The keys of agent ``name``'s ``with`` its kind does not read; with ``templates``,
+    a warning for each value a shell-string ``run`` would paste in unquoted."""
     kind = raw.get("uses")
     if not isinstance(kind, str):
         return []
-    return _unknown_keys(src, kind, raw.get("with"), ("agents", name, "with"))
+    problems = _unknown_keys(src, kind, raw.get("with"), ("agents", name, "with"))
+    if kind == "command" and templates is not None:
+        problems += check_shell(src, raw.get("with"), ("agents", name, "with"), templates)
+    return problems
 
 
 def check_step_with(
@@ -94,8 +107,11 @@ def check_step_with(
     kind: str,
     required: Sequence[str],
     agents: Mapping[str, Any],
+    templates: Templates | None = None,
 ) -> list[Problem]:
-    """A step's ``with`` (merged over its agent's) against what ``kind`` needs and reads."""
+    """A step's ``with`` (merged over its agent's) against what ``kind`` needs and reads;
+    with ``templates``, a warning for each value its own shell-string ``run`` would paste
+    in unquoted (the agent's ``run`` is checked with the agent)."""
     agent_name = raw.get("agent")
     agent = _mapping(agents.get(agent_name)) if isinstance(agent_name, str) else {}
     own, inherited = _mapping(raw.get("with")), _mapping(agent.get("with"))
@@ -121,6 +137,8 @@ def check_step_with(
         problems.append(src.problem(path, f"step {sid!r} ({kind}) needs {what}",
                                     hint=f"add `with: {{{key}: ...}}`{also} to the step or its "
                                     "agent", at_key=True))
+    if kind == "command" and templates is not None:
+        problems += check_shell(src, own, (*path, "with"), templates)
     child = merged.get("path")
     if kind == "workflow" and isinstance(child, str) and "{" not in child:
         problems += _check_child(src, child, (*path, "with", "path") if "path" in own else path)
@@ -183,16 +201,68 @@ def _fallbacks(raw: Mapping[str, Any], agent_name: str, agents: Mapping[str, Any
     return chain
 
 
+SHELL_HINT: Final = ("use the argv form `run: [prog, arg]`, pass it through `env:` "
+                     "(run: 'echo \"$TITLE\"', env: {TITLE: ...}), or `| shquote`")
+
+
+def check_shell(src: Source, with_: Any, path: PathKey, templates: Templates) -> list[Problem]:
+    """A warning for each ``{{ … }}`` a shell-string ``with.run`` pastes in unquoted: its
+    value is read by ``sh -c``, so ``;``, ``$( )``, back-quotes and quotes in it run."""
+    run = with_.get("run") if isinstance(with_, dict) else None
+    if not isinstance(run, str) or not templates.is_template(run):
+        return []
+    out = []
+    after = 0  # where the previous one was found, for a repeated {{ … }}
+    for found in templates.unquoted_in_shell(run):
+        p = src.problem((*path, "run"), f"{found.text} reaches the shell unquoted: a value "
+                        "holding ;, $( ), a back-quote or a quote would run as a command",
+                        hint=SHELL_HINT, severity="warning",
+                        line_offset=run.count("\n", 0, found.offset))
+        line, col, after = _locate(src.text, found.text, p.line, p.col, after)
+        out.append(replace(p, line=line, col=col))
+    return out
+
+
+def _locate(text: str, needle: str, line: int, col: int, after: int) -> tuple[int, int, int]:
+    """Where ``needle`` is written, searching from line:col (and past ``after``): its line,
+    column and end; line:col itself when it is not written as is (escapes, folding)."""
+    starts = _line_starts(text)
+    if not 1 <= line <= len(starts):
+        return line, col, after
+    at = text.find(needle, max(starts[line - 1] + col - 1, after))
+    if at < 0 or text.count("\n", starts[line - 1], at) > needle.count("\n") + 2:
+        return line, col, after
+    first = bisect.bisect_right(starts, at)
+    return first, at - starts[first - 1] + 1, at + len(needle)
+
+
+@functools.lru_cache(maxsize=4)
+def _line_starts(text: str) -> list[int]:
+    starts = [0]
+    at = text.find("\n")
+    while at >= 0:
+        starts.append(at + 1)
+        at = text.find("\n", at + 1)
+    return starts
+
+
 def _check_child(src: Source, rel: str, path: PathKey) -> list[Problem]:
     """A sub-workflow's file must exist, and not be this file."""
-    if not src.path or not Path(src.path).is_file():
-        return []  # checking text with no file behind it
-    here = Path(src.path).resolve()
-    target = (here.parent / rel).resolve()
+    try:
+        if not src.path or not Path(src.path).is_file():
+            return []  # checking text with no file behind it
+        here = Path(src.path).resolve()
+        target = (here.parent / rel).resolve()
+        found = target.is_file()
+    except (OSError, RuntimeError) as exc:  # too long, a symlink loop (3.11: RuntimeError)
+        shown = rel if len(rel) <= 80 else rel[:60] + f"… ({len(rel)} characters)"
+        reason = getattr(exc, "strerror", None) or str(exc)
+        return [src.problem(path, f"workflow file {shown!r} cannot be used: {reason}",
+                            hint="give the path of a workflow file relative to this one")]
     if target == here:
         return [src.problem(path, f"the workflow {rel!r} would run inside itself",
                             hint="a sub-workflow cannot be the workflow that contains it")]
-    if not target.is_file():
+    if not found:
         return [src.problem(path, f"workflow file {rel!r} not found",
                             hint=f"the path is relative to this workflow's folder ({target})")]
     return []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from storyflow.errors import InputError
+from storyflow.spec.limits import MAX_DEPTH, depth_hint, too_deep
 from storyflow.spec.model import Workflow
 from storyflow.spec.units import did_you_mean
 from storyflow.spec.yaml_source import load_data_file, parse_scalar
@@ -88,13 +89,23 @@ def coerce(raw: str, schema: Any, name: str) -> Any:
                 return False
             raise ValueError
         if kinds in (["array"], ["object"]):
-            return json.loads(text)
+            value = json.loads(text)
+            if too_deep(value) is not None:
+                raise _nested_too_deep(name)
+            return value
     except ValueError as exc:
         raise InputError(
             f"input {name!r}: {raw!r} is not {_article(kinds[0])}",
             hint=_example(kinds[0], name),
         ) from exc
-    return parse_scalar(raw)
+    except RecursionError as exc:  # json's decoder recurses: far past the limit
+        raise _nested_too_deep(name) from exc
+    return parse_scalar(raw, f"input {name!r}")
+
+
+def _nested_too_deep(name: str) -> InputError:
+    return InputError(f"input {name!r}: lists and mappings nested deeper than {MAX_DEPTH} "
+                      "levels", hint=depth_hint("a value"))
 
 
 def _article(kind: str) -> str:

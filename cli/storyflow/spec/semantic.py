@@ -142,7 +142,7 @@ class _Checker:
         kind = uses if isinstance(uses, str) else agent.get("uses")
         if isinstance(kind, str) and kind in self.kinds:
             self.problems += kind_checks.check_step_with(
-                self.src, info.id, path, raw, kind, self.kinds[kind], self.agents)
+                self.src, info.id, path, raw, kind, self.kinds[kind], self.agents, self.t)
         self._check_pool(raw.get("pool"), (*path, "pool"))
         fb = raw.get("fallback")
         if isinstance(fb, str) and fb not in self.agents:
@@ -214,7 +214,7 @@ class _Checker:
             path = ("agents", name)
             if isinstance(raw.get("uses"), str):
                 self._check_kind(raw["uses"], (*path, "uses"))
-                self.problems += kind_checks.check_agent_with(self.src, name, raw)
+                self.problems += kind_checks.check_agent_with(self.src, name, raw, self.t)
             self._check_pool(raw.get("pool"), (*path, "pool"))
             fb = raw.get("fallback")
             if isinstance(fb, str) and fb not in self.agents:
@@ -246,6 +246,9 @@ class _Checker:
         if name.startswith(("/", "~")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
             self.error(("artifacts", name), f"artifact path {name!r} leaves the run folder",
                        ARTIFACT_HINT, at_key=True)
+        elif max(len(part.encode()) for part in parts) > 255 or len(name.encode()) > 1024:
+            self.error(("artifacts", name), "artifact path too long for a file system: a name "
+                       "may have 255 bytes, the whole path 1,024", ARTIFACT_HINT, at_key=True)
 
     # -- templates ---------------------------------------------------------------------
     def _check_template(

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storyflow.errors import Problem
+from storyflow.errors import InputError, Problem
+from storyflow.spec.limits import MAX_DEPTH, TooDeep, depth_hint, too_deep
 
 PathKey = tuple[str | int, ...]
 
@@ -171,7 +172,10 @@ def load(
         src.data, _ = _safe_load(text, allow_duplicates=True)
         _reject_recursion(src)
         return src
-    src.problems.append(_syntax_problem(name, error, text))
+    if isinstance(error, TooDeep):
+        src.problems.append(error.problem(name))
+    else:
+        src.problems.append(_syntax_problem(name, error, text))
     src.data = None
     return src
 
@@ -182,24 +186,32 @@ MAX_EXPANDED_NODES = 1_000_000
 
 def _reject_recursion(src: Source) -> None:
     """Reject data no check can walk: an alias inside its own anchor (``a: &x [*x]``),
-    or aliases nested so deep that the data expands past `MAX_EXPANDED_NODES`."""
+    aliases nested so deep that the data expands past `MAX_EXPANDED_NODES`, or nesting
+    past `MAX_DEPTH` once aliases stand for what they name."""
     if "&" not in src.text:
         return  # no anchor, so no alias: nothing can repeat (the common, fast case)
-    found = _recursion(src.data)
-    if found is None:
-        return
-    where, recursive = found
-    src.data = None
-    if recursive:
-        src.problems.append(
-            src.problem(where, "a YAML alias refers to a mapping or list that contains it",
-                        hint="an alias (*name) cannot be used inside its own anchor (&name)")
-        )
-    else:
-        src.problems.append(
-            src.problem(where, f"YAML aliases expand this file past {MAX_EXPANDED_NODES:,} "
-                        "values", hint="use fewer nested aliases (*name)")
-        )
+    found = _alias_trouble(src.data, "this file")
+    if found is not None:
+        where, message, hint = found
+        src.data = None
+        src.problems.append(src.problem(where, message, hint=hint))
+
+
+def _alias_trouble(data: Any, what: str) -> tuple[PathKey, str, str] | None:
+    """Where the aliases of ``data`` make it unusable: (path, message, hint), else None."""
+    found = _recursion(data)
+    if found is not None:
+        where, recursive = found
+        if recursive:
+            return (where, "a YAML alias refers to a mapping or list that contains it",
+                    "an alias (*name) cannot be used inside its own anchor (&name)")
+        return (where, f"YAML aliases expand {what} past {MAX_EXPANDED_NODES:,} values",
+                "use fewer nested aliases (*name)")
+    deep = too_deep(data)  # an alias nests what it names: the text's depth can grow
+    if deep is not None:
+        return (deep, f"YAML aliases nest {what} deeper than {MAX_DEPTH} levels",
+                depth_hint("a workflow file" if what == "this file" else "a data file"))
+    return None
 
 
 def _recursion(data: Any) -> tuple[PathKey, bool] | None:
@@ -240,6 +252,9 @@ def _safe_load(text: str, *, allow_duplicates: bool) -> tuple[Any, Exception | N
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
+    deep = _too_deep_at(text)  # before composing: ruamel's composer recurses
+    if deep is not None:
+        return None, deep
     yaml = YAML(typ="safe")
     yaml.allow_duplicate_keys = allow_duplicates
     try:
@@ -248,6 +263,63 @@ def _safe_load(text: str, *, allow_duplicates: bool) -> tuple[Any, Exception | N
         return None, exc
     except (ValueError, TypeError, RecursionError) as exc:  # oddities ruamel lets through
         return None, exc
+
+
+def _too_deep_at(text: str) -> TooDeep | None:
+    """Where ``text`` first nests past `MAX_DEPTH`, from the parser's events (the parser is
+    iterative; composing the node tree is not). A syntax error is left to the load."""
+    # Each list or mapping opens with its own indicator: fewer of them, no need to parse.
+    if sum(text.count(c) for c in "[{-:?") <= MAX_DEPTH:
+        return None
+    found = _scan_depth(text, paths=False)
+    return _scan_depth(text, paths=True) if found is not None else None
+
+
+def _scan_depth(text: str, *, paths: bool) -> TooDeep | None:
+    """One pass over the parser's events; with ``paths``, keeping the path of each node
+    (slower: only to name the place once the first pass found one)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+    from ruamel.yaml.events import (
+        MappingEndEvent,
+        MappingStartEvent,
+        NodeEvent,
+        SequenceEndEvent,
+        SequenceStartEvent,
+    )
+
+    depth = 0
+    # per open collection: [its key in its parent, is a mapping, next is a key, last key/index]
+    frames: list[list[Any]] = []
+    try:
+        for event in YAML(typ="safe").parse(text):
+            kind = type(event)
+            elem: Any = None
+            if paths and frames and isinstance(event, NodeEvent):
+                top = frames[-1]
+                if not top[1]:
+                    top[3] += 1
+                    elem = top[3]
+                elif top[2]:  # a key: remember it, it names the next node
+                    top[3] = getattr(event, "value", "?")
+                    top[2] = False
+                else:
+                    elem, top[2] = top[3], True
+            if kind is MappingStartEvent or kind is SequenceStartEvent:
+                depth += 1
+                if depth > MAX_DEPTH:
+                    mark = event.start_mark
+                    where = tuple(f[0] for f in frames[1:]) + ((elem,) if frames else ())
+                    return TooDeep(mark.line + 1, mark.column + 1, json_path(where))
+                if paths:
+                    frames.append([elem, kind is MappingStartEvent, True, -1])
+            elif kind is MappingEndEvent or kind is SequenceEndEvent:
+                depth -= 1
+                if paths:
+                    frames.pop()
+    except (YAMLError, ValueError, TypeError):
+        return None
+    return None
 
 
 def _syntax_problem(name: str, exc: Exception, text: str | None = None) -> Problem:
@@ -334,11 +406,18 @@ def _walk(node: Any, path: PathKey) -> Iterator[tuple[PathKey, Any, Any, bool]]:
                 stack.append((current.value[i], (*cur_path, i), None))
 
 
-def parse_scalar(text: str) -> Any:
-    """Parse a command-line value as a YAML scalar or flow collection ("3" → 3, "[a, b]")."""
+def parse_scalar(text: str, what: str = "a command-line value") -> Any:
+    """Parse a command-line value as a YAML scalar or flow collection ("3" → 3, "[a, b]");
+    text that does not parse is the text itself. Raises `InputError` for nesting past
+    `MAX_DEPTH` (``what`` names the value)."""
     data, error = _safe_load(text, allow_duplicates=False)
+    if isinstance(error, TooDeep):
+        raise InputError(f"{what}: lists and mappings nested deeper than {MAX_DEPTH} levels "
+                         f"(column {error.col})", hint=depth_hint("a value"))
     if error is not None:
         return text
+    if "&" in text and _alias_trouble(data, what) is not None:
+        return text  # read literally, as text that does not parse is
     return data
 
 
@@ -352,6 +431,10 @@ def load_data_file(path: Path) -> Any:
         raise ValueError(f"{path}: not valid UTF-8") from exc
     data, error = _safe_load(text, allow_duplicates=False)
     if error is not None:
-        p = _syntax_problem(str(path), error, text)
+        p = (error.problem(str(path), "a data file") if isinstance(error, TooDeep)
+             else _syntax_problem(str(path), error, text))
         raise ValueError(f"{p.file}:{p.line}:{p.col}: {p.message}") from error
+    trouble = _alias_trouble(data, str(path)) if "&" in text else None
+    if trouble is not None:
+        raise ValueError(f"{path}: {trouble[1]} (at {json_path(trouble[0])})")
     return data

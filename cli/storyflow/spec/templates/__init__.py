@@ -7,11 +7,21 @@ cannot reach Python internals, mutate the scope, include or import other templat
 
 * ``_sandbox``: the environment (limits, filters) and :class:`TemplateError`;
 * ``_names``: what a template reads and what Jinja's compiler would refuse, from its AST;
-* ``_engine``: :class:`Templates`, plans, the fast path for plain references, errors.
+* ``_engine``: :class:`Templates`, plans, the fast path for plain references, errors;
+* ``_shell``: which ``{{ … }}`` of a shell command line are not quoted (``| shquote``).
 """
 
 from storyflow.spec.templates._engine import MAX_CACHE, Templates
 from storyflow.spec.templates._names import Reference
 from storyflow.spec.templates._sandbox import MAX_EXPONENT, MAX_SEQUENCE, TemplateError
+from storyflow.spec.templates._shell import Unquoted
 
-__all__ = ["MAX_CACHE", "MAX_EXPONENT", "MAX_SEQUENCE", "Reference", "TemplateError", "Templates"]
+__all__ = [
+    "MAX_CACHE",
+    "MAX_EXPONENT",
+    "MAX_SEQUENCE",
+    "Reference",
+    "TemplateError",
+    "Templates",
+    "Unquoted",
+]

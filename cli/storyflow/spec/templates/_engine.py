@@ -42,8 +42,10 @@ from storyflow.spec.templates._sandbox import (
     make_environment,
     reject_undefined,
     template_lineno,
+    too_nested,
     with_line,
 )
+from storyflow.spec.templates._shell import Unquoted, unquoted
 
 MAX_CACHE: Final = 4096
 """Compiled sources kept per cache; the cache is cleared when it grows past this."""
@@ -235,6 +237,10 @@ class Templates:
             refs.add(Reference(chain.root, key, attr))
         return refs
 
+    def unquoted_in_shell(self, source: str) -> list[Unquoted]:
+        """Each ``{{ … }}`` of ``source`` whose value would reach a shell as code."""
+        return unquoted(self._env, source)
+
     def cache_size(self) -> int:
         """How many compiled templates and expressions are cached."""
         return len(self._templates) + len(self._exprs)
@@ -275,11 +281,15 @@ class Templates:
                 ast = self._env.parse(source)
             except TemplateSyntaxError as exc:
                 raise self._syntax_error(exc, source, 0) from exc
+            except RecursionError as exc:  # Jinja's parser and compiler recurse
+                raise too_nested() from exc
             reject_forbidden(ast, source)
             try:
                 template = self._env.from_string(ast)
             except jinja2.TemplateError as exc:  # pragma: no cover - parse already passed
                 raise self._syntax_error(exc, source, 0) from exc
+            except RecursionError as exc:
+                raise too_nested() from exc
             self._remember(self._templates, source, template)
         return template
 
@@ -292,6 +302,8 @@ class Templates:
                 expr = self._env.compile_expression(plan.single, undefined_to_none=False)
             except TemplateSyntaxError as exc:
                 raise self._syntax_error(exc, source, plan.offset) from exc
+            except RecursionError as exc:
+                raise too_nested() from exc
             compiled = (expr, not is_plain(ast))
             self._remember(self._exprs, plan.single, compiled)
         return compiled
@@ -334,14 +346,21 @@ class Templates:
                 node: nodes.Node = self._parse_expression(inner)
             except TemplateSyntaxError as exc:
                 raise self._syntax_error(exc, source, offset) from exc
+            except RecursionError as exc:
+                raise too_nested() from exc
         else:
             try:
                 node = self._env.parse(source)
             except TemplateSyntaxError as exc:
                 raise self._syntax_error(exc, source, 0) from exc
+            except RecursionError as exc:
+                raise too_nested() from exc
             if "{%" in source:  # every forbidden tag is a statement
                 reject_forbidden(node, source)
-        collector.visit(node, frozenset())
+        try:
+            collector.visit(node, frozenset())
+        except RecursionError as exc:
+            raise too_nested() from exc
         issues = [
             TemplateError(with_line(i.message, source, i.lineno + offset),
                           lineno=i.lineno + offset, hint=i.hint)

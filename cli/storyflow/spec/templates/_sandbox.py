@@ -4,13 +4,14 @@
 (plain ``dict``/``list`` values) but cannot reach Python internals or mutate the scope.
 On top of it: mapping keys win over methods (``output.items`` is the ``items`` key),
 ``*`` and ``**`` cannot build huge values, and a container holding an undefined value
-is an error rather than text. storyflow adds the filters `tojson`, `fromjson` and
-`wordcount`.
+is an error rather than text. storyflow adds the filters `tojson`, `fromjson`,
+`wordcount` and `shquote`.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -26,7 +27,7 @@ MAX_EXPONENT: Final = 4096
 """Largest integer exponent a template may use with ``**``."""
 TEMPLATE_FILE: Final = "<template>"
 """The file name compiled templates report in tracebacks (to find the template line)."""
-OWN_FILTERS: Final = ("tojson", "fromjson", "wordcount")
+OWN_FILTERS: Final = ("tojson", "fromjson", "wordcount", "shquote")
 """Filters storyflow adds to (or replaces in) Jinja's built-in ones."""
 
 
@@ -52,6 +53,14 @@ def _fromjson(value: str) -> Any:
 
 def _wordcount(value: Any) -> int:
     return len(str(value).split())
+
+
+def _shquote(value: Any) -> str:
+    """``value`` as one shell word: `shlex.quote` of its text (mappings and lists as JSON)."""
+    reject_undefined(value)
+    if isinstance(value, dict | list | tuple):
+        return shlex.quote(json.dumps(value, ensure_ascii=False))
+    return shlex.quote(str(value))
 
 
 def reject_undefined(value: Any, depth: int = 0) -> None:
@@ -113,7 +122,16 @@ def make_environment() -> SandboxEnvironment:
     env.filters["tojson"] = _tojson
     env.filters["fromjson"] = _fromjson
     env.filters["wordcount"] = _wordcount
+    env.filters["shquote"] = _shquote
     return env
+
+
+def too_nested() -> TemplateError:
+    """A template nested past what Jinja's parser and compiler (both recursive) can read."""
+    return TemplateError(
+        "template nested too deeply to read (brackets, operators or blocks inside one another)",
+        hint="split it: compute parts in earlier steps, or write simpler expressions",
+    )
 
 
 def with_line(message: str, source: str, lineno: int | None) -> str:

@@ -1,0 +1,63 @@
+"""Template expressions a shell would read as code: the check behind `validate`'s
+warning on a shell-string ``run:`` (the `shquote` filter is the sandbox's).
+
+A ``command`` step whose ``run`` is a string goes through ``sh -c``: a value pasted into
+it by ``{{ … }}`` is shell code (``x; rm -rf ~``, ``$(…)``, a back-quote, a quote that
+ends the author's quoting) — the injection GitHub Actions' ``${{ }}`` is known for. An
+expression is safe when its value is quoted by `shquote`, is a literal of the file, or
+can only be a number or a boolean.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from jinja2 import nodes
+from jinja2.environment import Environment
+from jinja2.exceptions import TemplateSyntaxError
+from jinja2.parser import Parser
+
+_OUTPUT: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
+_RAW: Final = re.compile(r"\{%-?\s*raw\s*-?%\}.*?\{%-?\s*endraw\s*-?%\}", re.S)
+NUMERIC_FILTERS: Final = frozenset({"int", "float", "length", "count", "wordcount", "abs",
+                                    "round", "sum"})
+"""Filters whose value a shell reads as a number at most, never as code."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unquoted:
+    """A ``{{ … }}`` whose value would reach the shell unquoted."""
+
+    offset: int
+    """Where its ``{{`` starts in the template."""
+    text: str
+    """The ``{{ … }}`` as written."""
+
+
+def unquoted(env: Environment, source: str) -> list[Unquoted]:
+    """Every ``{{ … }}`` of ``source`` whose value is not safe in a shell command line."""
+    scan = _RAW.sub(lambda m: " " * len(m.group(0)), source)  # {% raw %} prints no value
+    out = []
+    for m in _OUTPUT.finditer(scan):
+        inner = m.group(1)
+        inner = inner[1:] if inner[:1] in "-+" else inner
+        inner = inner[:-1] if inner[-1:] in "-+" else inner
+        try:
+            parser = Parser(env, inner, state="variable")
+            expr = parser.parse_expression()
+            readable = parser.stream.eos
+        except (TemplateSyntaxError, RecursionError):
+            readable = False  # cut short (a "}}" in a string), a syntax error, too nested
+        if not readable or not _safe(expr):
+            out.append(Unquoted(m.start(), m.group(0)))
+    return out
+
+
+def _safe(expr: nodes.Expr) -> bool:
+    if isinstance(expr, nodes.Filter):
+        return expr.name == "shquote" or expr.name in NUMERIC_FILTERS
+    if isinstance(expr, nodes.CondExpr):
+        return _safe(expr.expr1) and (expr.expr2 is None or _safe(expr.expr2))
+    return isinstance(expr, nodes.Const | nodes.Test | nodes.Compare | nodes.Not)
