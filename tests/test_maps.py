@@ -402,7 +402,8 @@ def test_cli_run_show_and_resume_of_a_map(tmp_path: Path) -> None:
     events = _events(out)
     run_id = events[0]["run_id"]
     assert [e["step"] for e in events if e["type"] == "step.failed"] == ["draft[1]", "draft"]
-    assert events[-1]["steps"]["failed"] == 2
+    assert events[-1]["steps"]["failed"] == 1  # the map, a top-level step
+    assert events[-1]["instances"]["failed"] == 2  # the map and its item
 
     code, out, err = _cli(tmp_path, "show", run_id, "--json")
     assert code == 0, err

@@ -79,7 +79,7 @@ def diamond() -> tuple[RunRecord, dict[str, StepRecord], list[dict[str, Any]]]:
     records = {
         "a": step("a", 0.0, 0.0, 1.0, agent="fast"),
         "b": step("b", 1.0, 1.0, 2.0, agent="fast"),
-        "c": step("c", 1.0, 2.5, 4.0, agent="slow", attempts=2,
+        "c": step("c", 1.0, 2.5, 4.0, agent="slow", attempts=2, queued="max_parallel",
                   usage={"input_tokens": 100, "output_tokens": 50, "cost": 0.25, "calls": 2}),
         "d": step("d", 4.0, 4.0, 5.0, agent="fast"),
     }
@@ -124,7 +124,11 @@ def test_critical_path_of_a_diamond_goes_through_the_slower_branch(
     VALIDATOR.validate(doc)
     bottlenecks = doc["critical_path"]["bottlenecks"]
     assert bottlenecks == {"wait_s": 0.5, "wait_share_pct": 10.0, "retry_s": 1.0,
-                           "retry_share_pct": 20.0}
+                           "retry_share_pct": 20.0, "latency_s": 0.0, "latency_share_pct": 0.0,
+                           "wait_by_limit": {"max_parallel": 0.5},
+                           "advice": [bottlenecks["advice"][0], bottlenecks["advice"][1]]}
+    assert bottlenecks["advice"][0].startswith("retries 1.0s (20.0%)")
+    assert bottlenecks["advice"][1].startswith("raise --max-parallel: it was full")
     assert [e["share_pct"] for e in doc["critical_path"]["instances"]] == [20.0, 60.0, 20.0]
 
 

@@ -264,7 +264,7 @@ def test_live_10000_steps_render_a_bounded_view(live_sink: tuple[LiveSink, FakeC
     lines = out.splitlines()
     assert lines[0] == f"big · run {RUN} · 3.5s · running"
     assert lines[1].endswith(" 9,981/10,000 (99%)")
-    assert lines[2] == "running 19 · succeeded 9,980 · failed 1"
+    assert lines[2] == "instances: running 19 · succeeded 9,980 · failed 1"
     rows = [line for line in lines if line.startswith("s[")]
     assert len(rows) == 12
     assert rows[0].split() == ["s[9980]", "running", "1", "3.5s"]
@@ -288,8 +288,8 @@ def test_live_exact_view_with_a_retry_countdown(live_sink: tuple[LiveSink, FakeC
     assert rendered(sink) == "\n".join(
         [
             f"short-story · run {RUN} · 1.6s · running",
-            "━" * 22 + "╸" + " " * 68 + "1/4 (25%)",
-            "running 1 · retrying 1 · succeeded 1",
+            "━" * 17 + " " * 52 + "steps 1/4 · instances 1/4 (25%)",
+            "instances: running 1 · retrying 1 · succeeded 1",
             "step     status    attempt           time",
             "plot     retrying        2  retry in 1.4s  transient",
             "[bold]x  running         1           1.6s  thinking",

@@ -193,7 +193,7 @@ def test_report_per_worker_steps_busy_time_and_failures(runs: Path) -> None:
     assert steps_table.splitlines()[5].endswith("127.0.0.1:38933")
 
     html = render_html(report)
-    assert "<h2>Workers</h2>" in html
+    assert "<h3>Workers</h3>" in html
     assert "<td>tcp:&#47;&#47;127.0.0.1:38135</td><td class=n>2</td>" in html
     assert "<th>worker</th><th>error</th>" in html
     assert "<td>127.0.0.1:38933</td>" in html  # the instance row names its worker
@@ -301,8 +301,8 @@ def test_live_view_names_the_cluster_and_counts_each_workers_steps() -> None:
             f"spread · run {RUN} · 0.2s · running",
             "executor: dask tcp://127.0.0.1:8786 (local cluster)",
             "2 workers: 127.0.0.1:38135 ✓1, 127.0.0.1:38933 ✓1",
-            "━" * 60 + " " * 31 + "2/3 (66%)",
-            "retrying 1 · succeeded 2",
+            "━" * 45 + " " * 24 + "steps 0/3 · instances 2/3 (66%)",
+            "instances: retrying 1 · succeeded 2",
             "step      status    attempt           time",
             "items[2]  retrying        1  retry in 0.3s  worker_lost on 127.0.0.1:38933",
         ]

@@ -10,10 +10,15 @@ command, which hands over plain values (tests hand over made-up ones).
 - An instance's timings use only the attempts since it last became ready, so the
   attempts of an earlier process of the run (before a resume) do not count twice;
   the per-agent figures use every attempt in the log.
-- Tokens and cost are the ``usage`` a record's ``meta`` carries, zero without one.
+- Tokens and cost are the ``usage`` a record's ``meta`` carries, zero without one;
+  the budgets and what was spent under them, the run record's (``budget``, ``steps``).
 - The worker of an instance is the ``worker`` its record's ``meta`` carries (the
   executor worker of its latest attempt); the per-worker figures add up those
   instances, and count the ``worker_lost`` attempts the event log names a worker for.
+- The limit an instance waited behind once ready is the ``queued`` its record's
+  ``meta`` carries (``max_parallel``, ``pool:NAME``): its ready → first attempt is then
+  *waiting for a slot*, else *scheduling latency*.
+- A sub-workflow step's child run is the run record's ``meta["children"][step]``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from storyflow.report._critical import critical_path
 from storyflow.report._model import (
     AgentReport,
     Attempt,
+    BudgetReport,
     InstanceReport,
     Report,
     Usage,
@@ -78,6 +84,9 @@ def build_report(
     deps: Mapping[str, Sequence[str]] | None = None,
     agents: Mapping[str, str] | None = None,
     graph: str | None = None,
+    levels: Sequence[Sequence[str]] = (),
+    edges: Sequence[tuple[str, str]] = (),
+    children: Sequence[Report] = (),
 ) -> Report:
     """The report of ``run``.
 
@@ -86,7 +95,9 @@ def build_report(
     ``deps``: instance id → the instance ids it needs, from the plan (None: unknown).
     ``agents``: step path (``draft``, ``polish.revise``) → its own agent's name, or its
     kind for an inline ``uses:`` (None: unknown). ``now`` stands in for the end of a
-    run still going.
+    run still going. ``levels``, ``edges``: the plan's top-level steps by level and its
+    dependencies as (step, needed step) pairs, loop bodies' as ``loop.step`` (for the
+    graph; empty: unknown). ``children``: the reports of its child runs.
     """
     ids = list(dict.fromkeys([*order, *sorted(records)]))
     by_step: dict[str, list[Mapping[str, Any]]] = {}
@@ -101,6 +112,8 @@ def build_report(
         if isinstance(step, str) and isinstance(ev.get("ts"), int | float):
             by_step.setdefault(step, []).append(ev)
     parents = {parent_id(i) for i in ids}
+    linked = run.meta.get("children") if isinstance(run.meta, Mapping) else None
+    child_runs = {str(k): str(v) for k, v in linked.items()} if isinstance(linked, Mapping) else {}
 
     instances: list[InstanceReport] = []
     calls: dict[str, list[Attempt]] = {}
@@ -116,7 +129,7 @@ def build_report(
         attempts = _attempts(evs, own) if kind == "task" else []
         for a in attempts:
             calls.setdefault(a.agent, []).append(a)
-        inst = _instance(iid, kind, rec, attempts, own)
+        inst = _instance(iid, kind, rec, attempts, own, child_runs.get(iid))
         if kind == "task" and inst.agent is not None:
             spent[inst.agent] = spent.get(inst.agent, Usage()) + inst.usage
         instances.append(inst)
@@ -137,6 +150,10 @@ def build_report(
         critical_path=critical_path(instances, deps, start_at=start_at, end_at=end_at),
         graph=graph,
         workers=_workers(instances, lost),
+        levels=tuple(tuple(level) for level in levels),
+        edges=tuple((str(a), str(b)) for a, b in edges),
+        children=tuple(children),
+        budgets=_budgets(run.meta.get("usage") if isinstance(run.meta, Mapping) else None),
     )
 
 
@@ -225,6 +242,7 @@ def _attempts(evs: Sequence[Mapping[str, Any]], own: str) -> list[Attempt]:
                 outcome=outcome,
                 error_class=str(error_class) if error_class is not None else None,
                 delay_s=float(delay) if isinstance(delay, int | float) else 0.0,
+                message=_one_line(error.get("message")) if isinstance(error, Mapping) else None,
             )
         )
         opened = None
@@ -234,7 +252,8 @@ def _attempts(evs: Sequence[Mapping[str, Any]], own: str) -> list[Attempt]:
 
 
 def _instance(
-    iid: str, kind: str, rec: StepRecord, attempts: list[Attempt], own: str
+    iid: str, kind: str, rec: StepRecord, attempts: list[Attempt], own: str,
+    child_run: str | None,
 ) -> InstanceReport:
     since = (rec.ready_at if rec.ready_at is not None else -math.inf) - _TOLERANCE_S
     mine = [a for a in attempts if _begin(a) >= since]
@@ -259,6 +278,9 @@ def _instance(
         retries=dict(Counter(a.error_class or "unknown" for a in mine if a.outcome == "retrying")),
         usage=_usage(rec.meta.get("usage")),
         worker=worker if isinstance(worker := rec.meta.get("worker"), str) and worker else None,
+        queued=queued if isinstance(queued := rec.meta.get("queued"), str) and queued else None,
+        child_run=child_run,
+        tries=tuple(mine),
     )
 
 
@@ -270,6 +292,40 @@ def _one_line(text: Any) -> str | None:
     if text is None:
         return None
     return " ".join(str(text).split())
+
+
+def _budgets(raw: Any) -> tuple[BudgetReport, ...]:
+    """The budgets the run's usage records (``budget``, and ``steps`` per step with
+    one), each with what was spent under it."""
+    if not isinstance(raw, Mapping):
+        return ()
+    scopes: list[tuple[str, Any, Any]] = [("run", raw.get("budget"), raw)]
+    steps = raw.get("steps")
+    if isinstance(steps, Mapping):
+        scopes += [(str(sid), entry.get("budget"), entry) for sid, entry in steps.items()
+                   if isinstance(entry, Mapping)]
+    out = []
+    for scope, limits, spent in scopes:
+        if not isinstance(limits, Mapping):
+            continue
+        tokens, cost = limits.get("tokens"), limits.get("cost")
+        out.append(BudgetReport(
+            scope=scope,
+            tokens=tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None,
+            cost=float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool)
+            else None,
+            spent_tokens=int(_number(spent, "tokens")),
+            spent_cost=_number(spent, "cost"),
+            priced=spent.get("priced") is not False,
+        ))
+    return tuple(out)
+
+
+def _number(raw: Mapping[str, Any], key: str) -> float:
+    value = raw.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if math.isfinite(value) else 0.0
 
 
 def _usage(raw: Any) -> Usage:

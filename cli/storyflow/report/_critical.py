@@ -9,7 +9,9 @@ that, ending last, let it become ready:
   no later than its ready time.
 
 A map item or a loop iteration's step with no such predecessor inherits its map's or
-loop's. A map or a loop on the path stands for its instance that ended last, so the
+loop's. An entry's time from ready to its first attempt is *waiting for a slot* when
+the instance was queued behind a full limit (``--max-parallel``, a pool), else
+*scheduling latency*. A map or a loop on the path stands for its instance that ended last, so the
 path lists only instances that did work, and their segments add up to the wall time.
 """
 
@@ -84,7 +86,11 @@ def critical_path(
         b2 = max(b1, inst.first_started_at if inst.first_started_at is not None else b1)
         b3 = max(b2, inst.last_started_at if inst.last_started_at is not None else b2)
         b4 = max(b3, _end(inst))
-        entries.append(PathEntry(inst.id, inst.step, b1 - prev_end, b2 - b1, b3 - b2, b4 - b3))
+        held = b2 - b1  # ready → first attempt: a full limit's queue, or scheduling latency
+        entries.append(PathEntry(
+            inst.id, inst.step, b1 - prev_end, held if inst.queued else 0.0, b3 - b2, b4 - b3,
+            latency_s=0.0 if inst.queued else held, queued=inst.queued,
+        ))
         prev_end = b4
     return CriticalPath(tuple(entries), max(0.0, end_at - prev_end), _source(deps))
 

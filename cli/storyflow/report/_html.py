@@ -1,217 +1,224 @@
 """The report as one self-contained HTML page (`report --format html`).
 
-Inline CSS, an inline SVG Gantt timeline (one bar per instance: waiting for a slot,
-failed attempts and backoff, and the last attempt, each drawn differently), the
-workflow graph as preformatted text and the tables. No script, no external resource,
-no URL: the page opens the same offline, from a CI artifact or an e-mail. Every piece
-of text from the run is escaped, and ``://`` is written as an entity so that no
-message can smuggle a link in.
+One section per run: the run itself, then each sub-workflow step's child run (with
+its own children), each with an anchor (``#run-ID``) that the parent's rows, bars and
+graph boxes link to. A section holds the summary, the failures (failed and cancelled
+steps and every failed attempt, with their errors, in red), the timeline
+(`storyflow.report._timeline`), the critical path with its advice, the workflow graph
+as an SVG picture (`storyflow.report._graph_svg`) and the tables. The page uses the
+window's width. Inline CSS and SVG only: no script, no external resource, no URL (links
+are fragments inside the page); every piece of text from a run is escaped.
 """
 
 from __future__ import annotations
 
-import html
-import re
-from collections.abc import Iterable, Sequence
-
+from storyflow.report._advice import advice
 from storyflow.report._build import percentile
+from storyflow.report._format import by_status, counts, limit_name, money, seconds, tokens
+from storyflow.report._graph_svg import graph_svg
 from storyflow.report._json import totals
-from storyflow.report._model import InstanceReport, Report
-from storyflow.report._text import counts, headline, money, seconds, tokens
+from storyflow.report._markup import FAILED, Anchors, Raw, badge, cls, e, run_anchor, table
+from storyflow.report._model import Report
+from storyflow.report._text import headline
+from storyflow.report._timeline import timeline
 from storyflow.ui.lines import worker_label
 
-_LABEL_W = 240
-_CHART_W = 760
-_ROW_H = 20
-_BAR_H = 12
-_AXIS_H = 24
-_NICE_STEPS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600,
-                 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+MAX_FAILURES = 50
+"""Failure lines listed at most per run (the rest are counted)."""
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem;color:#1f2328;
-background:#fff}
-h1{font-size:1.4rem;margin:0 0 .3rem}h2{font-size:1.1rem;margin:2rem 0 .6rem}
-.meta{color:#57606a;margin:0}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums}
-th,td{padding:.25rem .7rem;border-bottom:1px solid #d0d7de;text-align:left;vertical-align:top}
-th{background:#f6f8fa;font-weight:600}td.n,th.n{text-align:right}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.2rem 1.5rem;
+color:#1f2328;background:#fff}
+h1{font-size:1.4rem;margin:0 0 .3rem}h2{font-size:1.15rem;margin:1.8rem 0 .6rem}
+h3{font-size:1rem;margin:1.4rem 0 .5rem}
+section.run{border-top:3px solid #d0d7de;margin-top:2rem;padding-top:.4rem}
+section.run:first-of-type{border-top:none;margin-top:0}
+.meta{color:#57606a;margin:0}.note{color:#57606a}
+a{color:#0969da;text-decoration:none}a:hover{text-decoration:underline}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;width:100%}
+th,td{padding:.25rem .6rem;border-bottom:1px solid #d0d7de;text-align:left;vertical-align:top}
+th{background:#f6f8fa;font-weight:600;white-space:nowrap}td.n,th.n{text-align:right}
+td.n{white-space:nowrap}td .wrap{overflow-wrap:anywhere;min-width:14rem}
 tr.crit td:first-child{font-weight:700}
-pre{background:#f6f8fa;padding:.8rem 1rem;border-radius:6px;overflow:auto}
-.badge{display:inline-block;padding:0 .5rem;border-radius:1rem;color:#fff;font-weight:600}
-.b-succeeded,.b-cached{background:#1a7f37}.b-failed,.b-cancelled{background:#cf222e}
-.b-running,.b-waiting{background:#0969da}.b-interrupted,.b-skipped,.b-pending{background:#6e7781}
-.b-retrying{background:#bc4c00}
-svg text{font:12px system-ui,sans-serif;fill:#1f2328}svg .crit{font-weight:700}
-svg .axis{stroke:#d0d7de}svg .tick{fill:#57606a;font-size:11px}
-.run-succeeded,.run-cached{fill:#2da44e}.run-failed{fill:#cf222e}.run-cancelled{fill:#8250df}
-.run-skipped,.run-pending{fill:#afb8c1}.run-running,.run-retrying,.run-ready{fill:#0969da}
-.wait{fill:url(#hatch)}.retry{fill:url(#stripes)}
-.onpath{stroke:#1f2328;stroke-width:1.5}
-.legend span{display:inline-block;margin-right:1.2rem}
-.legend i{display:inline-block;width:1.6rem;height:.7rem;margin-right:.3rem;vertical-align:middle}
-.l-wait{background:repeating-linear-gradient(45deg,#afb8c1 0 2px,#eaeef2 2px 5px)}
+tr.failed td,tr.cancelled td{background:#ffebe9}
+tr.failed td:first-child,tr.cancelled td:first-child{box-shadow:inset 4px 0 #cf222e}
+tr.retried td:first-child{box-shadow:inset 4px 0 #fb8f44}
+.err{color:#a40e26;font-weight:600}
+.badge{display:inline-block;padding:0 .5rem;border-radius:1rem;color:#fff;font-weight:600;
+font-size:.85em;white-space:nowrap}
+.b-succeeded,.b-cached,.b-kept{background:#1a7f37}.b-failed,.b-cancelled{background:#cf222e}
+.b-running,.b-waiting,.b-ready{background:#0969da}
+.b-interrupted,.b-skipped,.b-pending{background:#6e7781}.b-retrying{background:#bc4c00}
+.failures{border:2px solid #cf222e;background:#fff5f5;border-radius:6px;padding:.6rem 1rem}
+.failures h3{color:#a40e26;margin:0 0 .4rem}.failures ul{margin:0;padding-left:1.2rem}
+.failures li{margin:.2rem 0}.warn{color:#bc4c00;font-weight:600;font-size:.85em}
+.advice{border-left:4px solid #0969da;background:#f6f8fa;padding:.5rem 1rem;margin:.6rem 0}
+.advice ul{margin:.2rem 0;padding-left:1.2rem}
+.child{color:#0969da;font-size:.85em}
+.tl{display:grid;grid-template-columns:minmax(9rem,max-content) minmax(0,1fr);gap:0 .6rem;
+font-size:12px}
+.tl-labels{padding-top:22px;max-width:32rem}
+.tl-label{height:22px;line-height:22px;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis}
+.tl-label.crit{font-weight:700}.tl-label.bad{background:#ffebe9}
+.tl-label .badge{font-size:10px;line-height:14px}
+.tl-axis{position:relative;height:22px;border-bottom:1px solid #d0d7de;color:#57606a}
+.tl-axis span{position:absolute;top:2px;transform:translateX(-50%);font-size:11px;
+white-space:nowrap}.tl-axis span:first-child{transform:none}
+.tl-bars{display:block}
+.grid{stroke:#eaeef2;vector-effect:non-scaling-stroke}
+.run-succeeded,.run-cached,.run-kept{fill:#2da44e}.att-failed,.run-failed{fill:#cf222e}
+.att-cancelled,.run-cancelled{fill:#8250df}.run-skipped,.run-pending{fill:#afb8c1}
+.run-running,.run-retrying,.run-ready{fill:#0969da}
+.wait{fill:url(#hatch)}.latency{fill:#d8dee4}.retry{fill:url(#stripes)}
+[class^=box-]{fill:none;stroke:#57606a;stroke-width:1.5;vector-effect:non-scaling-stroke}
+.box-failed,.box-cancelled{stroke:#cf222e}.box-succeeded{stroke:#1a7f37}
+.onpath{stroke:#1f2328;stroke-width:2;vector-effect:non-scaling-stroke}
+.legend span{display:inline-block;margin-right:1.1rem}
+.legend i{display:inline-block;width:1.6rem;height:.7rem;margin-right:.3rem;
+vertical-align:middle}
+.l-wait{background:repeating-linear-gradient(45deg,#8c959f 0 2px,#eaeef2 2px 5px)}
+.l-lat{background:#d8dee4}
 .l-retry{background:repeating-linear-gradient(-45deg,#fb8f44 0 3px,#ffd8b5 3px 6px)}
 .l-ok{background:#2da44e}.l-fail{background:#cf222e}.l-cancel{background:#8250df}
-.l-skip{background:#afb8c1}.l-path{border:2px solid #1f2328;height:.5rem!important}
+.l-skip{background:#afb8c1}.l-box{border:2px solid #57606a;height:.6rem!important}
+.l-path{border:2px solid #1f2328;height:.6rem!important}
+.graph{overflow-x:auto;border:1px solid #d0d7de;border-radius:6px;padding:.5rem}
+.graph svg{display:block;margin:0 auto}
+.graph text{font:12px system-ui,sans-serif;fill:#1f2328}
+.graph .label{font-weight:600}.graph .sub,.graph .kind{fill:#57606a;font-weight:400}
+.graph .part{font-size:11px}.graph .iter{font-size:11px;fill:#57606a;font-weight:600}
+.node,.group{stroke-width:1.5}.group{fill-opacity:.35}
+.s-succeeded,.s-cached,.s-kept{fill:#dafbe1;stroke:#1a7f37}
+.s-failed,.s-cancelled{fill:#ffebe9;stroke:#cf222e}.bad{stroke-width:3}
+.s-running,.s-retrying,.s-ready{fill:#ddf4ff;stroke:#0969da}
+.s-skipped,.s-pending{fill:#f6f8fa;stroke:#8c959f;stroke-dasharray:4 3}
+.edge{fill:none;stroke:#8c959f;stroke-width:1.3}
 """
-
-_DEFS = (
-    "<defs>"
-    '<pattern id="hatch" width="5" height="5" patternUnits="userSpaceOnUse"'
-    ' patternTransform="rotate(45)"><rect width="5" height="5" fill="#eaeef2"/>'
-    '<rect width="2" height="5" fill="#afb8c1"/></pattern>'
-    '<pattern id="stripes" width="6" height="6" patternUnits="userSpaceOnUse"'
-    ' patternTransform="rotate(-45)"><rect width="6" height="6" fill="#ffd8b5"/>'
-    '<rect width="3" height="6" fill="#fb8f44"/></pattern>'
-    "</defs>"
-)
-
-
-def e(text: object) -> str:
-    """Escape for HTML text and attributes; ``://`` becomes an entity (no live URL)."""
-    return html.escape(str(text), quote=True).replace("://", ":&#47;&#47;")
-
-
-def _cls(text: str) -> str:
-    return re.sub(r"[^a-z0-9_-]", "", text.lower()) or "unknown"
 
 
 def render_html(report: Report) -> str:
-    """The whole page."""
-    on_path = {entry.id for entry in report.critical_path.entries}
+    """The whole page: the run, then its child runs, each in a section of its own."""
+    runs = _flatten(report)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>storyflow report · {e(report.workflow)} · {e(report.run_id)}</title>",
         f"<style>{_CSS}</style></head><body>",
-        f"<h1>{e(report.workflow)} <span class=\"badge b-{_cls(report.status)}\">"
-        f"{e(report.status)}</span></h1>",
+        f"<h1>{e(report.workflow)} {badge(report.status)}</h1>",
         f'<p class="meta">{e(headline(report))}</p>',
-        _summary(report),
-        "<h2>Timeline</h2>",
-        _legend(),
-        _gantt(report, on_path),
-        _critical(report),
-        "<h2>Steps</h2>",
-        _steps(report, on_path),
-        "<h2>Agents</h2>",
-        _agents(report),
     ]
-    if report.workers:
-        parts += ["<h2>Workers</h2>", _workers(report)]
-    if report.graph:
-        parts += ["<h2>Workflow graph</h2>", f"<pre>{e(report.graph)}</pre>"]
+    if len(runs) > 1:
+        links = "".join(
+            f'<li><a href="#{run_anchor(r.run_id)}">{e(r.run_id)}</a> · {e(r.workflow)}'
+            f" {badge(r.status)}{e(f' (step {step} of {parent})' if step else '')}</li>"
+            for r, parent, step in runs
+        )
+        parts.append(f"<p>Runs on this page:</p><ul>{links}</ul>")
+    for n, (run, parent, step) in enumerate(runs):
+        parts.append(_section(run, f"r{n}", parent, step))
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], right: set[int],
-           row_classes: Sequence[str] = ()) -> str:
-    head = "".join(f'<th{" class=n" if i in right else ""}>{e(h)}</th>'
-                   for i, h in enumerate(header))
-    body = []
-    for n, row in enumerate(rows):
-        cls = f' class="{row_classes[n]}"' if n < len(row_classes) and row_classes[n] else ""
-        cells = "".join(f'<td{" class=n" if i in right else ""}>{e(c)}</td>'
-                        for i, c in enumerate(row))
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+def _flatten(report: Report) -> list[tuple[Report, str | None, str | None]]:
+    """The run and its child runs, depth first: (report, parent run id, parent step)."""
+    out: list[tuple[Report, str | None, str | None]] = [(report, None, None)]
+    seen = {report.run_id}
+    stack = [(report, child) for child in reversed(report.children)]
+    while stack:
+        parent, child = stack.pop()
+        if child.run_id in seen:
+            continue
+        seen.add(child.run_id)
+        step = next((i.id for i in parent.instances if i.child_run == child.run_id), None)
+        out.append((child, parent.run_id, step))
+        stack += [(child, c) for c in reversed(child.children)]
+    return out
+
+
+def _section(report: Report, prefix: str, parent: str | None, step: str | None) -> str:
+    anchors = Anchors(prefix, report)
+    on_path = {entry.id for entry in report.critical_path.entries}
+    head = ""
+    if parent is not None:
+        back = f'<a href="#{run_anchor(parent)}">{e(parent)}</a>'
+        head = (f"<h2>Child run {e(report.run_id)} · {e(report.workflow)} {badge(report.status)}"
+                f"</h2><p class=meta>{e(headline(report))}</p><p class=note>The sub-workflow"
+                f" of step {e(step or '?')} of run {back}.</p>")
+    return "\n".join([
+        f'<section class="run" id="{run_anchor(report.run_id)}">',
+        head,
+        _summary(report),
+        _failures(report, anchors),
+        "<h3>Timeline</h3>",
+        _legend(),
+        timeline(report, on_path, anchors),
+        _critical(report),
+        "<h3>Workflow graph</h3>",
+        graph_svg(report, anchors),
+        "<h3>Steps</h3>",
+        _steps(report, on_path, anchors),
+        "<h3>Agents</h3>",
+        _agents(report),
+        *(["<h3>Workers</h3>", _workers(report)] if report.workers else []),
+        "</section>",
+    ])
 
 
 def _summary(report: Report) -> str:
     t = totals(report)
+    n_steps = sum(t["steps"].values())
     rows = [
         ("wall time", seconds(report.wall_s)),
-        ("steps", ", ".join(f"{n} {s}" for s, n in sorted(t["steps"].items())) or "-"),
+        ("steps", f"{n_steps}: {by_status(t['steps'])} (the plan's top-level steps)"),
+        ("instances", f"{t['instances']}: {by_status(t['instances_by_status'])}"
+                      " (map items and loop iterations' steps included)"),
         ("attempts", str(t["attempts"])),
         ("retries", f"{t['retries']} ({counts(t['retries_by_class'])})" if t["retries"] else "0"),
         ("degraded (fallback served)", str(t["degraded"])),
         ("tokens", f"{t['tokens']:,} ({t['input_tokens']:,} in, {t['output_tokens']:,} out)"),
         ("cost", money(t["cost"])),
     ]
-    return "<h2>Summary</h2>" + _table(("", ""), rows, set())
+    return "<h3>Summary</h3>" + table(("", ""), rows, set())
+
+
+def _failures(report: Report, anchors: Anchors) -> str:
+    """Every failed or cancelled instance and every failed attempt, with its error."""
+    lines: list[str] = []
+    for inst in report.instances:
+        href = anchors.href(inst)
+        name = f'<a href="{e(href)}">{e(inst.id)}</a>' if href else e(inst.id)
+        if inst.status in FAILED:
+            why = f"{inst.error_class or inst.status}: {inst.error_message or ''}".rstrip(": ")
+            lines.append(f"<li>{badge(inst.status)} <b>{name}</b>"
+                         f' <span class="err">{e(why)}</span></li>')
+        for attempt in inst.tries:
+            if attempt.failed and attempt.outcome != "failed":
+                then = "retried" if attempt.outcome == "retrying" else "fell back"
+                why = f"{attempt.error_class or 'failed'}: {attempt.message or ''}".rstrip(": ")
+                lines.append(f'<li><span class="warn">attempt {attempt.number} failed</span>'
+                             f" {name} ({e(attempt.agent)}, {then}):"
+                             f' <span class="err">{e(why)}</span></li>')
+    if not lines:
+        return ""
+    more = len(lines) - MAX_FAILURES
+    tail = f"<li>… and {more:,} more</li>" if more > 0 else ""
+    return (f'<div class="failures"><h3>Failures</h3><ul>{"".join(lines[:MAX_FAILURES])}'
+            f"{tail}</ul></div>")
 
 
 def _legend() -> str:
-    items = [("l-wait", "waiting for a slot"), ("l-retry", "failed attempts and backoff"),
-             ("l-ok", "succeeded"), ("l-fail", "failed"), ("l-cancel", "cancelled"),
-             ("l-skip", "skipped / pending"), ("l-path", "on the critical path")]
+    items = [("l-wait", "waiting for a slot (a limit was full)"),
+             ("l-lat", "scheduling latency"), ("l-retry", "backoff after a failed attempt"),
+             ("l-ok", "succeeded"), ("l-fail", "failed attempt / failed"),
+             ("l-cancel", "cancelled"), ("l-skip", "skipped / pending"),
+             ("l-box", "a map or a loop"), ("l-path", "on the critical path")]
     spans = "".join(f'<span><i class="{c}"></i>{e(t)}</span>' for c, t in items)
     return f'<p class="legend">{spans}</p>'
-
-
-def _tick_step(span_s: float) -> float:
-    for step in _NICE_STEPS_S:
-        if span_s / step <= 10:
-            return step
-    return span_s / 10
-
-
-def _gantt(report: Report, on_path: set[str]) -> str:
-    rows = [i for i in report.instances if _times(i)]
-    t0 = report.started_at
-    span = max(report.wall_s, 1e-6)
-    height = _AXIS_H + _ROW_H * max(len(rows), 1) + 4
-    width = _LABEL_W + _CHART_W + 10
-
-    def x(t: float) -> float:
-        return _LABEL_W + max(0.0, min(1.0, (t - t0) / span)) * _CHART_W
-
-    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}"'
-           ' role="img" aria-label="timeline">', _DEFS]
-    step = _tick_step(span)
-    n = 0
-    while n * step <= span + 1e-9:
-        tx = x(t0 + n * step)
-        out.append(f'<line class="axis" x1="{tx:.1f}" y1="{_AXIS_H - 6}" x2="{tx:.1f}"'
-                   f' y2="{height}"/><text class="tick" x="{tx:.1f}" y="{_AXIS_H - 10}"'
-                   f' text-anchor="middle">{e(seconds(n * step))}</text>')
-        n += 1
-    end = report.ended_at if report.ended_at is not None else t0 + report.wall_s
-    for row, inst in enumerate(rows):
-        y = _AXIS_H + row * _ROW_H
-        depth = inst.id.count("[") + inst.id.count("#")
-        crit = inst.id in on_path
-        label = inst.id if len(inst.id) <= 30 else inst.id[:29] + "…"
-        out.append(f'<text x="{4 + 12 * depth}" y="{y + _BAR_H}"'
-                   f'{" class=crit" if crit else ""}>{e(label)}</text>')
-        bar_y = y + (_ROW_H - _BAR_H) // 2
-        for cls, start, stop, what in _bars(inst, end):
-            x1, x2 = x(start), x(stop)
-            w = max(x2 - x1, 1.5)
-            extra = " onpath" if crit and cls.startswith("run-") else ""
-            out.append(
-                f'<rect class="{cls}{extra}" x="{x1:.1f}" y="{bar_y}" width="{w:.1f}"'
-                f' height="{_BAR_H}"><title>{e(inst.id)} · {e(what)}'
-                f" {e(seconds(stop - start))}</title></rect>"
-            )
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _times(inst: InstanceReport) -> bool:
-    return any(t is not None for t in (inst.ready_at, inst.first_started_at, inst.ended_at))
-
-
-def _bars(inst: InstanceReport, end: float) -> list[tuple[str, float, float, str]]:
-    """``(css class, start, stop, what)`` for the wait, retry and last-attempt segments."""
-    stop = inst.ended_at if inst.ended_at is not None else end
-    out = []
-    if inst.ready_at is not None and inst.first_started_at is not None:
-        out.append(("wait", inst.ready_at, inst.first_started_at, "waiting for a slot"))
-    if inst.first_started_at is not None and inst.last_started_at is not None:
-        if inst.last_started_at > inst.first_started_at:
-            retries = counts(inst.retries)
-            out.append(("retry", inst.first_started_at, inst.last_started_at,
-                        f"failed attempts and backoff ({retries})"))
-    begin = inst.last_started_at
-    if begin is None:
-        begin = inst.ready_at if inst.ready_at is not None else stop
-    where = f" on {worker_label(inst.worker)}" if inst.worker else ""
-    out.append((f"run-{_cls(inst.status)}", begin, stop, inst.status + where))
-    return [b for b in out if b[2] >= b[1]]
 
 
 def _critical(report: Report) -> str:
@@ -219,36 +226,57 @@ def _critical(report: Report) -> str:
     share = report.share_pct
     rows = [
         (p.id, f"{share(p.segment_s):.1f}%", seconds(p.segment_s), seconds(p.gap_s),
-         seconds(p.wait_s), seconds(p.retry_s), seconds(p.run_s))
+         seconds(p.wait_s) + (f" ({limit_name(p.queued)})" if p.queued and p.wait_s else ""),
+         seconds(p.latency_s), seconds(p.retry_s), seconds(p.run_s))
         for p in path.entries
     ]
     source = "the workflow's plan" if path.source == "plan" else "timings (the file changed)"
     notes = (
-        f"<p>Waiting for slots on the path: <b>{e(seconds(path.wait_s))}</b>"
-        f" ({share(path.wait_s):.1f}% of the wall time); in retries:"
+        f"<p>On the path: waiting for a slot <b>{e(seconds(path.wait_s))}</b>"
+        f" ({share(path.wait_s):.1f}% of the wall time), scheduling latency"
+        f" <b>{e(seconds(path.latency_s))}</b> ({share(path.latency_s):.1f}%), retries"
         f" <b>{e(seconds(path.retry_s))}</b> ({share(path.retry_s):.1f}%);"
         f" after the last step: {e(seconds(path.tail_s))}. Dependencies from {e(source)}.</p>"
     )
-    table = _table(("step", "share", "segment", "gap", "wait", "retries", "last attempt"),
-                   rows, {1, 2, 3, 4, 5, 6})
-    return "<h2>Critical path</h2>" + table + notes
+    tips = advice(report)
+    box = ""
+    if tips:
+        box = ('<div class="advice"><b>Advice</b><ul>'
+               + "".join(f"<li>{e(t)}</li>" for t in tips) + "</ul></div>")
+    body = table(("step", "share", "segment", "gap", "wait for a slot", "latency", "retries",
+                  "last attempt"), rows, {1, 2, 3, 4, 5, 6, 7})
+    return "<h3>Critical path</h3>" + body + notes + box
 
 
-def _steps(report: Report, on_path: set[str]) -> str:
+def _steps(report: Report, on_path: set[str], anchors: Anchors) -> str:
     on_workers = bool(report.workers)
-    rows = [
-        (i.id, i.status, str(i.attempts), seconds(i.wait_s), seconds(i.duration_s),
-         seconds(i.retry_s) if i.retry_s else "-", counts(i.retries),
-         (i.agent or "-") + (" (fallback)" if i.degraded else ""), tokens(i.usage),
-         money(i.usage.cost))
-        + ((worker_label(i.worker) if i.worker else "-",) if on_workers else ())
-        + (f"{i.error_class}: {i.error_message}" if i.error_class else "",)
-        for i in report.instances
-    ]
-    classes = ["crit" if i.id in on_path else "" for i in report.instances]
-    header = ("step", "status", "attempts", "wait", "running", "in retries", "retries",
-              "agent", "tokens", "cost") + (("worker",) if on_workers else ()) + ("error",)
-    return _table(header, rows, {2, 3, 4, 5, 8, 9}, classes)
+    rows, attrs = [], []
+    for inst in report.instances:
+        name = Raw(e(inst.id) + (
+            f'<br><a class="child" href="{e(anchors.href(inst))}">→ child run'
+            f" {e(inst.child_run)}</a>" if inst.child_run else ""))
+        error = Raw(f'<div class="wrap err">{e(f"{inst.error_class}: {inst.error_message}")}'
+                    "</div>" if inst.error_class else "")
+        wait = seconds(inst.wait_s) if inst.wait_s else "-"
+        if inst.queued and inst.wait_s:
+            wait += f" ({limit_name(inst.queued)})"
+        rows.append(
+            (name, badge(inst.status), str(inst.attempts), wait, seconds(inst.latency_s),
+             seconds(inst.duration_s), seconds(inst.retry_s) if inst.retry_s else "-",
+             counts(inst.retries), (inst.agent or "-") + (" (fallback)" if inst.degraded else ""),
+             tokens(inst.usage), money(inst.usage.cost))
+            + ((worker_label(inst.worker) if inst.worker else "-",) if on_workers else ())
+            + (error,)
+        )
+        classes = [c for c, on in (("crit", inst.id in on_path),
+                                   (cls(inst.status), inst.status in FAILED),
+                                   ("retried", any(t.failed for t in inst.tries))) if on]
+        row_id = anchors.of(inst.id)
+        attrs.append(f'id="{row_id}"' + (f' class="{" ".join(classes)}"' if classes else ""))
+    header = ("step", "status", "attempts", "wait for a slot", "latency", "running",
+              "in retries", "retries", "agent", "tokens", "cost") + (
+        ("worker",) if on_workers else ()) + ("error",)
+    return table(header, rows, {2, 3, 4, 5, 6, 9, 10}, attrs)
 
 
 def _agents(report: Report) -> str:
@@ -260,8 +288,8 @@ def _agents(report: Report) -> str:
          str(a.breaker_openings), tokens(a.usage), money(a.usage.cost))
         for a in report.agents
     ]
-    return _table(("agent", "calls", "p50", "p95", "failures", "breaker openings", "tokens",
-                   "cost"), rows, {1, 2, 3, 5, 6, 7})
+    return table(("agent", "calls", "p50", "p95", "failures", "breaker openings", "tokens",
+                  "cost"), rows, {1, 2, 3, 5, 6, 7})
 
 
 def _workers(report: Report) -> str:
@@ -269,6 +297,6 @@ def _workers(report: Report) -> str:
         (w.worker, str(w.steps), seconds(w.busy_s), str(w.failed), str(w.lost))
         for w in report.workers
     ]
-    table = _table(("worker", "steps", "busy", "failed steps", "attempts lost (worker_lost)"),
-                   rows, {1, 2, 3, 4})
-    return table + "<p>Busy: the steps' latest attempts on the worker, summed.</p>"
+    body = table(("worker", "steps", "busy", "failed steps", "attempts lost (worker_lost)"),
+                 rows, {1, 2, 3, 4})
+    return body + "<p>Busy: the steps' latest attempts on the worker, summed.</p>"

@@ -5,8 +5,16 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from storyflow.report._advice import advice
 from storyflow.report._build import percentile
-from storyflow.report._model import AgentReport, InstanceReport, Report, Usage, WorkerReport
+from storyflow.report._model import (
+    AgentReport,
+    BudgetReport,
+    InstanceReport,
+    Report,
+    Usage,
+    WorkerReport,
+)
 
 _DIGITS = 6
 
@@ -26,7 +34,8 @@ def _usage(usage: Usage) -> dict[str, Any]:
 
 
 def totals(report: Report) -> dict[str, Any]:
-    """Steps by status, attempts, retries, tokens and cost over the whole run."""
+    """Steps (the plan's top-level steps) and instances by status, attempts, retries,
+    tokens and cost over the whole run."""
     tasks = report.tasks
     retries: Counter[str] = Counter()
     for inst in tasks:
@@ -34,7 +43,8 @@ def totals(report: Report) -> dict[str, Any]:
     usage = sum((i.usage for i in tasks), Usage())
     return {
         "instances": len(report.instances),
-        "steps": dict(Counter(i.status for i in report.instances)),
+        "steps": dict(Counter(i.status for i in report.steps)),
+        "instances_by_status": dict(Counter(i.status for i in report.instances)),
         "attempts": sum(i.attempts for i in tasks),
         "retries": sum(retries.values()),
         "retries_by_class": dict(retries),
@@ -57,6 +67,8 @@ def _instance(inst: InstanceReport) -> dict[str, Any]:
         "started_at": inst.first_started_at,
         "ended_at": inst.ended_at,
         "wait_s": _r(inst.wait_s),
+        "latency_s": _r(inst.latency_s),
+        "queued": inst.queued,
         "retry_s": _r(inst.retry_s),
         "run_s": _r(inst.run_s),
         "duration_s": _r(inst.duration_s),
@@ -68,6 +80,8 @@ def _instance(inst: InstanceReport) -> dict[str, Any]:
     }
     if inst.worker is not None:
         entry["worker"] = inst.worker
+    if inst.child_run is not None:
+        entry["child_run"] = inst.child_run
     return entry
 
 
@@ -95,6 +109,17 @@ def _agent(agent: AgentReport) -> dict[str, Any]:
     }
 
 
+def _budget(budget: BudgetReport) -> dict[str, Any]:
+    return {
+        "scope": budget.scope,
+        "tokens": budget.tokens,
+        "cost": budget.cost,
+        "spent_tokens": budget.spent_tokens,
+        "spent_cost": round(budget.spent_cost, _DIGITS),
+        "priced": budget.priced,
+    }
+
+
 def to_document(report: Report) -> dict[str, Any]:
     """The report as plain JSON values."""
     path = report.critical_path
@@ -116,6 +141,8 @@ def to_document(report: Report) -> dict[str, Any]:
                     "step": e.step,
                     "gap_s": _r(e.gap_s),
                     "wait_s": _r(e.wait_s),
+                    "latency_s": _r(e.latency_s),
+                    "queued": e.queued,
                     "retry_s": _r(e.retry_s),
                     "run_s": _r(e.run_s),
                     "segment_s": _r(e.segment_s),
@@ -129,9 +156,14 @@ def to_document(report: Report) -> dict[str, Any]:
                 "wait_share_pct": round(share(path.wait_s), 2),
                 "retry_s": _r(path.retry_s),
                 "retry_share_pct": round(share(path.retry_s), 2),
+                "latency_s": _r(path.latency_s),
+                "latency_share_pct": round(share(path.latency_s), 2),
+                "wait_by_limit": {k: _r(v) for k, v in sorted(path.waits_by_limit().items())},
+                "advice": advice(report),
             },
         },
         "steps": [_instance(i) for i in report.instances],
         "agents": [_agent(a) for a in report.agents],
         "workers": [_worker(w) for w in report.workers],
+        "budgets": [_budget(b) for b in report.budgets],
     }

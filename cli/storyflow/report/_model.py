@@ -27,6 +27,13 @@ class Attempt:
     """The error class when it failed."""
     delay_s: float = 0.0
     """The backoff delay that followed it (``step.retrying``)."""
+    message: str | None = None
+    """Its error message, in one line, when it failed."""
+
+    @property
+    def failed(self) -> bool:
+        """Whether it failed (retried, handed to a fallback, or for good)."""
+        return self.outcome in ("retrying", "fallback", "failed")
 
     @property
     def latency_s(self) -> float | None:
@@ -96,11 +103,32 @@ class InstanceReport:
     worker: str | None = None
     """The executor worker that ran its latest attempt (a Dask worker's address); None
     when it ran in the ``storyflow`` process."""
+    queued: str | None = None
+    """The full limit it waited behind once ready: ``max_parallel`` or ``pool:NAME``
+    (the record's ``meta["queued"]``); None when it could start at once."""
+    child_run: str | None = None
+    """The child run of a sub-workflow step (the run record's ``meta["children"]``)."""
+    tries: tuple[Attempt, ...] = ()
+    """Its attempts since it last became ready, from the event log, first to last."""
+
+    @property
+    def ready_to_start_s(self) -> float | None:
+        """Ready → first attempt, whatever held it up."""
+        return _span(self.ready_at, self.first_started_at)
 
     @property
     def wait_s(self) -> float | None:
-        """Ready → first attempt: time spent waiting for a slot (``--max-parallel``, pools)."""
-        return _span(self.ready_at, self.first_started_at)
+        """Ready → first attempt of an instance that waited behind a full limit
+        (``--max-parallel``, a pool): waiting for a slot; 0 for one that did not."""
+        span = self.ready_to_start_s
+        return None if span is None else (span if self.queued else 0.0)
+
+    @property
+    def latency_s(self) -> float | None:
+        """Ready → first attempt of an instance no limit held up: scheduling latency
+        (the coordinator busy, a dispatch to a cluster); 0 for one that waited."""
+        span = self.ready_to_start_s
+        return None if span is None else (0.0 if self.queued else span)
 
     @property
     def retry_s(self) -> float | None:
@@ -162,7 +190,7 @@ class PathEntry:
     """One instance on the critical path and the slice of wall time it accounts for.
 
     Its segment runs from the end of the previous entry (the run's start for the
-    first) to its own end: ``gap_s + wait_s + retry_s + run_s``.
+    first) to its own end: ``gap_s + wait_s + latency_s + retry_s + run_s``.
     """
 
     id: str
@@ -172,15 +200,19 @@ class PathEntry:
     gap_s: float
     """Previous end → ready: scheduling, a map's expansion, a loop's condition."""
     wait_s: float
-    """Ready → first attempt: waiting for a slot or a pool."""
+    """Ready → first attempt behind a full limit: waiting for a slot (``queued``)."""
     retry_s: float
     """First attempt → last attempt: failed attempts and backoff delays."""
     run_s: float
     """The last attempt."""
+    latency_s: float = 0.0
+    """Ready → first attempt with no limit full: scheduling latency."""
+    queued: str | None = None
+    """The limit it waited behind (``max_parallel``, ``pool:NAME``), if any."""
 
     @property
     def segment_s(self) -> float:
-        return self.gap_s + self.wait_s + self.retry_s + self.run_s
+        return self.gap_s + self.wait_s + self.latency_s + self.retry_s + self.run_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,11 +227,45 @@ class CriticalPath:
 
     @property
     def wait_s(self) -> float:
+        """Waiting for a slot behind a full limit, over the path."""
         return sum(e.wait_s for e in self.entries)
+
+    @property
+    def latency_s(self) -> float:
+        """Scheduling latency (ready → started, no limit full), over the path."""
+        return sum(e.latency_s for e in self.entries)
 
     @property
     def retry_s(self) -> float:
         return sum(e.retry_s for e in self.entries)
+
+    def waits_by_limit(self) -> dict[str, float]:
+        """Waiting for a slot over the path, by the limit that was full (``max_parallel``,
+        ``pool:NAME``)."""
+        out: dict[str, float] = {}
+        for e in self.entries:
+            if e.queued and e.wait_s > 0:
+                out[e.queued] = out.get(e.queued, 0.0) + e.wait_s
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReport:
+    """One budget of the run — its own or a step's — and what was spent under it."""
+
+    scope: str
+    """``run``, or the id of the step whose ``budget`` it is."""
+    tokens: int | None
+    """The token limit; None when only the cost is limited."""
+    cost: float | None
+    """The cost limit, in the currency of ``config.prices``; None for tokens only."""
+    spent_tokens: int
+    """Tokens its calls used (earlier processes of the run included)."""
+    spent_cost: float
+    """What its calls cost."""
+    priced: bool = True
+    """False when a call's cost is unknown (a model without a price, a server that
+    reported no usage): ``spent_cost`` counts the priced calls only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +293,21 @@ class Report:
     workers: tuple[WorkerReport, ...] = ()
     """Every executor worker a step instance ran on, by address; empty when every step
     ran in the ``storyflow`` process."""
+    levels: tuple[tuple[str, ...], ...] = ()
+    """The plan's top-level steps by level (0 = can start at once), when the workflow
+    file is still there and unchanged; empty otherwise."""
+    edges: tuple[tuple[str, str], ...] = ()
+    """The plan's dependencies as (step, the step it needs), top level and loop bodies
+    (``polish.revise`` needs ``polish.critique``); empty when the plan is unknown."""
+    children: tuple[Report, ...] = ()
+    """The reports of its sub-workflow steps' child runs (their own children inside)."""
+    budgets: tuple[BudgetReport, ...] = ()
+    """The run's budget and its steps' budgets that calls were made under, run first."""
+
+    @property
+    def steps(self) -> tuple[InstanceReport, ...]:
+        """The plan's top-level steps (a map or a loop counting once)."""
+        return tuple(i for i in self.instances if i.parent is None)
 
     @property
     def tasks(self) -> tuple[InstanceReport, ...]:

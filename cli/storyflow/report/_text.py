@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from storyflow.report._advice import advice
 from storyflow.report._build import percentile
+from storyflow.report._format import by_status, counts, money, seconds, tokens
 from storyflow.report._json import totals
-from storyflow.report._model import Report, Usage
-from storyflow.ui.lines import format_duration, worker_label
+from storyflow.report._model import Report
+from storyflow.ui.lines import worker_label
 from storyflow.ui.tables import Section
+
+__all__ = ["budget_lines", "counts", "headline", "money", "seconds", "sections", "tokens"]
 
 _STATUS_STYLES = {
     "succeeded": "green",
@@ -22,31 +26,6 @@ _STATUS_STYLES = {
 }
 
 
-def seconds(value: float | None) -> str:
-    """A duration for people (``85ms``, ``1.6s``, ``2m05s``); ``-`` when unknown."""
-    if value is None:
-        return "-"
-    if value < 0.9995:
-        return f"{max(value, 0.0) * 1000:.0f}ms"
-    return format_duration(value)
-
-
-def money(cost: float) -> str:
-    """A cost: ``-`` for none, more digits for tiny amounts."""
-    if cost <= 0:
-        return "-"
-    return f"{cost:.4f}" if cost < 1 else f"{cost:.2f}"
-
-
-def tokens(usage: Usage) -> str:
-    return f"{usage.tokens:,}" if usage.tokens else "-"
-
-
-def counts(mapping: dict[str, int]) -> str:
-    """``transient×2, timeout×1``; ``-`` for none."""
-    return ", ".join(f"{k}×{v}" for k, v in sorted(mapping.items())) or "-"
-
-
 def headline(report: Report) -> str:
     when = datetime.fromtimestamp(report.started_at).strftime("%Y-%m-%d %H:%M:%S")
     version = f" v{report.workflow_version}" if report.workflow_version else ""
@@ -56,15 +35,33 @@ def headline(report: Report) -> str:
     )
 
 
+def budget_lines(report: Report) -> list[str]:
+    """``budget: run 300 of 1,000 tokens · step plot 0.0120 of 0.05 cost`` (spent of
+    limit); none without budgets."""
+    parts = []
+    for b in report.budgets:
+        limits = []
+        if b.tokens is not None:
+            limits.append(f"{b.spent_tokens:,} of {b.tokens:,} tokens")
+        if b.cost is not None:
+            unknown = "" if b.priced else " + unknown"
+            limits.append(f"{b.spent_cost:.4f}{unknown} of {b.cost:g} cost")
+        parts.append(("run " if b.scope == "run" else f"step {b.scope} ") + ", ".join(limits))
+    return [f"budget: {' · '.join(parts)}"] if parts else []
+
+
 def sections(report: Report) -> list[Section]:
     """Run summary, critical path, steps, agents, and the workers of a run on a cluster."""
     t = totals(report)
-    by_status = ", ".join(f"{n} {s}" for s, n in sorted(t["steps"].items())) or "no steps"
+    n_steps = sum(t["steps"].values())
     summary = [
-        f"steps: {by_status} ({t['instances']} instances)",
+        f"{n_steps} step{'' if n_steps == 1 else 's'}: {by_status(t['steps'])}"
+        f" · {t['instances']} instance{'' if t['instances'] == 1 else 's'}:"
+        f" {by_status(t['instances_by_status'])}",
         f"attempts {t['attempts']} · retries {t['retries']}"
         + (f" ({counts(t['retries_by_class'])})" if t["retries"] else "")
         + f" · tokens {t['tokens']:,} · cost {money(t['cost'])}",
+        *budget_lines(report),
     ]
     path = report.critical_path
     share = report.share_pct
@@ -75,17 +72,21 @@ def sections(report: Report) -> list[Section]:
             seconds(e.segment_s),
             seconds(e.gap_s),
             seconds(e.wait_s),
+            seconds(e.latency_s),
             seconds(e.retry_s),
             seconds(e.run_s),
         )
         for e in path.entries
     )
+    tips = advice(report)
     path_notes = (
-        f"bottlenecks on the path: waiting for slots {seconds(path.wait_s)}"
-        f" ({share(path.wait_s):.1f}%), retries {seconds(path.retry_s)}"
-        f" ({share(path.retry_s):.1f}%)",
-        "segment = gap (after the previous step) + wait (for a slot) + retry (failed attempts"
-        " and backoff) + run (last attempt); dependencies "
+        f"on the path: waiting for a slot {seconds(path.wait_s)} ({share(path.wait_s):.1f}%)"
+        f", scheduling latency {seconds(path.latency_s)} ({share(path.latency_s):.1f}%)"
+        f", retries {seconds(path.retry_s)} ({share(path.retry_s):.1f}%)",
+        *(f"advice: {tip}" for tip in tips),
+        "segment = gap (after the previous step) + wait (for a slot, a limit was full) +"
+        " latency (ready → started, no limit full) + retry (failed attempts and backoff) +"
+        " run (last attempt); dependencies "
         + ("from the workflow's plan" if path.source == "plan" else "inferred from timings")
         + (f"; {seconds(path.tail_s)} after the last step" if path.tail_s >= 0.05 else ""),
     )
@@ -95,7 +96,8 @@ def sections(report: Report) -> list[Section]:
             i.id,
             i.status,
             str(i.attempts),
-            seconds(i.wait_s),
+            seconds(i.wait_s) if i.wait_s else "-",
+            seconds(i.latency_s),
             seconds(i.duration_s),
             seconds(i.retry_s) if i.retry_s else "-",
             counts(i.retries),
@@ -127,17 +129,19 @@ def sections(report: Report) -> list[Section]:
         Section(headline(report), notes=tuple(summary)),
         Section(
             "critical path",
-            ("STEP", "SHARE", "SEGMENT", "GAP", "WAIT", "RETRY", "RUN"),
+            ("STEP", "SHARE", "SEGMENT", "GAP", "WAIT", "LATENCY", "RETRY", "RUN"),
             path_rows,
-            right=frozenset({1, 2, 3, 4, 5, 6}),
+            right=frozenset({1, 2, 3, 4, 5, 6, 7}),
             notes=path_notes,
         ),
         Section(
             "steps",
-            ("STEP", "STATUS", "ATTEMPTS", "WAIT", "RUNNING", "IN RETRIES", "RETRIES", "AGENT",
-             "TOKENS", "COST") + (("WORKER",) if on_workers else ()),
+            ("STEP", "STATUS", "ATTEMPTS", "WAIT", "LATENCY", "RUNNING", "IN RETRIES", "RETRIES",
+             "AGENT", "TOKENS", "COST") + (("WORKER",) if on_workers else ()),
             step_rows,
-            right=frozenset({2, 3, 4, 5, 8, 9}),
+            right=frozenset({2, 3, 4, 5, 6, 9, 10}),
+            notes=("WAIT: ready → first attempt behind a full limit (--max-parallel, a pool);"
+                   " LATENCY: ready → first attempt with no limit full",),
             styles={1: _STATUS_STYLES},
         ),
         Section(

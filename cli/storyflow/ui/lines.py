@@ -9,6 +9,7 @@ it never loads ``rich``.
 from __future__ import annotations
 
 import codecs
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,13 @@ __all__ = [
     "Event",
     "Glyphs",
     "breaker_text",
+    "counted",
     "degraded_text",
     "error_text",
     "executor_lines",
     "executor_text",
+    "failure_line",
+    "failure_text",
     "format_duration",
     "generic_line",
     "glyphs_for",
@@ -36,6 +40,7 @@ __all__ = [
     "one_line",
     "ordered_counts",
     "summary_line",
+    "traceback_lines",
     "worker_label",
     "workers_text",
 ]
@@ -236,18 +241,30 @@ def ordered_counts(counts: Mapping[str, Any]) -> list[tuple[str, int]]:
     return known + [(s, int(n)) for s, n in counts.items() if n and s not in _STATUS_ORDER]
 
 
+def counted(counts: object, noun: str) -> str:
+    """``12 steps (10 succeeded, 2 skipped)`` from status → count (``noun`` singular)."""
+    pairs = ordered_counts(counts) if isinstance(counts, Mapping) else []
+    total = sum(n for _, n in pairs)
+    text = f"{total:,} {noun}{'' if total == 1 else 's'}"
+    if pairs:
+        text += " (" + ", ".join(f"{n:,} {s}" for s, n in pairs) + ")"
+    return text
+
+
 def summary_line(event: Event, *, ascii: bool = False) -> str:
     """The one-line summary of a ``run.summary`` event, as both text sinks print it.
 
-    ``summary: succeeded · 12 steps (10 succeeded, 2 skipped) · 9.9s · 1,234 tok · $0.0123``
+    ``summary: succeeded · 14 steps (14 succeeded) · 26 instances (24 succeeded, 2
+    skipped) · 9.9s · 1,234 tok · $0.0123``: the plan's top-level steps by status, then
+    every instance (map items, loop iterations' steps) when they differ from the steps.
     """
     glyphs = ASCII if ascii else UNICODE
-    steps = event.get("steps")
-    counts = ordered_counts(steps) if isinstance(steps, Mapping) else []
-    total = sum(n for _, n in counts)
-    text = f"summary: {event.get('status', '?')}{glyphs.sep}{total} step{'' if total == 1 else 's'}"
-    if counts:
-        text += " (" + ", ".join(f"{n:,} {s}" for s, n in counts) + ")"
+    steps, instances = event.get("steps"), event.get("instances")
+    text = f"summary: {event.get('status', '?')}{glyphs.sep}{counted(steps, 'step')}"
+    if isinstance(instances, Mapping) and (
+        not isinstance(steps, Mapping) or ordered_counts(instances) != ordered_counts(steps)
+    ):
+        text += glyphs.sep + counted(instances, "instance")
     duration = event.get("duration_s")
     if isinstance(duration, int | float):
         text += glyphs.sep + format_duration(duration)
@@ -282,17 +299,49 @@ def _step_same(e: Event, g: Glyphs) -> str:
     return f"{g.same} {e['step']} {status}{took}{_extras(e, g)}"
 
 
-def _step_failed(e: Event, g: Glyphs) -> str:
+def failure_text(e: Event, g: Glyphs, *, pointer: bool = True) -> str:
+    """``class: message`` of a failed attempt's event, for one line.
+
+    An error with more than fits on a line (a traceback, a message of several lines)
+    shows its message's first and last lines and, with ``pointer``, where the rest is:
+    ``(see: storyflow show RUN --step plot)``."""
+    error = e.get("error")
+    if not error:
+        return ""
+    if not isinstance(error, Mapping):
+        return error_text(error, g)
+    lines = [line for line in str(error.get("message") or "").splitlines() if line.strip()]
+    if len(lines) > 1:
+        error = {**error, "message": f"{lines[0]} {g.more} {lines[-1]}"}
+    text = error_text(error, g)
+    if pointer and (len(lines) > 1 or error.get("traceback")) and e.get("run_id"):
+        text += f" (see: storyflow show {e['run_id']} --step {shlex.quote(str(e['step']))})"
+    return text
+
+
+def failure_line(e: Event, g: Glyphs, *, pointer: bool = True) -> str:
+    """The line of a ``step.failed`` event: ``✗ plot attempt 3: transient: …`` (see
+    `failure_text`; a failure that will be retried points nowhere)."""
     attempt = e.get("attempt")
     text = f"{g.fail} {e['step']}" + (f" attempt {attempt}" if attempt else "") + _on(e)
-    error = e.get("error")
-    if error:
-        text += ": " + error_text(error, g)
-    if e.get("final") is False:
+    final = e.get("final") is not False
+    why = failure_text(e, g, pointer=pointer and final)
+    if why:
+        text += ": " + why
+    if not final:
         return text + " (will retry)"
-    if isinstance(error, Mapping) and error.get("hint"):
-        text += f" (hint: {one_line(error['hint'], g)})"
+    error = e.get("error")
+    hint = error.get("hint") if isinstance(error, Mapping) else None
+    if hint:
+        text += f" (hint: {one_line(hint, g)})"
     return text
+
+
+def traceback_lines(e: Event) -> list[str]:
+    """The lines of the traceback an event's ``error`` carries (none without one)."""
+    error = e.get("error")
+    tb = error.get("traceback") if isinstance(error, Mapping) else None
+    return str(tb).rstrip("\n").splitlines() if tb else []
 
 
 def _step_retrying(e: Event, g: Glyphs) -> str:
@@ -365,7 +414,7 @@ LINE_FORMATS: Mapping[str, Callable[[Event, Glyphs], str]] = {
     "step.succeeded": _step_succeeded,
     "step.cached": _step_same,
     "step.kept": _step_same,
-    "step.failed": _step_failed,
+    "step.failed": failure_line,
     "step.retrying": _step_retrying,
     "step.skipped": _step_skipped,
     "step.cancelled": _step_skipped,

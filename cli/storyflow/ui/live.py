@@ -22,6 +22,7 @@ from storyflow.ui.lines import (
     degraded_text,
     error_text,
     executor_text,
+    failure_text,
     format_duration,
     glyphs_for,
     narrow_encoding,
@@ -31,6 +32,7 @@ from storyflow.ui.lines import (
     worker_label,
     workers_text,
 )
+from storyflow.ui.tally import Tally
 
 if TYPE_CHECKING:
     from rich.console import Console, JustifyMethod, RenderableType
@@ -53,23 +55,14 @@ class _Active:
         self.note = ""
 
 
-_STYLES = {
-    "running": "cyan",
-    "retrying": "yellow",
-    "succeeded": "green",
-    "cached": "green",
-    "kept": "green",
-    "failed": "red",
-    "cancelled": "red",
-    "degraded": "yellow",
-}
+_STYLES = {"running": "cyan", "retrying": "yellow", "succeeded": "green", "cached": "green",
+           "kept": "green", "failed": "red", "cancelled": "red", "degraded": "yellow"}
+
+_ENDED_STYLES = {"failed": "red", "interrupted": "red", "waiting": "yellow"}
+"""The progress bar's colour for a run that ended short of success."""
 
 _COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
-    ("step", "left"),
-    ("status", "left"),
-    ("attempt", "right"),
-    ("time", "right"),
-    ("", "left"),
+    ("step", "left"), ("status", "left"), ("attempt", "right"), ("time", "right"), ("", "left"),
 )
 
 
@@ -103,12 +96,13 @@ class LiveSink:
         self._workflow = ""
         self._run_id = ""
         self._status = ""
-        self._planned = 0
-        self._done = 0
+        self._tally = Tally()
+        """Steps and instances: planned, known, settled (see `storyflow.ui.tally`)."""
+        self._degraded = 0
         self._t0: float | None = None
         self._t_end: float | None = None
-        self._counts: dict[str, int] = {}
         self._active: dict[str, _Active] = {}
+        """Running and retrying instances that do work (not maps and loops), oldest first."""
         self._retrying = 0
         self._failures: deque[tuple[str, str]] = deque(maxlen=3)
         self._notices: deque[tuple[str, str]] = deque(maxlen=3)
@@ -137,6 +131,7 @@ class LiveSink:
             "step.log": self._on_step_log,
             "step.fallback": self._on_step_fallback,
             "step.waiting": self._on_step_waiting,
+            "loop.iteration": self._on_loop_iteration,
             "breaker.opened": self._on_breaker,
             "breaker.closed": self._on_breaker,
             "run.succeeded": self._on_run_ended,
@@ -159,6 +154,9 @@ class LiveSink:
             self._seen = True
             if self._t0 is None:
                 self._t0 = self._clock()
+            container = self._tally.add(event)
+            if container is not None:
+                self._drop(container)  # a map or a loop: its parts have rows
             if handler is not None:
                 handler(event)
 
@@ -183,9 +181,11 @@ class LiveSink:
         if not self._seen:
             return
         with self._lock:
+            steps, instances = self._tally.summary()
             summary = self._summary or {
                 "status": self._status or "running",
-                "steps": dict(self._counts),
+                "steps": steps,
+                "instances": instances,
                 "duration_s": self._elapsed(self._clock()),
                 "tokens": self._tokens,
                 "cost": self._cost,
@@ -220,8 +220,6 @@ class LiveSink:
         self._run_id = str(e.get("run_id", self._run_id))
         self._status = "running"
         self._t_end = None
-        if isinstance(e.get("steps"), int):
-            self._planned = e["steps"]
         executor = e.get("executor")
         if isinstance(executor, Mapping) and executor.get("kind", "local") != "local":
             self._executor = executor_text(executor)
@@ -243,6 +241,8 @@ class LiveSink:
 
     def _on_step_started(self, e: Event) -> None:
         step = str(e.get("step"))
+        if step in self._tally.containers:
+            return  # a map: its items have rows
         rec = self._active.get(step)
         if rec is None:
             rec = self._active[step] = _Active(e.get("attempt"), self._clock())
@@ -254,26 +254,27 @@ class LiveSink:
         if e.get("degraded") and e.get("agent"):
             rec.note = f"served by {e['agent']}"
 
-    def _finish(self, step: str, status: str) -> None:
+    def _drop(self, step: str) -> None:
+        """``step`` no longer has a row (it settled, paused, or is a map or a loop)."""
         rec = self._active.pop(step, None)
         if rec is not None and rec.retry_at is not None:
             self._retrying -= 1
-        self._counts[status] = self._counts.get(status, 0) + 1
-        self._done += 1
 
     def _on_step_done(self, e: Event) -> None:
-        self._finish(str(e.get("step")), e["type"].partition(".")[2])
+        self._drop(str(e.get("step")))
         if e["type"] == "step.succeeded":
             self._ended_on(e, 0)
         self._add_usage(e)
         if e.get("degraded"):
-            self._counts["degraded"] = self._counts.get("degraded", 0) + 1
+            self._degraded += 1
             self._notices.append((self._g.fallback, f"{e.get('step')} {degraded_text(e)}"))
+
+    def _on_loop_iteration(self, e: Event) -> None:
+        self._drop(str(e.get("step")))
 
     def _on_step_waiting(self, e: Event) -> None:
         step = str(e.get("step"))
-        if step in self._active:
-            self._finish(step, "waiting")
+        self._drop(step)
         asks = e.get("answer_step", step)
         self._notices.append(("?", f"{asks} waits for an answer: {e.get('question', '')}"))
 
@@ -290,8 +291,8 @@ class LiveSink:
             if rec is not None:
                 rec.error = str(error.get("class", "")) if isinstance(error, Mapping) else ""
             return
-        self._finish(step, "failed")
-        self._failures.append((step + self._ended_on(e, 1), error_text(error, self._g)))
+        self._drop(step)
+        self._failures.append((step + self._ended_on(e, 1), failure_text(e, self._g)))
 
     def _on_step_retrying(self, e: Event) -> None:
         step = str(e.get("step"))
@@ -355,8 +356,15 @@ class LiveSink:
                 for step, rec in islice(self._active.items(), self._max_rows)
             ]
             n_active, n_retrying = len(self._active), self._retrying
-            counts = {"running": n_active - n_retrying, "retrying": n_retrying, **self._counts}
-            done, planned = self._done, max(self._planned, self._done + n_active)
+            tally = self._tally
+            counts = {"running": n_active - n_retrying, "retrying": n_retrying, **tally.counts,
+                      "degraded": self._degraded}
+            planned = max(tally.total, tally.done + n_active)
+            done = min(tally.done, planned)
+            # A run that ended short of success shows no percentage (the header says how
+            # it ended); a run still going never reads 100%.
+            style = _ENDED_STYLES.get(self._status)
+            bar_text = tally.label(self._status, g.sep, planned=planned, percent=not style)
             failures, tokens, cost = list(self._failures), self._tokens, self._cost
             notices = list(self._notices)
             breakers = list(islice(self._breakers.items(), self._max_rows))
@@ -378,9 +386,10 @@ class LiveSink:
         bar = Table.grid(expand=True, padding=(0, 1))
         bar.add_column(ratio=1)
         bar.add_column(justify="right", no_wrap=True)
-        percent = f" ({100 * done // planned}%)" if planned else ""
         bar.add_row(
-            ProgressBar(total=max(planned, 1), completed=done), f"{done:,}/{planned:,}{percent}"
+            ProgressBar(total=max(planned, 1), completed=done, complete_style=style or
+                        "bar.complete", finished_style=style or "bar.finished"),
+            bar_text,
         )
         parts: list[RenderableType] = [header]
         if executor:
@@ -433,4 +442,6 @@ class LiveSink:
         for i, (status, n) in enumerate(ordered_counts(counts)):
             text.append(self._g.sep if i else "")
             text.append(f"{status} {n:,}", style=_STYLES.get(status, ""))
-        return text if text.plain else Text("starting" + self._g.more)
+        if not text.plain:
+            return Text("starting" + self._g.more)
+        return Text("instances: ", no_wrap=True, overflow="ellipsis").append_text(text)

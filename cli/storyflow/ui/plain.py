@@ -13,14 +13,19 @@ from storyflow.ui.lines import (
     EXTRA_LINES,
     LINE_FORMATS,
     Event,
+    failure_line,
     generic_line,
     glyphs_for,
     narrow_encoding,
     offset_text,
     summary_line,
+    traceback_lines,
 )
 
 __all__ = ["JsonSink", "PlainSink"]
+
+_FAILED = frozenset({"step.failed", "step.retrying", "step.fallback"})
+"""Events whose ``error`` (one attempt's) may carry a traceback."""
 
 
 class JsonSink:
@@ -51,10 +56,17 @@ class PlainSink:
     ``clock_start`` (epoch seconds) or else from the first event's ``ts``. There is no
     colour to switch off, so ``NO_COLOR`` holds trivially. When the stream's encoding
     cannot carry the symbols, ASCII stand-ins are used and other text is replaced.
+
+    A failure whose error has a traceback points to ``storyflow show RUN --step STEP``;
+    with ``tracebacks`` (``storyflow logs``) the traceback itself follows its line,
+    indented, under a failed, retrying or falling-back attempt.
     """
 
-    def __init__(self, stream: TextIO, *, clock_start: float | None = None) -> None:
+    def __init__(
+        self, stream: TextIO, *, clock_start: float | None = None, tracebacks: bool = False
+    ) -> None:
         self._stream = stream
+        self._tracebacks = tracebacks
         self._start = clock_start
         self._last = 0.0
         self._encoding = narrow_encoding(stream)
@@ -71,12 +83,18 @@ class PlainSink:
                 if self._start is None:
                     self._start = ts
                 self._last = ts
+            tb = traceback_lines(event) if self._tracebacks and etype in _FAILED else []
             try:
-                body = LINE_FORMATS[etype](event, self._g)  # type: ignore[index]
+                if tb and etype == "step.failed":
+                    body = failure_line(event, self._g, pointer=False)  # the rest follows
+                else:
+                    body = LINE_FORMATS[etype](event, self._g)  # type: ignore[index]
             except Exception:  # unknown type, or fields of unexpected shape
                 body = generic_line(event, self._g)
             offset = offset_text(self._last - (self._start or 0.0))
             line = f"{offset} {body}"
+            indent = " " * (len(offset) + 3)
+            line += "".join(f"\n{indent}{more}".rstrip() for more in tb)
             extra = EXTRA_LINES.get(etype) if isinstance(etype, str) else None
             if extra is not None:
                 try:
