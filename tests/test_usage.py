@@ -33,7 +33,9 @@ def server() -> Iterator[FakeLLM]:
         yield s
 
 
-def workflow(url: str, *, budget: str = "", temperature: float = 0.7, items: int = 3) -> str:
+def workflow(url: str, *, budget: str = "", temperature: float = 0.7, items: int = 3,
+             max_tokens: int | None = None) -> str:
+    reply = f", max_tokens: {max_tokens}" if max_tokens is not None else ""
     return textwrap.dedent(f"""\
         apiVersion: storyflow/v1
         name: metered
@@ -43,7 +45,7 @@ def workflow(url: str, *, budget: str = "", temperature: float = 0.7, items: int
         agents:
           writer:
             uses: llm
-            with: {{base_url: "{url}", model: m, temperature: {temperature}}}
+            with: {{base_url: "{url}", model: m, temperature: {temperature}{reply}}}
         steps:
           chapters:
             for_each: "{list(range(items))}"
@@ -85,14 +87,17 @@ def test_a_run_budget_stops_the_run_and_a_raised_one_resumes_it(
     tmp_path: Path, server: FakeLLM
 ) -> None:
     wf = tmp_path / "wf.yaml"
-    wf.write_text(workflow(server.url, budget="budget: {tokens: 35}"), encoding="utf-8")
+    # Each call reserves its prompt (19 tokens) and its max_tokens (5) and uses 15:
+    # after two calls, 30 + 24 would cross 45.
+    wf.write_text(workflow(server.url, budget="budget: {tokens: 45}", max_tokens=5),
+                  encoding="utf-8")
     before = len(server.requests)
     events = run_json(tmp_path, "run", wf, code=1)
     run_id = events[0]["run_id"]
     failed = [e for e in events if e["type"] == "step.failed"]
     assert failed[0]["step"] == "chapters[2]"
     assert failed[0]["error"]["class"] == "budget_exceeded"
-    assert "budget of 35 tokens" in failed[0]["error"]["message"]
+    assert "budget of 45 tokens" in failed[0]["error"]["message"]
     assert not any(e["type"] == "step.retrying" for e in events)  # not retried
     assert len(server.requests) - before == 2  # the third call was never made
 

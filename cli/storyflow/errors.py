@@ -112,9 +112,13 @@ class WorkflowError(StoryflowError):
 
 
 class StepFailure(StoryflowError):
-    """One attempt of a step failed. ``error_class`` decides whether it retries."""
+    """One attempt of a step failed. ``error_class`` decides whether it retries.
+
+    ``traceback`` is the formatted traceback of the user's code that failed (a python
+    step's exception, its frames only), recorded with the attempt's error."""
 
     error_class: ErrorClass = ErrorClass.PERMANENT
+    traceback: str | None = None
 
     def __init__(
         self,
@@ -123,11 +127,14 @@ class StepFailure(StoryflowError):
         hint: str | None = None,
         retry_after_s: float | None = None,
         error_class: ErrorClass | None = None,
+        traceback: str | None = None,
     ) -> None:
         super().__init__(message, hint=hint)
         self.retry_after_s = retry_after_s
         if error_class is not None:
             self.error_class = error_class
+        if traceback is not None:
+            self.traceback = traceback
 
 
 class AnswerNeeded(StepFailure):

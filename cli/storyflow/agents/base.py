@@ -8,10 +8,13 @@ timeouts, retries and checkpoints; an agent only does the one attempt it is give
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import logging
 
 
 def discard(message: str) -> None:
@@ -20,6 +23,15 @@ def discard(message: str) -> None:
 
 def ignore_usage(usage: dict[str, Any]) -> None:
     """The default usage meter: drops the report."""
+
+
+def release_nothing() -> None:
+    """The release of a reservation that holds nothing."""
+
+
+async def reserve_nothing(estimate: dict[str, Any]) -> Callable[[], None]:
+    """The default reservation: no budget to ask."""
+    return release_nothing
 
 
 class CallCache(Protocol):
@@ -72,6 +84,16 @@ class Call:
     environ: Mapping[str, str] | None = None
     """When the attempt runs on another machine: the variables of the coordinator's
     environment the agent reads (its ``environ_keys``), instead of the local ones."""
+    reserve: Callable[[dict[str, Any]], Awaitable[Callable[[], None]]] = reserve_nothing
+    """Asks the run's budgets for room before a model call is made (awaited: it may wait
+    for calls in flight to settle), with its estimate ``{"model", "input_tokens",
+    "output_tokens", "reply_default"?, "calls"?}`` — the prompt, and the reply's
+    ``max_tokens`` or the agent's default allowance (``reply_default``); ``calls`` when
+    it covers several calls at once — or with ``"cost"`` already priced. Raises
+    `storyflow.errors.BudgetExceeded` when the call could cross a budget; else returns
+    the release, to call once the call's usage was metered or the call failed (the
+    engine releases whatever an attempt still holds when it ends). An agent that makes
+    several calls in one attempt asks before each."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,22 +107,35 @@ class StepContext:
     attempt: int
     """1-based attempt number."""
     log: Callable[[str], None]
-    """Write one line to the step's log."""
+    """Write a line (each line of a text) to the step's log."""
     run_dir: Path
     """The run's folder."""
     workflow_dir: Path
     """Folder of the workflow file."""
     secrets: dict[str, str] = field(repr=False)
     """Only the secrets the agent declared, name → value. Never shown in a repr."""
+    _logger: logging.Logger | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def logger(self) -> logging.Logger:
+        """A `logging.Logger` (``storyflow.step.<step id>``, level DEBUG) whose records
+        go to the step's log as ``LEVEL: message`` lines, and nowhere else."""
+        logger = self._logger
+        if logger is None:
+            from storyflow.agents.capture import step_logger
+
+            logger = step_logger(self.step_id, self.log)
+            object.__setattr__(self, "_logger", logger)
+        return logger
 
     @classmethod
-    def of(cls, call: Call) -> StepContext:
-        """The context of one call."""
+    def of(cls, call: Call, log: Callable[[str], None] | None = None) -> StepContext:
+        """The context of one call; ``log`` (else the call's) writes to the step's log."""
         return cls(
             run_id=call.run_id,
             step_id=call.step_id,
             attempt=call.attempt,
-            log=call.log,
+            log=call.log if log is None else log,
             run_dir=call.run_dir,
             workflow_dir=call.workflow_dir,
             secrets=call.secrets,

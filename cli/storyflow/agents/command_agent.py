@@ -6,21 +6,42 @@ minimal environment (PATH, HOME, LANG, LC_ALL, TMPDIR) plus ``with.env`` plus th
 agent's declared secrets — nothing else of ours leaks.
 
 Exit 0 succeeds, exit 75 (EX_TEMPFAIL) is transient, any other exit is permanent and
-carries the tail of stderr. On timeout or cancellation the whole process group gets
-SIGTERM, then SIGKILL after a grace period, so no grandchild outlives its step.
+carries the tail of stderr. stdout is read whole (it is the output); stderr goes to the
+step's log line by line as it comes (bounded: `storyflow.agents.capture.StepLog`). A
+pipe still open once the command's own processes are gone is held by one that left its
+group (``setsid``, a daemon): it is read `_DRAIN_S` more, not waited for.
+
+On timeout or cancellation the whole process group gets SIGTERM, then SIGKILL after
+`KILL_GRACE_S`, so no grandchild in it outlives its step; every wait on that way out is
+bounded, whatever the command does. Each command's group is in flight (`_groups.py`)
+while it runs, for the run's lease to record, and on Linux the command gets SIGKILL if
+storyflow itself dies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import os
 import signal
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from storyflow.agents._groups import (
+    group_alive,
+    groups_in_flight,
+    kill_groups_in_flight,
+    signal_group,
+    track,
+    untrack,
+    watch_groups,
+    with_deathsig,
+)
 from storyflow.agents.base import Call
+from storyflow.agents.capture import StepLog
 from storyflow.errors import InvalidOutput, PermanentError, StepTimeout, TransientError
 
 EXIT_TEMPFAIL = 75
@@ -30,7 +51,22 @@ PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 """The only variables of our own environment a command inherits."""
 _TAIL_LINES = 20
 _TAIL_CHARS = 2000
+_TAIL_WINDOW = 64 * 1024
+"""The end of stderr kept for the error's tail (the log gets all of it, bounded)."""
+_CHUNK = 64 * 1024
 _DRAIN_S = 2.0
+"""Once the command's group is gone, how long a pipe held by an escapee is still read."""
+_STOP_DRAIN_S = 0.25
+"""After a stop killed the group: what is left in the pipes is read at once."""
+_REAP_S = 1.0
+"""After SIGKILL: the child watcher reaps the leader within this."""
+_START_S = 2.0
+"""A start cancelled half way is let finish this long, then its group is stopped."""
+_POLL_S = 0.25
+"""How often a command that runs is checked for having left only escapees behind."""
+
+
+__all__ = ["CommandAgent", "groups_in_flight", "kill_groups_in_flight", "watch_groups"]
 
 
 class CommandAgent:
@@ -58,11 +94,12 @@ class CommandAgent:
         cwd = _cwd(call.workflow_dir, inputs.get("cwd"))
 
         proc = await _spawn(argv, env, cwd, piped_stdin=stdin is not None)
-        stdout, stderr = await _communicate(proc, stdin, call.timeout_s)
-        err_text = stderr.decode("utf-8", errors="replace")
-        tail = _tail(err_text)
-        if tail:
-            call.log(tail)
+        log = StepLog(call.log)
+        try:
+            stdout, err_end = await _communicate(proc, stdin, call.timeout_s, log)
+        finally:
+            log.close()
+        tail = _tail(err_end)
         code = proc.returncode
         assert code is not None  # communicate() waited for the exit
         if code == EXIT_TEMPFAIL:
@@ -153,6 +190,35 @@ def _cwd(workflow_dir: Path, cwd: Any) -> Path:
 async def _spawn(
     argv: list[str], env: dict[str, str], cwd: Path, *, piped_stdin: bool
 ) -> asyncio.subprocess.Process:
+    """Start the command in a new session (its own process group), tracked as in flight.
+
+    Shielded: asyncio answers a cancellation that lands while the child starts by
+    killing the child alone and waiting for its pipes, which its own children hold, so
+    a Ctrl-C at that moment would wait for them. Instead the start completes and the
+    whole group is stopped."""
+    starting = asyncio.ensure_future(_create(with_deathsig(argv, env, cwd), env, cwd,
+                                             piped_stdin=piped_stdin))
+    try:
+        proc = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        started = None
+        try:
+            await asyncio.wait({starting}, timeout=_START_S)
+            started = _started(starting)
+            if started is not None:
+                track(started.pid)
+                await _stop(started, None)
+        finally:
+            if started is None:  # not started yet, or this wait was cancelled as well
+                starting.add_done_callback(_kill_started)
+        raise
+    track(proc.pid)
+    return proc
+
+
+async def _create(
+    argv: list[str], env: dict[str, str], cwd: Path, *, piped_stdin: bool
+) -> asyncio.subprocess.Process:
     try:
         return await asyncio.create_subprocess_exec(
             *argv,
@@ -176,57 +242,176 @@ async def _spawn(
         raise PermanentError(f"cannot start command {argv[0]!r}: {exc}") from exc
 
 
+def _started(
+    starting: asyncio.Future[asyncio.subprocess.Process],
+) -> asyncio.subprocess.Process | None:
+    if starting.done() and not starting.cancelled() and starting.exception() is None:
+        return starting.result()
+    return None
+
+
+def _kill_started(starting: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    proc = _started(starting)
+    if proc is not None:
+        signal_group(proc.pid, signal.SIGKILL)
+        _close(proc)
+        untrack(proc.pid)
+
+
 async def _communicate(
-    proc: asyncio.subprocess.Process, stdin: bytes | None, timeout_s: float | None
-) -> tuple[bytes, bytes]:
-    """Feed stdin, collect stdout/stderr; on timeout or cancellation kill the group."""
-    io = asyncio.ensure_future(proc.communicate(stdin))
+    proc: asyncio.subprocess.Process, stdin: bytes | None, timeout_s: float | None,
+    log: StepLog,
+) -> tuple[bytes, str]:
+    """Feed stdin, collect stdout, log stderr: ``(stdout, the end of stderr)``; on timeout
+    or cancellation stop the group. Every wait on the way out is bounded."""
+    io = asyncio.ensure_future(_io(proc, stdin, log))
     try:
-        return await asyncio.wait_for(asyncio.shield(io), timeout_s)
+        result = await asyncio.wait_for(asyncio.shield(io), timeout_s)
     except TimeoutError:
         await _stop(proc, io)
         raise StepTimeout(f"command timed out after {timeout_s:g}s") from None
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled (a signal, the engine's timeout), or worse
         await _stop(proc, io)
         raise
+    _close(proc)
+    untrack(proc.pid)
+    return result
 
 
-async def _stop(proc: asyncio.subprocess.Process, io: asyncio.Future[tuple[bytes, bytes]]) -> None:
-    """SIGTERM the group, wait up to the grace period, SIGKILL it, reap the child.
+async def _io(
+    proc: asyncio.subprocess.Process, stdin: bytes | None, log: StepLog
+) -> tuple[bytes, str]:
+    """Read until EOF and the command's exit. Once its process group is gone, a pipe
+    still open is held by a process that left the group (``setsid``, a daemon): it is
+    given `_DRAIN_S` more, then the output is what was read (like Go's ``WaitDelay``)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    work: list[Any] = [_read_all(proc.stdout, out), _log_stderr(proc.stderr, log)]
+    if stdin is not None:
+        assert proc.stdin is not None
+        work.append(_feed(proc.stdin, stdin))
+    reading = asyncio.gather(*work)
+    err_end = ""
+    try:
+        while True:
+            done, _ = await asyncio.wait({reading}, timeout=_POLL_S)
+            if done:
+                err_end = reading.result()[1]
+                break
+            if proc.returncode is not None and not group_alive(proc.pid):
+                done, _ = await asyncio.wait({reading}, timeout=_DRAIN_S)
+                if done:
+                    err_end = reading.result()[1]
+                break
+    finally:
+        if not reading.done():
+            reading.cancel()
+            # A cancelled gather ends with its CancelledError as an exception: retrieve it.
+            reading.add_done_callback(_retrieve)
+    await _exited(proc, None)
+    return bytes(out), err_end
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _read_all(stream: asyncio.StreamReader, out: bytearray) -> None:
+    while chunk := await stream.read(_CHUNK):
+        out += chunk
+
+
+async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
+    try:
+        pipe.write(data)
+        await pipe.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the command does not read its stdin (whole)
+    pipe.close()
+
+
+async def _log_stderr(stream: asyncio.StreamReader, log: StepLog) -> str:
+    """Each line of stderr to the log as it comes; the end of stderr."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    end = ""
+    while True:
+        chunk = await stream.read(_CHUNK)
+        text = decoder.decode(chunk, final=not chunk)
+        if text:
+            log.write(text, 1)
+            end = (end + text)[-_TAIL_WINDOW:]
+        if not chunk:
+            return end
+
+
+async def _stop(
+    proc: asyncio.subprocess.Process, io: asyncio.Future[tuple[bytes, str]] | None
+) -> None:
+    """SIGTERM the group, wait up to the grace period for it to go, SIGKILL it, reap
+    the child, close the pipes. Bounded: ``KILL_GRACE_S`` + ``_REAP_S`` + ``_STOP_DRAIN_S``
+    at most, whatever the command does (a TERM trap, a grandchild holding the pipes).
 
     The child leads its own group (``start_new_session``), so its pid is the group id,
     which stays valid for signalling stragglers even after the leader has been reaped.
     """
     pgid = proc.pid
     try:
-        _signal_group(pgid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
-        except TimeoutError:
-            pass
+        signal_group(pgid, signal.SIGTERM)
+        await _gone(proc, KILL_GRACE_S)
     finally:
         # Also runs when the grace wait is itself cancelled (a second Ctrl-C).
-        _signal_group(pgid, signal.SIGKILL)
-        if proc.returncode is None:
-            await proc.wait()
-        await _drain(io)
+        signal_group(pgid, signal.SIGKILL)
+        try:
+            await _gone(proc, _REAP_S)
+            if io is not None:
+                await _drain(io)
+        finally:
+            _close(proc)
+            untrack(pgid)
 
 
-async def _drain(io: asyncio.Future[tuple[bytes, bytes]]) -> None:
-    """Let the I/O task see EOF so the pipes close; give up if an escapee holds them."""
+async def _gone(proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+    """Wait until the child has exited and its process group is empty, or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.005
+    while proc.returncode is None or group_alive(proc.pid):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
+
+
+async def _exited(proc: asyncio.subprocess.Process, timeout_s: float | None) -> None:
+    """Wait for the child's exit (not for its pipes, as ``Process.wait`` does before
+    Python 3.12), at most ``timeout_s``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pause = 0.001
+    while proc.returncode is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+async def _drain(io: asyncio.Future[tuple[bytes, str]]) -> None:
+    """Let the I/O task read what is left; give up if an escapee holds the pipes."""
     try:
-        await asyncio.wait_for(io, _DRAIN_S)
-    except Exception:  # cleanup only: the outcome was decided already
-        pass
+        await asyncio.wait({io}, timeout=_STOP_DRAIN_S)
     finally:
-        io.cancel()
+        if not io.done():
+            io.cancel()
+        io.add_done_callback(_retrieve)  # the outcome was decided already
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone already
+def _close(proc: asyncio.subprocess.Process) -> None:
+    """Close the transport and its pipes now, while the loop runs: left to the garbage
+    collector, a transport whose pipes an escapee holds closes on a closed loop
+    (``Exception ignored ... Event loop is closed``)."""
+    transport = getattr(proc, "_transport", None)
+    if transport is not None and proc.returncode is not None:
+        transport.close()
 
 
 def _tail(text: str) -> str:

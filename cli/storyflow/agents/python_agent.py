@@ -7,7 +7,9 @@ size the engine sets from ``--max-parallel``.
 
 This module is the fence for user code: StepFailure subclasses pass through,
 ``TimeoutError``/``ConnectionError`` become `TransientError`, anything else
-`PermanentError`, always chained with ``from``.
+`PermanentError`, always chained with ``from``, and each carries the traceback of the
+user's frames (`user_traceback`). What the callable prints, and the `logging` records
+that would reach the terminal, go to the attempt's log (`storyflow.agents.capture`).
 
 The hot path (a resolved callable) does no import or signature work: one cache lookup,
 a few set comparisons, the executor hop and a ``json.dumps`` of the output.
@@ -16,12 +18,15 @@ a few set comparisons, the executor hop and a ``json.dumps`` of the output.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import importlib
 import inspect
 import json
+import os
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from storyflow.agents.base import Call, StepContext
+from storyflow.agents.capture import StepLog, capturing, install
 from storyflow.errors import InvalidOutput, PermanentError, StepFailure, TransientError
 
 DEFAULT_THREAD_POOL_SIZE = 8
@@ -50,24 +56,36 @@ def set_thread_pool_size(n: int) -> None:
 
 
 _in_flight = [0]
-"""Synchronous calls running in worker threads (a list: updated from those threads)."""
+"""Synchronous calls given to worker threads and not finished (a list: updated from
+those threads)."""
 _in_flight_lock = threading.Lock()
 
 
 def calls_in_flight() -> int:
-    """Synchronous calls still running in a worker thread: a step cancelled by its
-    timeout or a signal leaves its thread running, for threads cannot be stopped."""
+    """Synchronous calls given to a worker thread that have not finished, started or
+    not yet: a step cancelled by its timeout or a signal leaves its thread running, for
+    threads cannot be stopped, and a call its thread has just picked up can no longer be
+    withdrawn."""
     return _in_flight[0]
 
 
-def _counted(fn: Callable[[], Any]) -> Any:
+def _done(_: Any) -> None:
+    with _in_flight_lock:
+        _in_flight[0] -= 1
+
+
+async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the pool, counted in `calls_in_flight` from the moment it is
+    submitted until it ends (or is withdrawn before it started)."""
     with _in_flight_lock:
         _in_flight[0] += 1
     try:
-        return fn()
-    finally:
-        with _in_flight_lock:
-            _in_flight[0] -= 1
+        future = _pool().submit(fn, *args)
+    except BaseException:
+        _done(None)
+        raise
+    future.add_done_callback(_done)
+    return await asyncio.wrap_future(future)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -112,34 +130,46 @@ class PythonAgent:
         spec = inputs.get("callable")
         if not isinstance(spec, str):
             raise PermanentError("the python agent needs `with.callable`", hint=_CALLABLE_HINT)
-        loop = asyncio.get_running_loop()
+        install()  # before a module is imported: a handler it makes writes to the router
         target = _targets.get((call.workflow_dir, spec))
         if target is None:
             # Off the loop: a user module may take seconds to import.
-            target = await loop.run_in_executor(_pool(), _resolve, call.workflow_dir, spec)
+            target = await _off_loop(_resolve, call.workflow_dir, spec)
             _targets[call.workflow_dir, spec] = target
 
         kwargs = dict(inputs)
         del kwargs["callable"]
         _check_arguments(target, kwargs)
+        output = StepLog(call.log)
         if target.wants_context:
-            kwargs["context"] = StepContext.of(call)
+            kwargs["context"] = StepContext.of(call, output.line)
 
+        token = capturing.set(output)  # what the callable prints goes to the step's log
         try:
             if target.is_async:
                 result = await target.fn(**kwargs)
             else:
-                result = await loop.run_in_executor(
-                    _pool(), _counted, functools.partial(target.fn, **kwargs)
+                result = await _off_loop(
+                    contextvars.copy_context().run,  # the thread captures for this attempt
+                    functools.partial(target.fn, **kwargs),
                 )
                 if inspect.isawaitable(result):
                     result = await result
-        except StepFailure:
+        except StepFailure as exc:
+            if exc.traceback is None:
+                exc.traceback = user_traceback(exc, call.workflow_dir)
             raise
         except (TimeoutError, ConnectionError) as exc:
-            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+            raise TransientError(
+                f"{type(exc).__name__}: {exc}", traceback=user_traceback(exc, call.workflow_dir)
+            ) from exc
         except (Exception, SystemExit) as exc:
-            raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+            raise PermanentError(
+                f"{type(exc).__name__}: {exc}", traceback=user_traceback(exc, call.workflow_dir)
+            ) from exc
+        finally:
+            capturing.reset(token)
+            output.close()
 
         try:
             json.dumps(result, allow_nan=False)
@@ -187,11 +217,13 @@ def _resolve(workflow_dir: Path, spec: str) -> _Target:
         raise PermanentError(
             f"cannot import module {module_name!r} for {spec!r}: {exc}",
             hint=f"put {module_name.replace('.', '/')}.py in {folder} or install it",
+            traceback=None if _missing(exc, module_name) else user_traceback(exc, workflow_dir),
         ) from exc
     except Exception as exc:
         raise PermanentError(
             f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}",
             hint="fix the error in the module; it runs when first imported",
+            traceback=user_traceback(exc, workflow_dir),
         ) from exc
     for part in attr_path.split("."):
         try:
@@ -231,5 +263,60 @@ def _inspect(spec: str, fn: Callable[..., Any]) -> _Target:
     )
 
 
+def _missing(exc: ImportError, module_name: str) -> bool:
+    """The module (or a package above it) does not exist: no code of the user's ran."""
+    name = exc.name or ""
+    return bool(name) and (module_name == name or module_name.startswith(name + "."))
+
+
 def _dotted(name: str) -> bool:
     return bool(name) and all(part.isidentifier() for part in name.split("."))
+
+
+# -- the traceback of the user's code --------------------------------------------------------
+MAX_TRACEBACK_CHARS = 20_000
+"""A longer traceback keeps its end: the exception and the innermost frames."""
+_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+"""The storyflow package's folder: its frames are not the user's."""
+_STDLIB = os.path.join(os.path.dirname(os.path.abspath(os.__file__)), "")
+"""The standard library's folder (its ``site-packages`` aside)."""
+_SITE = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def user_traceback(exc: BaseException, workflow_dir: Path) -> str:
+    """The traceback of ``exc`` as Python prints it, with storyflow's frames left out:
+    only frames in the workflow's folder or outside the storyflow package, and none of
+    the machinery that called the user's code (storyflow, then the standard library's
+    thread pool or importer) before the first frame of it. Chained exceptions too."""
+    te = traceback.TracebackException.from_exception(exc)
+    _trim(te, os.path.join(str(workflow_dir), ""), set())
+    text = "".join(te.format()).rstrip("\n")
+    if len(text) > MAX_TRACEBACK_CHARS:
+        cut = text.find("\n", len(text) - MAX_TRACEBACK_CHARS) + 1
+        text = f"… ({cut:,} earlier characters of the traceback not shown)\n" + text[cut:]
+    return text
+
+
+def _trim(te: traceback.TracebackException, folder: str, seen: set[int]) -> None:
+    if id(te) in seen:
+        return
+    seen.add(id(te))
+    frames = [
+        f for f in te.stack if f.filename.startswith(folder) or not f.filename.startswith(_OURS)
+    ]
+    first = 0
+    while first < len(frames) and _machinery(frames[first].filename, folder):
+        first += 1
+    te.stack = traceback.StackSummary.from_list(frames[first:])
+    for other in (te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or ())):
+        if other is not None:
+            _trim(other, folder, seen)
+
+
+def _machinery(filename: str, folder: str) -> bool:
+    """A frame of the standard library (or a frozen module), outside the workflow's folder."""
+    if filename.startswith(folder):
+        return False
+    if filename.startswith("<frozen "):
+        return True
+    return filename.startswith(_STDLIB) and not any(s in filename for s in _SITE)

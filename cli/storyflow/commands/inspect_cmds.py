@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from storyflow.commands.app import app, guarded, pick_run, state_dir
+from storyflow.commands.app import app, err, guarded, pick_run, state_dir
 from storyflow.errors import UsageError
 
 
@@ -43,9 +43,15 @@ def runs(
     status: str | None = typer.Option(None, "--status", help="Only runs with this status."),
     workflow: str | None = typer.Option(None, "--workflow", help="Only runs of this workflow."),
     limit: int = typer.Option(20, "--limit", min=1, help="At most this many runs."),
+    all_runs: bool = typer.Option(
+        False, "--all", help="Every run in one flat list, sub-workflow runs included."
+    ),
     json_mode: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """List runs, newest first."""
+    """List runs, newest first: each run with its sub-workflow runs nested under it
+    (--status, --workflow and --limit apply to the top-level runs); --all lists every
+    run flat. DURATION is the time the run's processes ran. A run whose process is gone
+    (killed, crashed) shows as interrupted (holder gone): resume continues it."""
     from storyflow.events import RunStatus
     from storyflow.spec.units import did_you_mean
     from storyflow.store import Store
@@ -54,45 +60,129 @@ def runs(
     if status is not None and status not in valid:
         raise UsageError(f"unknown status {status!r}", hint=did_you_mean(status, valid))
     with Store(state_dir()) as store:
-        records = store.list_runs(status=status, workflow=workflow, limit=limit)
-    if json_mode:
-        typer.echo(
-            json.dumps(
-                [
-                    {
-                        "run_id": r.run_id,
-                        "workflow": r.workflow,
-                        "status": r.status,
-                        "created_at": r.created_at,
-                        "ended_at": r.ended_at,
-                        "parent_run": r.parent_run,
-                    }
-                    for r in records
-                ],
-                indent=2,
-            )
-        )
+        listing = store.read_runs()  # also names damaged records and runs with none left
+        docs = _run_docs(store, listing.records, status, workflow, limit, flat=all_runs)
+    notes = listing.notes()
+    if json_mode or not docs:
+        if json_mode:
+            typer.echo(json.dumps(docs, indent=2))
+        elif status or workflow:
+            typer.echo("no runs match")
+        elif not notes:
+            typer.echo("no runs yet — start one with: storyflow run FILE")
+        _warn(notes)
         return
-    if not records:
-        typer.echo("no runs yet — start one with: storyflow run FILE")
-        return
-    rows = [
-        [r.run_id, r.workflow, r.status, _when(r.created_at), _dur(r.created_at, r.ended_at)]
-        for r in records
-    ]
+    from storyflow.ui.progress import format_duration
+
+    rows: list[list[str]] = []
+
+    def add(doc: dict[str, Any], depth: int) -> None:
+        took = doc["duration_s"]
+        rows.append([
+            ("  " * depth + "└ " if depth else "") + doc["run_id"],
+            doc["workflow"],
+            doc["status"] + (" (holder gone)" if doc["holder_gone"] else ""),
+            _when(doc["created_at"]),
+            "-" if took is None else format_duration(took),
+        ])
+        for child in doc.get("children", ()):
+            add(child, depth + 1)
+
+    for doc in docs:
+        add(doc, 0)
     header = ["RUN", "WORKFLOW", "STATUS", "STARTED", "DURATION"]
-    if any(r.parent_run for r in records):  # sub-workflow runs name their parent
+    if all_runs and any(d["parent_run"] for d in docs):  # flat: children name their parent
         header.append("PARENT")
-        for row, r in zip(rows, records, strict=True):
-            row.append(f"{r.parent_run} ({r.parent_step})" if r.parent_run else "")
+        for row, d in zip(rows, docs, strict=True):
+            row.append(f"{d['parent_run']} ({d['parent_step']})" if d["parent_run"] else "")
     typer.echo(_table(rows, header))
+    _warn(notes)
 
 
-def instance_records(store: Any, record: Any) -> tuple[list[str], dict[str, Any]]:
+def _warn(notes: list[tuple[str, str]]) -> None:
+    """Print what a damaged store could not list: ``warning:`` lines, each with a hint."""
+    for warning, hint in notes:
+        err(f"warning: {warning}")
+        err(f"  hint: {hint}")
+
+
+def _run_docs(store: Any, records: list[Any], status: str | None, workflow: str | None,
+              limit: int, *, flat: bool) -> list[dict[str, Any]]:
+    """The `runs --json` shape (schemas/runs.schema.json): top-level runs, newest first,
+    each with its child runs (oldest first) under ``children``; ``flat``: every run."""
+    from storyflow.engine.runs import view
+
+    by_id = {r.run_id: r for r in records}
+
+    def top_of(r: Any) -> Any:
+        seen = {r.run_id}
+        while r.parent_run in by_id and r.parent_run not in seen:
+            r = by_id[r.parent_run]
+            seen.add(r.run_id)
+        return r
+
+    kids: dict[str, list[Any]] = {}
+    for r in reversed(records):
+        if r.parent_run in by_id:
+            kids.setdefault(r.parent_run, []).append(r)
+
+    def doc(r: Any, top: Any, nested: bool) -> dict[str, Any]:
+        seen = view(store, r, top)
+        out: dict[str, Any] = {
+            "run_id": r.run_id, "workflow": r.workflow, "status": seen.status,
+            "holder_gone": seen.holder_gone, "created_at": r.created_at,
+            "ended_at": r.ended_at,
+            "duration_s": None if seen.active_s is None else round(seen.active_s, 3),
+            "parent_run": r.parent_run, "parent_step": r.parent_step,
+        }
+        if nested:
+            out["children"] = [doc(c, top, True) for c in kids.get(r.run_id, ())]
+        return out
+
+    docs: list[dict[str, Any]] = []
+    for r in records:
+        if len(docs) >= limit:
+            break
+        if (workflow is not None and r.workflow != workflow) or (
+            not flat and r.parent_run in by_id
+        ):
+            continue
+        d = doc(r, top_of(r), not flat)
+        if status is None or d["status"] == status:
+            docs.append(d)
+    return docs
+
+
+def as_seen(store: Any, record: Any) -> Any:
+    """``record`` as a reader should see it, changed in memory only (never saved): a
+    ``running`` run whose process is gone (killed, crashed) is ``interrupted``."""
+    from storyflow.engine.runs import top_run, view
+
+    if view(store, record).holder_gone:
+        record.status = "interrupted"
+        record.error = record.error or {
+            "class": "cancelled",
+            "message": "the process running it is gone (holder gone: killed or crashed); "
+            f"continue with: storyflow resume {top_run(store, record).run_id}",
+        }
+    return record
+
+
+def instance_records(
+    store: Any, record: Any, damaged: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, Any]]:
     """Every step instance of a run in display order — a map's items and a loop's
-    iterations right after it — and the records the store has for them."""
+    iterations right after it — and the records the store has for them. A record that
+    does not read back is left out, and named in ``damaged`` (instance id → `Damage`)."""
     top = record.meta.get("steps", [])
-    steps = store.get_steps(record.run_id, top)
+    bad: dict[str, Any] = {} if damaged is None else damaged
+
+    def read(ids: list[str]) -> dict[str, Any]:
+        found, lost = store.read_steps(record.run_id, ids)
+        bad.update(lost)
+        return dict(found)
+
+    steps = read(top)
     ids: list[str] = []
 
     def walk(sid: str) -> None:
@@ -108,7 +198,7 @@ def instance_records(store: Any, record: Any) -> tuple[list[str], dict[str, Any]
         if isinstance(n, int) and isinstance(body, list):  # a loop: its iterations
             children = [f"{sid}#{k}.{b}" for k in range(1, n + 1) for b in body]
         if children:
-            steps.update(store.get_steps(record.run_id, children))
+            steps.update(read(children))
             for child in children:
                 walk(child)
 
@@ -117,32 +207,33 @@ def instance_records(store: Any, record: Any) -> tuple[list[str], dict[str, Any]
     return ids, steps
 
 
-def show_document(store: Any, record: Any) -> dict[str, Any]:
-    """The `show --json` shape (schemas/show.schema.json)."""
-    ids, steps = instance_records(store, record)
+def show_document(
+    store: Any, record: Any, damaged: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `show --json` shape (schemas/show.schema.json). A step whose record does not
+    read back shows as ``pending`` (`resume` runs it again) with the damage as its
+    error, and is named in ``damaged`` (instance id → `Damage`)."""
+    from storyflow.store import Damage, RunRecord
+
+    bad: dict[str, Any] = {} if damaged is None else damaged
+    ids, steps = instance_records(store, record, bad)
     children = []
     for step_id, child_id in (record.meta.get("children") or {}).items():
-        child = store.get_run(child_id)
-        status = child.status if child is not None else "pending"
+        child = store.read_run(child_id)
+        status = (child.status if isinstance(child, RunRecord)
+                  else "damaged record" if isinstance(child, Damage) else "pending")
         children.append({"step": step_id, "run_id": child_id, "status": status})
     out_steps = []
     for sid in ids:
         rec = steps.get(sid)
-        if rec is None:
-            out_steps.append(
-                {
-                    "id": sid,
-                    "status": "pending",
-                    "attempts": 0,
-                    "output": None,
-                    "error": None,
-                    "started_at": None,
-                    "ended_at": None,
-                    "duration_s": None,
-                    "agent": None,
-                    "degraded": False,
-                }
-            )
+        if rec is None:  # not started, or its record is damaged: resume runs it
+            error = None if sid not in bad else {
+                "class": "permanent", "message": f"{bad[sid].describe()}; resume runs it again"}
+            out_steps.append({
+                "id": sid, "status": "pending", "attempts": 0, "output": None, "error": error,
+                "started_at": None, "ended_at": None, "duration_s": None, "agent": None,
+                "degraded": False,
+            })
             continue
         duration = (
             rec.ended_at - rec.started_at
@@ -210,9 +301,12 @@ def show(
     from storyflow.spec.units import did_you_mean
     from storyflow.store import Store
 
+    damaged: dict[str, Any] = {}  # step records that do not read back
     with Store(state_dir()) as store:
-        record = pick_run(store, run_ref, last)
-        doc = show_document(store, record)
+        record = as_seen(store, pick_run(store, run_ref, last))
+        doc = show_document(store, record, damaged)
+    _warn([(d.describe(), f"storyflow resume {record.run_id} runs it again; "
+            "`storyflow doctor` checks the whole store") for d in damaged.values()])
     if output is not None:
         if output not in doc["outputs"]:
             raise UsageError(
@@ -244,6 +338,9 @@ def show(
             typer.echo(f"error: {s['error']['class']}: {s['error']['message']}")
             if s["error"].get("hint"):
                 typer.echo(f"  hint: {s['error']['hint']}")
+            if s["error"].get("traceback"):  # the user's code that failed, its frames only
+                tb = s["error"]["traceback"].splitlines()
+                typer.echo("\n".join(f"  {line}".rstrip() for line in tb))
         if s["output"] is not None:
             typer.echo("output:")
             typer.echo(_dump(s["output"]))
@@ -272,6 +369,8 @@ def show(
             note = f"child run {c['run_id']} ({c['status']})"
         elif s["id"] in asks:
             note = f"waiting: {asks[s['id']]['question']}"[:70]
+        elif s["id"] in damaged:
+            note = f"damaged record: {damaged[s['id']].reason}"[:70]
         elif s["error"]:
             note = f"{s['error']['class']}: {s['error']['message']}"[:70]
         elif s["degraded"]:
@@ -284,8 +383,9 @@ def show(
         if s.get("usage") and s["usage"].get("calls"):
             u = s["usage"]
             note = (note + " · " if note else "") + f"{u['tokens']} tokens, {u['cost']:.4f}"
+        shown = "damaged" if s["id"] in damaged else s["status"]
         rows.append(
-            [s["id"], s["status"], str(s["attempts"]), _dur(s["started_at"], s["ended_at"]), note]
+            [s["id"], shown, str(s["attempts"]), _dur(s["started_at"], s["ended_at"]), note]
         )
     header = ["STEP", "STATUS", "ATTEMPTS", "DURATION", "NOTE"]
     if any(s.get("worker") for s in doc["steps"]):  # some steps ran on a cluster's workers
@@ -313,7 +413,9 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing as the run goes on."),
     json_mode: bool = typer.Option(False, "--json", help="Raw JSON lines."),
 ) -> None:
-    """The run's event log."""
+    """The run's event log: what happened to each step, the lines its code printed or
+    logged (stdout, stderr, logging, context.log), and under a failed attempt of a python
+    step the traceback of its code. --follow streams it live, as the run goes on."""
     import sys
 
     from storyflow.store import Store, follow_events, read_events
@@ -322,7 +424,7 @@ def logs(
     with Store(state_dir()) as store:
         record = pick_run(store, run_ref, last)
         path = store.run_dir(record.run_id) / "events.jsonl"
-        sink = JsonSink(sys.stdout) if json_mode else PlainSink(sys.stdout)
+        sink = JsonSink(sys.stdout) if json_mode else PlainSink(sys.stdout, tracebacks=True)
 
         def wanted(ev: dict[str, Any]) -> bool:
             return (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,11 +13,10 @@ import typer
 from storyflow.commands.answers import interactive, parse_answers, print_questions, terminal_ask
 from storyflow.commands.app import G, app, err, guarded, pick_run, silence_stdout, state_dir
 from storyflow.commands.spec_cmds import known_kinds
+from storyflow.commands.stopping import Stopping, ignore_signals
 from storyflow.errors import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
     EXIT_WAITING,
     StepFailure,
     UsageError,
@@ -63,22 +61,22 @@ def run(
     from storyflow.spec import load_workflow
     from storyflow.spec.params import resolve_inputs
 
-    if dry_run:
-        from storyflow.ui.graph import render
-
-        wf = load_workflow(file, kinds=known_kinds(), environment=env, sets=sets)
-        values = resolve_inputs(wf, inputs, inputs_file)
-        compiled = plan(wf)
-        typer.echo(f"{wf.name}: valid, {compiled.count_all()} steps")
-        typer.echo("inputs: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-        typer.echo(render(compiled, "text"), nl=False)
-        return
     if run_id is not None and not _RUN_ID.fullmatch(run_id):
         raise UsageError(
             f"invalid run id {run_id!r}",
             hint="use letters, digits, '.', '_' and '-', starting with a letter or digit "
             "(at most 64 characters)",
         )
+    if dry_run:
+        from storyflow.ui.graph import render
+
+        wf = load_workflow(file, kinds=known_kinds(), environment=env, sets=sets)
+        values = resolve_inputs(wf, inputs, inputs_file)
+        compiled = plan(wf)
+        typer.echo(f"{wf.name}: valid, {len(compiled)} steps")
+        typer.echo("inputs: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+        typer.echo(render(compiled, "text"), nl=False)
+        return
     from storyflow.store import RunRecord, Store
 
     with Store(state_dir()) as store:
@@ -225,12 +223,14 @@ def _resume(
     plan_ = resume_plan(store, record, compiled, from_steps)
     changed, kept, todo = plan_.changed, plan_.kept, plan_.todo
     if not json_mode:
+        from storyflow.engine.runs import what_changed
+
         err(f"resuming run {record.run_id} ({wf.name})")
-        if record.source_hash != wf.source_hash:
-            err(
-                f"  the workflow file changed since the run started; "
-                f"changed steps: {', '.join(changed) or 'none'}"
-            )
+        news = what_changed(record, changed, sets)
+        if news:
+            err(f"  {news}")
+        if plan_.removed:
+            err(f"  removed: {', '.join(plan_.removed)} (no longer in the workflow file)")
         err(
             f"  kept: {len(kept)} step{'s' if len(kept) != 1 else ''}"
             + (f" · re-run or run: {', '.join(todo)}" if todo else " · nothing left to run")
@@ -294,6 +294,8 @@ def execute(
     from storyflow.ui.progress import make_sink
 
     lease = lease or store.acquire_lease(record.run_id)
+    stopping = Stopping(store, record, debug=G.debug)
+    stopping.install(lease)  # SIGINT/SIGTERM are ours until the exit
     log = EventLog(store.run_dir(record.run_id) / "events.jsonl")
     ui = make_sink(json_mode=json_mode, progress=progress, stream=sys.stdout)
 
@@ -325,17 +327,7 @@ def execute(
     )
     runner = Runner(wf, compiled, store, record, sink, options)
     loop = asyncio.new_event_loop()
-    signals_seen: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if signals_seen and signum == signal.SIGINT:
-            # A second Ctrl-C: leave now. Every checkpoint is already committed.
-            os._exit(EXIT_SIGINT)
-        signals_seen.append(signum)
-        runner.interrupt(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stopping.attach(loop, runner.interrupt, settled=runner.done.is_set)
     head: dict[str, Any] = {
         "workflow": wf.name,
         "steps": len(compiled),
@@ -367,12 +359,33 @@ def execute(
         finally:
             await where.close()
 
+    lost: list[BaseException] = []
+
+    def on_loop_error(loop_: Any, context: dict[str, Any]) -> None:
+        # A task that died of an error nothing awaited (a step's, in the runner): no
+        # traceback unless --debug, and the run cannot have succeeded.
+        exc = context.get("exception")
+        if G.debug or not isinstance(exc, BaseException):
+            loop_.default_exception_handler(context)
+        else:
+            lost.append(exc)
+
     try:
+        loop.set_exception_handler(on_loop_error)
         result = loop.run_until_complete(drive())
+        if lost:
+            raise lost[0]
         end_run(runner.emit, store, record, result, life, started)
+    except BaseException as exc:
+        # Whatever went wrong, the run must not stay `running` with no holder.
+        from storyflow.engine.runs import end_crashed
+
+        report = end_crashed(store, record, exc, sink, started)
+        if report is not None and not G.debug:
+            raise report from exc
+        raise
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        stopping.detach()
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())  # closes LLM connections
         finally:
@@ -401,15 +414,17 @@ def execute(
     if result.status is RunStatus.WAITING:
         return EXIT_WAITING
     if result.status is RunStatus.INTERRUPTED:
-        return EXIT_SIGTERM if signals_seen and signals_seen[0] == signal.SIGTERM else EXIT_SIGINT
+        return stopping.code
     return EXIT_FAILED
 
 
 def leave(code: int) -> NoReturn:
-    """Exit with ``code``. A synchronous python callable cancelled by a timeout or a
-    signal still runs in its worker thread (threads cannot be stopped), and Python
-    would wait for it at exit: everything is committed and closed by now, so leave
-    without waiting."""
+    """Exit with ``code``; the run's outcome is decided, so a signal from here on is
+    ignored (it would turn a success into -2/-15). A synchronous python callable
+    cancelled by a timeout or a signal still runs in its worker thread (threads cannot
+    be stopped), and Python would wait for it at exit: everything is committed and
+    closed by now, so leave without waiting."""
+    ignore_signals()
     agent = sys.modules.get("storyflow.agents.python_agent")
     if agent is not None and agent.calls_in_flight():
         sys.stdout.flush()

@@ -34,7 +34,7 @@ from storyflow.engine import retry
 from storyflow.engine.breaker import Admission, Breaker
 from storyflow.engine.executors import agent_for
 from storyflow.engine.inputs import Inputs, Server
-from storyflow.engine.usage import METERED_KINDS, Usage
+from storyflow.engine.usage import Usage
 from storyflow.errors import (
     AnswerNeeded,
     BudgetExceeded,
@@ -81,10 +81,12 @@ class Serving:
 
 
 def error_record(exc: StepFailure) -> dict[str, str]:
-    """The persisted form of a step failure."""
+    """The persisted form of a step failure (the journal redacts secrets from it)."""
     error = {"class": exc.error_class.value, "message": exc.message}
     if exc.hint:
         error["hint"] = exc.hint
+    if exc.traceback:
+        error["traceback"] = exc.traceback
     return error
 
 
@@ -279,11 +281,9 @@ class Attempts:
         s.journal.emit(
             EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts, **self._tag(inst)
         )
-        if server.uses in METERED_KINDS:
-            try:
-                s.usage.check(inst, step.budget, inputs)
-            except BudgetExceeded as exc:
-                return exc
+        # Budgets: the agent reserves before each model call; what it still holds is
+        # given back when the attempt ends, however it ends.
+        metering = s.usage.attempt(inst, step.budget, self._spender(inst))
         call = Call(
             run_id=s.run_id,
             step_id=inst.id,
@@ -296,7 +296,8 @@ class Attempts:
             output_schema=step.output_schema,
             seed=s.seed,
             log=self._logger(inst),
-            meter=s.usage.meter(inst, self._spender(inst)),
+            meter=metering.meter,
+            reserve=metering.reserve,
             cache=s.call_cache,
             placed=lambda worker: setattr(inst, "worker", worker),
         )
@@ -308,15 +309,23 @@ class Attempts:
                 breaker.abandoned(admission, s.options.monotonic())
             raise
         except StepFailure as exc:
-            if breaker is not None and breaker.failed(admission, s.options.monotonic()):
+            exc = metering.over or exc  # a reply landed over a budget, whatever followed
+            if isinstance(exc, BudgetExceeded):  # the budget's refusal, not the agent's
+                if breaker is not None:
+                    breaker.abandoned(admission, s.options.monotonic())
+            elif breaker is not None and breaker.failed(admission, s.options.monotonic()):
                 self._opened(inst, breaker, trial=admission is Admission.TRIAL)
             return exc
         except asyncio.CancelledError:
             if breaker is not None:
                 breaker.abandoned(admission, s.options.monotonic())
             raise
+        finally:
+            metering.close()
         if breaker is not None and breaker.succeeded(admission):
             s.journal.emit(EventType.BREAKER_CLOSED, agent=breaker.id, step=inst.id)
+        if metering.over is not None:  # recorded and paid for, but over: never a quiet success
+            return metering.over
         inst.output = output
         inst.error = None
         inst.ended_at = s.options.clock()
@@ -368,6 +377,19 @@ class Attempts:
             raise
         except Exception as exc:  # an agent bug must fail the step, not the engine
             raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
+        from storyflow.spec.limits import json_value
+
+        # The boundary: whatever the kind, an output is kept, cached, sent and rendered as
+        # JSON. What JSON cannot hold fails this step here, not the checkpoint after it.
+        try:
+            output = json_value(output)
+        except ValueError as exc:
+            raise InvalidOutput(
+                f"the output ({type(output).__name__}) cannot be stored as JSON: {exc}",
+                hint="a step's output must be text, a number, true/false, null, or lists and "
+                "mappings of them (keys are text); in a template make it one with `| list` "
+                "or `| tojson`, from a python callable return lists and dicts",
+            ) from exc
         if call.output_schema is not None:
             self._check_output(call.output_schema, output)
         return output

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +43,34 @@ class Result:
     outputs: dict[str, Any]
     error: dict[str, str] | None
     counts: dict[str, int]
+    """Every instance this process knows (map items, loop iterations' steps, the maps
+    and loops themselves), by status: the summary's ``instances``."""
     waiting: list[dict[str, Any]] | None = None
     """For a run paused for answers: the questions (``run_id``, ``step``, ``question``,
     ``schema``)."""
     usage: dict[str, Any] | None = None
     """The run's tokens, cost and model calls so far (earlier processes included)."""
+    steps: dict[str, int] = field(default_factory=dict)
+    """The plan's top-level steps by status: the summary's ``steps``."""
+
+
+def tally(insts: Iterable[Instance]) -> tuple[dict[str, int], dict[str, int]]:
+    """Top-level steps by status, and every instance by status."""
+    steps: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for inst in insts:
+        counts[inst.state] = counts.get(inst.state, 0) + 1
+        if inst.parent is None:
+            steps[inst.state] = steps.get(inst.state, 0) + 1
+    return steps, counts
 
 
 def not_started(
     insts: Iterable[Instance], error: dict[str, str], usage: dict[str, Any]
 ) -> Result:
     """A run that failed before any step could start (its executor could not)."""
-    counts: dict[str, int] = {}
-    for inst in insts:
-        counts[inst.state] = counts.get(inst.state, 0) + 1
-    return Result(RunStatus.FAILED, {}, error, counts, usage=usage)
+    steps, counts = tally(insts)
+    return Result(RunStatus.FAILED, {}, error, counts, usage=usage, steps=steps)
 
 
 def finish(
@@ -72,30 +85,31 @@ def finish(
     secret_values: list[str],
 ) -> Result:
     """The result of a run whose every step has settled (or that stopped early)."""
-    counts: dict[str, int] = {}
-    failed = []
-    for inst in insts:
-        counts[inst.state] = counts.get(inst.state, 0) + 1
-        if inst.state == StepStatus.FAILED.value and not inst.node.step.allow_failure:
-            failed.append(inst)
+    insts = list(insts)
+    steps, counts = tally(insts)
+    failed = [
+        inst
+        for inst in insts
+        if inst.state == StepStatus.FAILED.value and not inst.node.step.allow_failure
+    ]
     if stop is not None and stop.signum is not None:
-        return Result(RunStatus.INTERRUPTED, {}, None, counts)
+        return Result(RunStatus.INTERRUPTED, {}, None, counts, steps=steps)
     if stop is not None:
         error = {
             "class": ErrorClass.TIMEOUT.value,
             "message": f"run timed out after {wf.timeout_s:g}s",
         }
-        return Result(RunStatus.FAILED, {}, error, counts)
+        return Result(RunStatus.FAILED, {}, error, counts, steps=steps)
     if failed:
         first = failed[0]
         err = {
             "class": (first.error or {}).get("class", "permanent"),
             "message": f"step {first.id} failed: {(first.error or {}).get('message', '')}",
         }
-        return Result(RunStatus.FAILED, {}, err, counts)
+        return Result(RunStatus.FAILED, {}, err, counts, steps=steps)
     if paused:
         questions = [q for inst in paused for q in inst.waiting or ()]
-        return Result(RunStatus.WAITING, {}, None, counts, questions)
+        return Result(RunStatus.WAITING, {}, None, counts, questions, steps=steps)
     try:
         names = scope.for_step()
         outputs = {k: templates.render(v, names) for k, v in wf.outputs.items()}
@@ -106,10 +120,11 @@ def finish(
             {},
             {"class": exc.error_class.value, "message": exc.message},
             counts,
+            steps=steps,
         )
     if secret_values:
         outputs = redact(outputs, secret_values)
-    return Result(RunStatus.SUCCEEDED, outputs, None, counts)
+    return Result(RunStatus.SUCCEEDED, outputs, None, counts, steps=steps)
 
 
 def _write_artifacts(

@@ -31,6 +31,7 @@ class Instance:
         "node",
         "output",
         "parent",
+        "queued",
         "ready_at",
         "reason",
         "seq",
@@ -72,6 +73,9 @@ class Instance:
         """The questions of a step paused for an answer (``human``)."""
         self.worker: str | None = None
         """The executor worker that ran the latest attempt (None: this process)."""
+        self.queued: str | None = None
+        """The full limit it waited behind once ready (``pool:NAME`` or
+        ``max_parallel``); None when it could start at once."""
         self.extra: dict[str, Any] | None = None
         """Local names: a map item's (the item, ``index``, ``previous``), a loop
         iteration's (``loop``)."""
@@ -84,6 +88,8 @@ class Instance:
             meta["usage"] = self.usage
         if self.worker:
             meta["worker"] = self.worker
+        if self.queued:
+            meta["queued"] = self.queued
         return StepRecord(
             id=self.id,
             status=self.state,

@@ -72,7 +72,7 @@ class Loops:
             r.nested_previous.update(r.store.get_steps(r.run.run_id, ids))
         if n > 1:
             r.journal.checkpoint(lp)  # the iteration under way, for `show`
-        r.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n)
+        r.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n, steps=lp.left)
         return [lp.current[sid] for sid in body.order if lp.needs[sid] == 0]
 
     def inner_settled(self, inst: Instance, lp: LoopInstance) -> list[Instance]:

@@ -57,7 +57,7 @@ class Maps:
         r.unsettled += len(values)
         lifecycle.step_fire(m, "ready")
         r.move(m, "start")
-        r.emit(EventType.STEP_STARTED, step=m.id, attempt=m.attempts)
+        r.emit(EventType.STEP_STARTED, step=m.id, attempt=m.attempts, items=len(values))
         if not values:
             return self.close(m)
         if r.opt.previous and not r.forced(m):

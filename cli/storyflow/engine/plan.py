@@ -42,6 +42,11 @@ class Plan:
     order: tuple[str, ...]
 
     def __len__(self) -> int:
+        """The plan's *steps*: its top-level steps, a map or a loop counting once.
+
+        This is the one step count a user sees (``run --dry-run``, ``run.started``, the
+        summary's ``steps``); a run's *instances* (map items, loop iterations' steps
+        included) are counted as the run makes them."""
         return len(self.nodes)
 
     def downstream(self, roots: Iterable[str]) -> set[str]:
@@ -63,7 +68,8 @@ class Plan:
         return [grouped[k] for k in sorted(grouped)]
 
     def count_all(self) -> int:
-        """Steps in the plan, loop bodies included once."""
+        """Step definitions in the file, loop bodies included once: the file's size, not
+        a count shown for a run (see `__len__`)."""
         return sum(1 + (n.body.count_all() if n.body else 0) for n in self.nodes.values())
 
 

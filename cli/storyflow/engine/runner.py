@@ -18,13 +18,14 @@ to the agent object the executor chose (`storyflow.engine.executors`: this proce
 a Dask worker); how the run ends, `storyflow.engine.finish`. Those helpers get the
 narrow things they need (`Preparer`, `Serving`), never the runner. Maps and loops are
 `storyflow.engine.maps` and `storyflow.engine.loops`, parts of the scheduler that work
-on its instance table and counters; a step paused for an answer (`storyflow.engine.human`) stays
-unsettled, and the run ends once nothing else can run.
+on its instance table and counters; a step paused for an answer
+(`storyflow.engine.human`) stays unsettled, and the run ends once nothing else can run.
 
-Stopping: a signal (`interrupt`) or the workflow's ``timeout`` cancels the running
-attempts (a command's process group is killed) and the ready instances; pending ones
-stay pending for ``resume``. A timeout ends the run ``failed`` with class ``timeout``;
-each process of a run gets the whole ``timeout`` afresh.
+Stopping (`storyflow.engine.stopping`): a signal (`interrupt`) or the workflow's
+``timeout`` cancels the running attempts (a command's process group is killed) and the
+ready instances; pending ones stay pending for ``resume``. A timeout ends the run
+``failed`` with class ``timeout``; each process of a run gets the whole ``timeout``
+afresh.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from storyflow.engine.plan import Plan
 from storyflow.engine.pools import Pools, Slots
 from storyflow.engine.prepare import Prepared, Preparer
 from storyflow.engine.scope import Scope
+from storyflow.engine.stopping import INTERRUPTED, broken, cancel_task, cancelled
 from storyflow.engine.usage import StoreCallCache, Usage
 from storyflow.errors import StepFailure
 from storyflow.events import ErrorClass, EventType, StepStatus
@@ -228,15 +230,12 @@ class Runner:
                 self._settle_cancelled(inst)
         for inst in self.insts.values():
             if inst.task is not None and not inst.task.done():
-                inst.task.cancel()
+                cancel_task(inst.task)
             elif isinstance(inst, (MapInstance, LoopInstance)) and (
                 inst.state == StepStatus.RUNNING.value
             ):
                 # Its running parts are cancelled above; those not yet ready stay pending.
-                inst.ended_at = self.opt.clock()
-                inst.error = dict(stop.error)
-                self.move(inst, "cancel")
-                self.emit(EventType.STEP_CANCELLED, step=inst.id, reason=stop.reason)
+                cancelled(self.journal, self.opt.clock, inst, stop, attempt=False)
         self.journal.schedule_flush()
         if self.running == 0:
             self.done.set()
@@ -253,9 +252,11 @@ class Runner:
                     continue
                 self._launch(inst, prepared)
         # Instances made ready since the last pump that must wait for a slot: make
-        # `ready` durable once (amortised O(1): each instance passes here once).
+        # `ready` durable once (amortised O(1): each instance passes here once), with
+        # the limit that holds them (`--max-parallel` unless a pool parked them).
         for inst in self.fresh:
             if inst.task is None and inst.state == StepStatus.READY.value:
+                inst.queued = inst.queued or "max_parallel"
                 self.journal.checkpoint(inst)
         self.fresh.clear()
 
@@ -277,6 +278,7 @@ class Runner:
                 pool = pools.get(self.attempts.entry_pool(inst))
                 if pool is not None:
                     if not pools.admits_now(pool):
+                        inst.queued = f"pool:{pool.name}"
                         pools.park(pool, inst.seq, (inst, prepared))
                         continue
                     pools.take(pool)
@@ -414,10 +416,7 @@ class Runner:
 
     def _settle_cancelled(self, inst: Instance) -> None:
         assert self.stop is not None
-        inst.ended_at = self.opt.clock()
-        inst.error = dict(self.stop.error)
-        self.move(inst, "cancel")
-        self.emit(EventType.STEP_CANCELLED, step=inst.id, reason=self.stop.reason)
+        cancelled(self.journal, self.opt.clock, inst, self.stop, attempt=False)
         self.settled(inst)
 
     # -- one instance --------------------------------------------------------------------
@@ -425,21 +424,9 @@ class Runner:
         try:
             await self.attempts.run(inst, *prepared)
         except asyncio.CancelledError:
-            if not StepStatus(inst.state).done:
-                stop = self.stop or Stop(
-                    "interrupted",
-                    {"class": ErrorClass.CANCELLED.value, "message": "cancelled by a signal"},
-                )
-                inst.ended_at = self.opt.clock()
-                inst.error = dict(stop.error)
-                inst.degraded = False
-                self.move(inst, "cancel")
-                self.emit(
-                    EventType.STEP_CANCELLED,
-                    step=inst.id,
-                    attempt=inst.attempts,
-                    reason=stop.reason,
-                )
+            cancelled(self.journal, self.opt.clock, inst, self.stop or INTERRUPTED)
+        except Exception as exc:  # a bug, not the step's failure: fail the step, say so
+            broken(self.journal, self.opt.clock, inst, exc)
         finally:
             self.running -= 1
             self.release_slot(inst, pump=False)  # the pump below starts what it can

@@ -7,8 +7,15 @@ resumes it, keeping what the child finished with the same definition and inputs;
 child that succeeded with the same file and inputs is not run again. The
 child runs in this process, on this event loop, with the parent's store and options;
 its events go to its own log. The parent's ``--env`` applies to a child that defines
-that environment. Its inputs are checked against its own ``inputs``
-schema; its outputs are the step's output. A child that pauses for an answer pauses
+that environment, and the parent's ``--set`` values whose path starts with one of
+`INHERITED_SETS` (``config``, ``budget``, ``defaults``, ``seed``: settings every
+workflow has) apply to the child too, recorded as the child's own ``sets`` — a
+resumed parent passes its child the same, plus any it was resumed with. Its inputs
+are checked against its own ``inputs`` schema; its outputs are the step's output.
+Each model call of the child also reserves and reports through the parent's step
+(`Usage.outer`), so the parent's budgets hold over the child and the parent's step
+and run count what the child uses as it uses it; a child that fails as
+``budget_exceeded`` fails the step so too. A child that pauses for an answer pauses
 the parent step with the child's questions (``resume PARENT --answer STEP=...``
 reaches the child).
 """
@@ -25,6 +32,7 @@ from storyflow.agents.base import Call
 from storyflow.engine.runner import CURRENT, Options, Runner
 from storyflow.errors import (
     AnswerNeeded,
+    BudgetExceeded,
     InputError,
     PermanentError,
     StepFailure,
@@ -35,7 +43,17 @@ from storyflow.events import ErrorClass, EventType, RunStatus
 from storyflow.store import EventLog, RunRecord
 
 MAX_DEPTH = 8
+INHERITED_SETS = frozenset({"config", "budget", "defaults", "seed"})
+"""The first parts of the ``--set`` paths a child run inherits from its parent."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def child_sets(sets: list[str]) -> list[str]:
+    """The parent's ``--set`` values a child run takes: those whose path starts with
+    one of `INHERITED_SETS` (``config.prices=...``, ``budget.tokens=N``), in order.
+    A step, an agent or a pool is the parent's own: none of those is passed on."""
+    return [item for item in sets
+            if item.partition("=")[0].strip().split(".", 1)[0] in INHERITED_SETS]
 
 
 def child_run_id(parent_run_id: str, step_instance: str) -> str:
@@ -80,11 +98,12 @@ class WorkflowAgent:
                 path, kinds=kinds(), known_valid=store.known_valid, parsed=store.parsed_files
             )
             env = parent.run.environment
-            if env is not None and env in wf.environments:  # --env reaches the child
-                wf = load_workflow(path, kinds=kinds(), environment=env,
+            if env is not None and env not in wf.environments:
+                env = None  # --env reaches a child that defines it
+            sets = child_sets(parent.run.sets)
+            if env is not None or sets:
+                wf = load_workflow(path, kinds=kinds(), environment=env, sets=sets,
                                    known_valid=store.known_valid, parsed=store.parsed_files)
-            else:
-                env = None
             values = resolve_inputs(wf, given=given)
         except WorkflowError as exc:
             first = exc.problems[0].format() if exc.problems else str(exc)
@@ -110,6 +129,7 @@ class WorkflowAgent:
             record.inputs = values
             record.workflow_version = wf.version
             record.environment = env
+            record.sets = sets
         else:
             previous, forced, previous_status = {}, frozenset(), None
             record = RunRecord(
@@ -121,7 +141,7 @@ class WorkflowAgent:
                 status=RunStatus.RUNNING.value,
                 inputs=values,
                 environment=env,
-                sets=[],
+                sets=sets,
                 created_at=now,
                 updated_at=now,
                 parent_run=parent.run.run_id,
@@ -155,13 +175,13 @@ class WorkflowAgent:
         )
         log = EventLog(store.run_dir(rid) / "events.jsonl")
         child = Runner(wf, compiled, store, record, log.write, options)
+        child.usage.outer = call  # its calls reserve and report through this step too
         head = {"workflow": wf.name, "steps": len(compiled), "inputs": values,
                 "workflow_version": wf.version}
         verb = "resumes" if previous_status is not None else "starts"
         call.log(f"child run {rid} {verb}")
         life = RunLife(resumed_from=previous_status)
         started = store.clock()
-        before = dict(child.usage.totals)
         try:
             if previous_status is not None:
                 rerun = [s for s in compiled.order if s not in previous or s in forced]
@@ -179,7 +199,6 @@ class WorkflowAgent:
             end_run(child.emit, store, record, result, life, started)
         finally:
             log.close()
-            _meter_child(call, before, child.usage.totals)
         call.log(f"child run {rid} {result.status.value}")
         if result.status is RunStatus.SUCCEEDED:
             return result.outputs
@@ -190,22 +209,12 @@ class WorkflowAgent:
         hint = f"storyflow show {rid}"
         if error.get("class") in (ErrorClass.TRANSIENT.value, ErrorClass.TIMEOUT.value):
             raise TransientError(message, hint=hint)
+        if error.get("class") == ErrorClass.BUDGET_EXCEEDED.value:
+            raise BudgetExceeded(message, hint=(
+                f"`storyflow show {rid}` names the budget; raise it and resume this run: "
+                f"storyflow resume {parent.run.run_id} --set budget.tokens=N "
+                "(budget.* reaches child runs)"))
         raise PermanentError(message, hint=hint)
-
-
-def _meter_child(call: Call, before: dict[str, Any], after: dict[str, Any]) -> None:
-    """Report what the child used in this process to the parent step (priced already)."""
-    calls = after["calls"] - before["calls"]
-    if calls <= 0:
-        return
-    call.meter({
-        "model": None,
-        "input_tokens": after["input_tokens"] - before["input_tokens"],
-        "output_tokens": after["output_tokens"] - before["output_tokens"],
-        "cost": round(after["cost"] - before["cost"], 10),
-        "calls": calls,
-        "cached": False,
-    })
 
 
 async def _execute(child: Runner) -> Any:
@@ -213,4 +222,4 @@ async def _execute(child: Runner) -> Any:
     return await child.execute()
 
 
-__all__ = ["StepFailure", "WorkflowAgent", "child_run_id"]
+__all__ = ["INHERITED_SETS", "StepFailure", "WorkflowAgent", "child_run_id", "child_sets"]

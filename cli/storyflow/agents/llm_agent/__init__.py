@@ -24,9 +24,13 @@ the schema; a reply that does not parse or validate is answered with the validat
 error, up to ``repair_attempts`` extra calls within the same attempt. A server that
 rejects ``response_format`` is retried without it, and remembered.
 
-Every completed HTTP call is reported to ``call.meter``. With ``call.cache`` and caching
-on (``cache:``, else when ``temperature`` is 0 or a ``seed`` is set) a validated reply
-is stored under a hash of the request, and served again without HTTP.
+Before each completion (the first call and each repair) the agent asks
+``call.reserve`` for room with the call's estimate (`Request.estimate`: the prompt at
+3 UTF-8 bytes a token, plus ``max_tokens`` or `DEFAULT_REPLY_TOKENS`); a refusal
+(``budget_exceeded``) means the call is not sent. Every completed HTTP call is
+reported to ``call.meter``. With ``call.cache`` and caching on (``cache:``, else when
+``temperature`` is 0 or a ``seed`` is set) a validated reply is stored under a hash of
+the request, and served again without HTTP (no reservation, nothing spent).
 
 Connections are pooled per (event loop, base URL) and shared by every call: up to
 ``CLIENTS`` small httpx clients of ``LIMITS`` each, a call taking the least
@@ -70,6 +74,7 @@ from storyflow.agents.llm_agent._request import (
     DEFAULT_BASE_URL,
     DEFAULT_KEY_SECRET,
     DEFAULT_REPAIRS,
+    DEFAULT_REPLY_TOKENS,
     DEFAULT_TIMEOUT_S,
     KEYS,
     OFFLINE_KEYS,
@@ -90,6 +95,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_KEY_SECRET",
     "DEFAULT_REPAIRS",
+    "DEFAULT_REPLY_TOKENS",
     "DEFAULT_TIMEOUT_S",
     "KEYS",
     "LIMITS",
@@ -149,6 +155,17 @@ class LlmAgent:
             return False, None
         return self._from_cache(call, req)
 
+    def estimate(self, call: Call) -> dict[str, Any] | None:
+        """What one attempt of ``call`` may use at most — its first call and every repair
+        call — for `Call.reserve`: an executor that runs the attempt elsewhere reserves
+        it up front (a worker cannot ask the budgets). None for a call that cannot be
+        made."""
+        try:
+            req = request_of(call, call.environ or self._environ)
+        except StepFailure:
+            return None
+        return req.attempt_estimate(repairs=req.repairs if call.output_schema is not None else 0)
+
     def _from_cache(self, call: Call, req: Request) -> tuple[bool, Any]:
         cache = call.cache if req.cache else None
         if cache is None:
@@ -205,20 +222,25 @@ class LlmAgent:
 
     async def _complete(self, req: Request, messages: list[dict[str, Any]], call: Call,
                         log: Callable[[str], None]) -> Reply:
-        """One chat completion (two HTTP calls if the server rejects JSON mode)."""
-        pool = await self._pool(req.base_url)
-        json_mode = req.json_mode and req.base_url not in self._no_response_format
-        resp = await post(pool, req, req.body(messages, json_mode=json_mode))
-        if json_mode and resp.status_code == 400 and "response_format" in resp.text.lower():
-            self._no_response_format.add(req.base_url)
-            log(f"note: {req.base_url} does not support response_format; "
-                "retrying without JSON mode (the prompt still asks for JSON)")
-            resp = await post(pool, req, req.body(messages, json_mode=False))
-        if not resp.is_success:
-            raise status_error(resp, req, self._clock())
-        content, finish, prompt_tokens, completion_tokens = envelope(resp, req)
-        truncated = finish == "length"
-        call.meter(_usage(req.model, prompt_tokens, completion_tokens, truncated=truncated))
+        """One chat completion (two HTTP calls if the server rejects JSON mode: the
+        rejected one used nothing, so both go under one reservation)."""
+        release = await call.reserve(req.estimate(messages))  # BudgetExceeded: not sent
+        try:
+            pool = await self._pool(req.base_url)
+            json_mode = req.json_mode and req.base_url not in self._no_response_format
+            resp = await post(pool, req, req.body(messages, json_mode=json_mode))
+            if json_mode and resp.status_code == 400 and "response_format" in resp.text.lower():
+                self._no_response_format.add(req.base_url)
+                log(f"note: {req.base_url} does not support response_format; "
+                    "retrying without JSON mode (the prompt still asks for JSON)")
+                resp = await post(pool, req, req.body(messages, json_mode=False))
+            if not resp.is_success:
+                raise status_error(resp, req, self._clock())
+            content, finish, prompt_tokens, completion_tokens = envelope(resp, req)
+            truncated = finish == "length"
+            call.meter(_usage(req.model, prompt_tokens, completion_tokens, truncated=truncated))
+        finally:
+            release()
         if truncated:
             limit = req.options.get("max_tokens")
             log(f"warning: the reply was truncated at max_tokens"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,10 @@ DEFAULT_TIMEOUT_S = 120.0
 """Seconds per HTTP call when neither ``with.timeout`` nor the step's timeout is set."""
 DEFAULT_KEY_SECRET = "OPENAI_API_KEY"
 DEFAULT_REPAIRS = 2
+DEFAULT_REPLY_TOKENS = 1024
+"""The reply a budget reserves for a call whose step sets no ``max_tokens``."""
+REPAIR_PROMPT_TOKENS = 256
+"""A repair prompt's allowance, when every repair call is reserved up front."""
 CACHE_FORMAT = 1
 """Part of every call-cache key; bump it when the stored shape changes."""
 KEYS = frozenset({
@@ -59,6 +64,25 @@ class Request:
         if json_mode and "response_format" not in self.options:
             body["response_format"] = {"type": "json_object"}
         return body
+
+    def estimate(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """What one call with ``messages`` may use, for `Call.reserve`: the prompt, and
+        the reply's ``max_tokens`` (else `DEFAULT_REPLY_TOKENS`)."""
+        limit = self.options.get("max_tokens", self.options.get("max_completion_tokens"))
+        given = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+        return {"model": self.model, "input_tokens": prompt_tokens(messages),
+                "output_tokens": limit if given else DEFAULT_REPLY_TOKENS,
+                "reply_default": not given}
+
+    def attempt_estimate(self, *, repairs: int) -> dict[str, Any]:
+        """What one attempt may use at most: its first call, then ``repairs`` repair
+        calls, each prompt grown by the reply before it and a repair prompt."""
+        first = self.estimate(self.messages)
+        prompt, reply = first["input_tokens"], first["output_tokens"]
+        grow = reply + REPAIR_PROMPT_TOKENS
+        return {**first, "calls": repairs + 1,
+                "input_tokens": sum(prompt + i * grow for i in range(repairs + 1)),
+                "output_tokens": reply * (repairs + 1)}
 
     def cache_key(self) -> str:
         request = {
@@ -170,6 +194,13 @@ def _messages(inputs: Mapping[str, Any], schema: dict[str, Any] | None) -> list[
     if system:
         messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
     return messages
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """A prompt's tokens before it is sent: the messages' UTF-8 bytes (as JSON) at 3 a
+    token — more than tokenizers make of English (about 4 characters a token), and
+    enough for most other text."""
+    return math.ceil(len(canonical(messages).encode("utf-8")) / 3)
 
 
 def as_text(value: Any) -> str:

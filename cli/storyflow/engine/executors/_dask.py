@@ -268,6 +268,8 @@ def _error_of(exc: StepFailure) -> dict[str, Any]:
         error["hint"] = exc.hint
     if exc.retry_after_s is not None:
         error["retry_after_s"] = exc.retry_after_s
+    if exc.traceback:
+        error["traceback"] = exc.traceback
     return error
 
 
@@ -351,7 +353,7 @@ class DaskExecutor:
                     host="127.0.0.1",
                     dashboard_address=None,
                     asynchronous=True,
-                    silence_logs=logging.ERROR,
+                    silence_logs=logging.WARNING if self.verbose else logging.CRITICAL,
                     # no fixed port for its HTTP endpoint: several runs may share a machine
                     scheduler_kwargs={"allowed_failures": 0, "dashboard_address": "127.0.0.1:0"},
                 )
@@ -489,6 +491,12 @@ class RemoteAgent:
         digest = await ex.folder(call.workflow_dir)
         key = f"storyflow-{_UNSAFE.sub('-', call.run_id)}-{_UNSAFE.sub('-', call.step_id)}" \
               f"-a{call.attempt}-{uuid.uuid4().hex[:8]}"
+        # A worker cannot ask the budgets: what every model call of the attempt may use
+        # (the repairs too) is reserved here, up front, at once; the hold goes once its
+        # usage has been replayed below — or, on any failure, when the attempt ends.
+        estimate = getattr(self.local, "estimate", None)
+        needs = estimate(call) if estimate is not None else None
+        release = await call.reserve(needs) if needs is not None else None
         payload = Payload(
             key=key,
             kind=self.kind,
@@ -526,6 +534,8 @@ class RemoteAgent:
             call.log(line)
         for usage in out["usage"]:
             call.meter(usage)
+        if release is not None:
+            release()
         if call.cache is not None:
             for k, v in out["puts"]:
                 call.cache.put(k, v)
@@ -536,6 +546,7 @@ class RemoteAgent:
                 hint=error.get("hint"),
                 retry_after_s=error.get("retry_after_s"),
                 error_class=ErrorClass(error["class"]),
+                traceback=error.get("traceback"),
             )
         if out.get("cancelled"):
             raise TransientError(f"the attempt was cancelled on worker {out['worker']}")
