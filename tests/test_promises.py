@@ -449,3 +449,29 @@ def test_answers_that_never_fit_pause_the_human_step(env: CliProject, schema: st
     assert "no valid answer after 3 tries" in shown and "Traceback" not in shown
     assert "--answer approve=" in shown
     assert env.show(terminal_run_id(shown))["status"] == "waiting"
+
+
+def test_resume_goes_on_counting_a_steps_attempts(cli: Any, write_workflow: Any,
+                                                   tmp_path: Path) -> None:
+    flag = tmp_path / "fail.flag"
+    flag.write_text("fail")
+    wf = write_workflow(f"""\
+        apiVersion: storyflow/v1
+        name: counted
+        steps:
+          flaky:
+            uses: command
+            retry: {{attempts: 2, delay: 0s}}
+            with: {{run: "test ! -e {flag} || exit 75"}}
+    """)
+    first = cli("run", wf, "--json")
+    assert first.returncode == 1
+    started = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [e["attempt"] for e in started if e["type"] == "step.started"] == [1, 2]
+    flag.unlink()
+    again = cli("resume", "--last", "--json")
+    assert again.returncode == 0, again.stderr
+    events = [json.loads(line) for line in again.stdout.splitlines()]
+    assert [e["attempt"] for e in events if e["type"] == "step.started"] == [3]
+    done = next(e for e in events if e["type"] == "step.succeeded")
+    assert done["attempt"] == 3

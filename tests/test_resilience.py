@@ -1031,14 +1031,15 @@ def test_fault_injection_run_interrupt_resume(fault_project: Any) -> None:
     assert doc["status"] == "succeeded"
     steps = steps_of(doc)
     expected = {
-        # id: (status, attempts, error class, agent, degraded)
+        # id: (status, attempts, error class, agent, degraded); a step run again by the
+        # resume goes on counting its attempts from the first process's
         "flaky": ("succeeded", 3, None, None, False),
-        "broken": ("failed", 1, "permanent", None, False),
+        "broken": ("failed", 2, "permanent", None, False),
         "w1": ("succeeded", 2, None, "offline", True),
         "w2": ("succeeded", 2, None, "offline", True),
         "w3": ("succeeded", 2, None, "offline", True),
-        "nap": ("failed", 1, "timeout", None, False),
-        "slow": ("succeeded", 1, None, None, False),
+        "nap": ("failed", 2, "timeout", None, False),
+        "slow": ("succeeded", 2, None, None, False),
         "final": ("succeeded", 1, None, None, False),
     }
     got = {

@@ -60,8 +60,12 @@ class Preparer:
             self.fail_before_start(inst, exc)
             return None
         inst.fingerprint = digest([inst.node.fingerprint, inputs])
-        if self.keep(inst) is not None:
-            return None
+        prev = self.previous_record(inst)
+        if prev is not None:
+            if self.keep(inst, prev) is not None:
+                return None
+            # It runs again: its attempts go on counting from an earlier process's.
+            inst.attempts = max(inst.attempts, prev.attempts)
         if step.cache:
             found, output = self.store.cache_get(inst.fingerprint)
             if found:
@@ -72,12 +76,13 @@ class Preparer:
                 return None
         return agent, inputs, secrets
 
-    def keep(self, inst: Instance) -> StepRecord | None:
+    def keep(self, inst: Instance, prev: StepRecord | None = None) -> StepRecord | None:
         """Settle the ready ``inst`` as kept when an earlier process of the run finished
         it with this fingerprint (and it is not forced, and its output was not
         redacted): no store write, its record already says so. The record kept, else
-        None."""
-        prev = self.previous_record(inst)
+        None. ``prev``: its earlier record, when the caller has it."""
+        if prev is None:
+            prev = self.previous_record(inst)
         if (
             prev is None
             or prev.status not in OK
