@@ -45,6 +45,7 @@ from storyflow.errors import (
     StepTimeout,
 )
 from storyflow.events import EventType
+from storyflow.spec.limits import json_value
 from storyflow.spec.model import Agent
 from storyflow.store import redact
 
@@ -377,8 +378,6 @@ class Attempts:
             raise
         except Exception as exc:  # an agent bug must fail the step, not the engine
             raise PermanentError(f"{type(exc).__name__}: {exc}") from exc
-        from storyflow.spec.limits import json_value
-
         # The boundary: whatever the kind, an output is kept, cached, sent and rendered as
         # JSON. What JSON cannot hold fails this step here, not the checkpoint after it.
         try:
