@@ -363,32 +363,38 @@ def test_kill_9_of_the_coordinator_then_resume_on_dask_reruns_only_the_attempt_i
     assert ran == {"held", "after"}
 
 
-def test_a_pool_of_two_holds_across_four_worker_slots(
-    project: CliProject, tmp_path: Path, cluster: Cluster
-) -> None:
+def test_a_pool_of_two_holds_across_four_workers(project: CliProject, tmp_path: Path) -> None:
     log = tmp_path / "window.log"
     wf = project.write("wf.yaml", f"""\
         apiVersion: storyflow/v1
         name: pooled
+        executor: {{dask: {{workers: 4, threads: 1}}}}
         pools: {{tools: {{concurrency: 2}}}}
         steps:
           items:
-            for_each: [0, 1, 2, 3, 4, 5, 6, 7]
+            for_each: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
             uses: python
             pool: tools
             with: {{callable: "probe:window", name: "w{{{{ item }}}}", log: "{log}"}}
+          free:
+            for_each: [0, 1, 2, 3]
+            uses: python
+            with: {{callable: "probe:window", name: "f{{{{ item }}}}", log: "{log}.free",
+                    sleep: 0.6}}
     """)
-    events = project.events("run", wf, "--executor", cluster.address, "--max-parallel", "16")
+    events = project.events("run", wf, "--max-parallel", "16")
+    assert events[0]["executor"]["workers"] and len(events[0]["executor"]["workers"]) == 4
     assert events[-1]["status"] == "succeeded"
     spans = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(spans) == 8
-    assert len({s["pid"] for s in spans}) == 2, "both worker processes took items"
+    assert len(spans) == 12
     edges = sorted([(s["start"], 1) for s in spans] + [(s["end"], -1) for s in spans])
     running = peak = 0
     for _, delta in edges:
         running += delta
         peak = max(peak, running)
-    assert peak == 2
+    assert peak == 2, "never more than the pool's two at once, on four workers"
+    free = [json.loads(line) for line in Path(f"{log}.free").read_text().splitlines()]
+    assert len({s["pid"] for s in free + spans}) >= 3, "the cluster's workers took the work"
 
 
 def test_a_timeout_kills_the_command_on_its_worker(

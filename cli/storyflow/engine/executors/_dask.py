@@ -103,7 +103,12 @@ class Payload:
 class WorkflowFolder(WorkerPlugin):
     """A workflow's folder, zipped, unpacked on every worker (those that join later too)
     under the worker's local directory, by content digest: no shared filesystem, and two
-    versions of a folder never mix."""
+    versions of a folder never mix.
+
+    Dask's own `UploadDirectory` reaches only workers with a nanny, unpacks by the
+    folder's base name (two projects' ``workflows/`` would overwrite each other) and
+    leaves the path to guess; this plugin, keyed by content, tells `run_attempt`
+    exactly where the folder is."""
 
     def __init__(self, digest: str, data: bytes) -> None:
         self.digest = digest
