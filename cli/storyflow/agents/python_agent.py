@@ -1,7 +1,9 @@
 """The ``python`` agent: calls ``with.callable: "package.module:function"``.
 
 The workflow's folder is importable. Every other ``with`` key (and ``prompt``) is passed
-as a keyword argument; a parameter named ``context`` receives a `StepContext`. Async
+as a keyword argument, except ``isolate``; a parameter named ``context`` receives a
+`StepContext`. ``isolate: process`` runs the call in a fresh subprocess with a minimal
+environment and only the step's declared secrets (`storyflow.agents._isolated`). Async
 functions are awaited on the loop; sync functions run on one shared thread pool whose
 size the engine sets from ``--max-parallel``.
 
@@ -130,6 +132,17 @@ class PythonAgent:
         spec = inputs.get("callable")
         if not isinstance(spec, str):
             raise PermanentError("the python agent needs `with.callable`", hint=_CALLABLE_HINT)
+        isolate = inputs.get("isolate")
+        if isolate is not None:
+            if isolate != "process":
+                raise PermanentError(
+                    f"`with.isolate` must be 'process', not {isolate!r}",
+                    hint="isolate: process runs the call in a fresh subprocess; omit it "
+                         "to run in storyflow's own process",
+                )
+            from storyflow.agents._isolated import run_isolated
+
+            return await run_isolated(call, spec)
         install()  # before a module is imported: a handler it makes writes to the router
         target = _targets.get((call.workflow_dir, spec))
         if target is None:

@@ -314,7 +314,15 @@ def execute(
     set_thread_pool_size(max_parallel)
     chosen = executor or LOCAL_SETTING
     where = open_executor(chosen, private=(Path(store.root),), verbose=G.debug)
+    # Every secret leaves the process environment, declared or named like one (a child
+    # workflow's agents load later): python steps run in this process. The run's private
+    # copy keeps them for the agents that declare them, and for redaction.
+    from storyflow.engine.secrets import take_secrets
+
+    environ = dict(os.environ)
+    take_secrets(os.environ, {n for a in wf.agents.values() for n in a.secrets})
     options = Options(
+        environ=environ,
         max_parallel=max_parallel,
         forced=forced,
         previous=previous or {},

@@ -152,8 +152,12 @@ class Runner:
         self.loops = Loops(self)
 
     def _secret_values(self) -> list[str]:
+        """Declared secrets' values, and those of variables named like secrets
+        (`storyflow.engine.secrets`) that no agent declares: all redacted."""
+        from storyflow.engine.secrets import redacted_values
+
         names = {n for a in self.wf.agents.values() for n in a.secrets}
-        return [v for n in names if len(v := self.opt.environ.get(n, "")) >= 4]
+        return redacted_values(self.opt.environ, names)
 
     # -- scheduling ------------------------------------------------------------------------
     async def execute(self) -> Result:
