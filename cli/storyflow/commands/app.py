@@ -176,6 +176,7 @@ def root(
 
 def main() -> None:
     from storyflow.commands import (  # noqa: F401  (registers)
+        cancel_cmds,
         doctor_cmds,
         init_cmds,
         inspect_cmds,

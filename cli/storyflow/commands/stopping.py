@@ -14,6 +14,12 @@ signal at once whichever thread the kernel delivered it to):
   the first signal, whatever a step does (a callable that blocks the loop, a pipe that
   never closes, a store that stays busy).
 
+``storyflow cancel`` from another process asks through the store: it writes a cancel
+request into the run's lease (`storyflow.store.request_cancel`), and a thread here reads
+that one key every `CANCEL_POLL_S` (never per step). A request acts as a first SIGINT
+(exit 130), its reason recorded as the run's error (``cancel_error``); after a signal it
+changes nothing.
+
 Leaving at once (`_leave_now`) kills the command groups in flight, records the run
 ``interrupted`` if the store still says ``running`` (one small write, bounded), says so
 on stderr and calls ``os._exit``. Every checkpoint is committed as it happens, so
@@ -40,6 +46,11 @@ GRACE_ENV = "STORYFLOW_STOP_GRACE_S"
 """An environment variable that sets another grace period (seconds)."""
 _WRITE_S = 2.0
 """At most this long for the last record written on the way out."""
+CANCEL_POLL_S = 0.5
+"""How often the holder reads its lease for a ``storyflow cancel`` request."""
+CANCEL_KEY = "cancel"
+"""The key of ``RunRecord.meta`` that carries a cancel request to `end_run` (in
+memory: `end_run` takes it off before the record is saved)."""
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 _BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "waiting": EXIT_WAITING}
 
@@ -79,6 +90,9 @@ class Stopping:
         self._now = threading.Event()
         self._urgent = False
         self._leaving = threading.Lock()
+        self.cancel: dict[str, Any] | None = None
+        """The ``storyflow cancel`` request that stopped the run, if one did."""
+        self._ended = threading.Event()
 
     @property
     def code(self) -> int:
@@ -94,6 +108,8 @@ class Stopping:
         from storyflow.agents.command_agent import watch_groups
 
         threading.Thread(target=self._watch, name="storyflow-stop", daemon=True).start()
+        threading.Thread(target=self._poll_cancel, args=(lease,), name="storyflow-cancel",
+                         daemon=True).start()
         for signum in _HANDLED:
             signal.signal(signum, self._on_signal)
 
@@ -125,6 +141,7 @@ class Stopping:
         """The event loop has ended (before it is closed): from now on a first signal
         changes nothing; the watchdog and a second signal still bound the exit."""
         loop, self._loop = self._loop, None
+        self._ended.set()
         if self._unwatch is not None:
             self._unwatch()
         if self._wakeup is not None and loop is not None:
@@ -157,7 +174,28 @@ class Stopping:
         loop = self._loop
         if loop is None or self._interrupt is None or self._settled():
             return
+        if self.cancel is not None:  # the loop's thread: nothing else writes the record now
+            self._record.meta[CANCEL_KEY] = dict(self.cancel)
         self._interrupt(signum)
+
+    # -- storyflow cancel ----------------------------------------------------------------
+    def _poll_cancel(self, lease: Any) -> None:
+        while not self._ended.wait(CANCEL_POLL_S):
+            try:
+                request = lease.cancel_requested()
+            except Exception:  # busy: the next poll reads it
+                continue
+            if request is not None:
+                self._on_cancel(request)
+                return
+
+    def _on_cancel(self, request: dict[str, Any]) -> None:
+        """A ``storyflow cancel`` request: a first SIGINT, with its reason (after a
+        signal, nothing more)."""
+        if self.signals or self._ended.is_set():
+            return
+        self.cancel = request
+        self._on_signal(signal.SIGINT, None)
 
     def _watch(self) -> None:
         self._armed.wait()
@@ -198,7 +236,8 @@ class Stopping:
     def _mark_interrupted(self, record: Any) -> None:
         from storyflow.engine.runs import end_crashed
 
-        end_crashed(self._store, record, KeyboardInterrupt(), _discard, 0.0)
+        end_crashed(self._store, record, KeyboardInterrupt(), _discard, 0.0,
+                    cancel=self.cancel)
 
 
 def ignore_signals() -> None:

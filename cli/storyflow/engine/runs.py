@@ -144,6 +144,9 @@ def end_run(
     """Record how the run ended, then emit its end event and summary; the duration."""
     trigger, end_type = _END_EVENT[result.status]
     run_fire(life, trigger)
+    request = record.meta.pop("cancel", None)  # `storyflow cancel`, in memory only
+    if result.status is RunStatus.INTERRUPTED and result.error is None and request is not None:
+        result.error = cancel_error(record.run_id, request)
     accounted = record.ended_at  # the end of the last process that said how it ended
     record.status = life.state
     record.outputs = result.outputs
@@ -286,14 +289,27 @@ def top_run(store: Store, record: RunRecord) -> RunRecord:
     return record
 
 
+def cancel_error(run_id: str, request: Any) -> dict[str, str]:
+    """The error of a run stopped by ``storyflow cancel`` (``request``: the ``reason``,
+    ``by`` and ``at`` it wrote into the lease)."""
+    from storyflow.events import ErrorClass
+
+    reason = request.get("reason") if isinstance(request, dict) else None
+    message = "cancelled by storyflow cancel" + (f": {reason}" if reason else "")
+    return {"class": ErrorClass.CANCELLED.value, "message": message,
+            "hint": f"storyflow resume {run_id} continues it"}
+
+
 def end_crashed(store: Store, record: RunRecord, exc: BaseException, sink: Any,
-                started: float) -> Exception | None:
+                started: float, *, cancel: Any = None) -> Exception | None:
     """Close a run whose process leaves on an error no step caught (a bug, a store that
     fails): it ends ``failed`` (``interrupted`` for a Ctrl-C that got through), never
     ``running`` with no holder, and so do the child runs it was running; ``resume``
-    continues it. Its end event and summary go to ``sink``. Best effort: the store may
-    be what failed. Returns the error to report instead of a bug's own (None: report
-    ``exc``). A run the store already shows ended (the error came after) is left as is."""
+    continues it. ``cancel``: the ``storyflow cancel`` request that stopped it (an
+    interruption, with its reason: `cancel_error`). Its end event and summary go to
+    ``sink``. Best effort: the store may be what failed. Returns the error to report
+    instead of a bug's own (None: report ``exc``). A run the store already shows ended
+    (the error came after) is left as is."""
     from storyflow.errors import StoryflowError
     from storyflow.events import ErrorClass
 
@@ -312,6 +328,8 @@ def end_crashed(store: Store, record: RunRecord, exc: BaseException, sink: Any,
         return report
     error = {"class": (ErrorClass.PERMANENT if failed else ErrorClass.CANCELLED).value,
              "message": message, "hint": f"storyflow resume {record.run_id} continues it"}
+    if cancel is not None and not failed:
+        error = cancel_error(record.run_id, cancel)
     status = (RunStatus.FAILED if failed else RunStatus.INTERRUPTED).value
     prefix = record.run_id + "."
     try:

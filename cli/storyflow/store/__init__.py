@@ -11,7 +11,7 @@ from __future__ import annotations
 from storyflow.store._damage import Damage, LostRun, RunListing
 from storyflow.store._events_log import EventLog, follow_events, read_events
 from storyflow.store._integrity import Finding
-from storyflow.store._lease import Holder, Lease
+from storyflow.store._lease import Holder, Lease, request_cancel
 from storyflow.store._records import RunRecord, StepRecord
 from storyflow.store._redact import redact
 from storyflow.store._store import MIGRATIONS, STORE_FORMAT, Store
@@ -32,4 +32,5 @@ __all__ = [
     "follow_events",
     "read_events",
     "redact",
+    "request_cancel",
 ]

@@ -10,6 +10,11 @@ taken over. A dead holder's lease stays in the store until then, so readers (`ru
 `show`) can tell a run that is running from one whose process was killed. A lease
 record that does not read back holds nothing: it is taken over, or overwritten by the
 holder's next heartbeat.
+
+``storyflow cancel`` asks the holder to stop by adding ``"cancel": {"reason", "at",
+"by"}`` to its lease record (`request_cancel`); the holder's heartbeat keeps the field,
+and the holder polls it (`Lease.cancel_requested`, one read of one key). A new holder
+(``resume``) writes a fresh record: a request outlives neither its holder nor its run.
 """
 
 from __future__ import annotations
@@ -96,6 +101,23 @@ def read_holder(cache: diskcache.Cache, key: str, *, now: float, ttl_s: float,
     )
 
 
+def request_cancel(store: Any, run_id: str, reason: str | None) -> dict[str, Any] | None:
+    """Ask the process holding ``run_id`` (a top-level run) to stop, by writing a cancel
+    request into its lease record; the lease record as it was (None when nobody holds
+    the run: nothing is written). Whether the holder is alive is the caller's question."""
+    from storyflow.store._store import lease_key
+
+    cache, key = store._cache, lease_key(run_id)
+    request = {"reason": reason, "at": store.clock(),
+               "by": f"{os.getpid()}@{socket.gethostname()}"}
+    with Fence(store.root, "ask the run's holder to stop"), cache.transact():
+        current = read_value(cache, key)
+        if not isinstance(current, dict):
+            return None
+        cache.set(key, {**current, "cancel": request})
+    return current
+
+
 def _held_error(run_id: str, record: dict[str, Any]) -> RunHeldError:
     return RunHeldError(
         f"run {run_id} is held by process {record.get('pid')} on {record.get('host')}",
@@ -162,7 +184,20 @@ class Lease(Closing):
             current = read_value(self._cache, self._key)
             if isinstance(current, dict) and current.get("token") != self.token:
                 raise _held_error(self.run_id, current)
-            self._cache.set(self._key, self._record())
+            record = self._record()
+            if isinstance(current, dict) and isinstance(current.get("cancel"), dict):
+                record["cancel"] = current["cancel"]  # asked to stop: the request stays
+            self._cache.set(self._key, record)
+
+    def cancel_requested(self) -> dict[str, Any] | None:
+        """The cancel request written for this process's hold (`request_cancel`), or
+        None: one read of the lease key, cheap enough for a sub-second poll."""
+        with Fence(self._root, "read the run's lease"):
+            current = read_value(self._cache, self._key)
+        if not isinstance(current, dict) or current.get("token") != self.token:
+            return None
+        request = current.get("cancel")
+        return request if isinstance(request, dict) else None
 
     def release(self) -> None:
         """Give the run up, unless another process already took it over."""
