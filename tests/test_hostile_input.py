@@ -414,3 +414,30 @@ def test_the_shquote_filter() -> None:
     assert t.render("{{ x | shquote }}", {"x": {"a": [1, "b c"]}}) == "'{\"a\": [1, \"b c\"]}'"
     assert t.render("{{ x | shquote }}", {"x": "plain"}) == "plain"
     assert t.render("echo {{ x | shquote }}", {"x": 3}) == "echo 3"
+
+
+def test_a_deep_answer_and_an_unwritable_init_folder_are_usage_errors(
+    cli: Any, tmp_path: Path
+) -> None:
+    wf = tmp_path / "ask.yaml"
+    wf.write_text(
+        "apiVersion: storyflow/v1\n"
+        "name: ask\n"
+        "steps:\n"
+        "  approve: {uses: human, with: {question: \"ok?\", schema: {type: array}}}\n",
+        encoding="utf-8",
+    )
+    waiting = cli("run", wf, "--no-progress")
+    assert waiting.returncode == 3, waiting.stderr
+    deep = "[" * 5000 + "]" * 5000
+    result = cli("resume", "--last", "--answer", f"approve={deep}")
+    assert result.returncode == 2, result.stderr
+    assert "deeper than 200 levels" in result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    shallow = cli("resume", "--last", "--answer", "approve=[1, 2]", "--no-progress")
+    assert shallow.returncode == 0, shallow.stderr
+    long_name = tmp_path / ("x" * 300) / "project"
+    made = cli("init", long_name)
+    assert made.returncode == 2, made.stderr
+    assert "cannot write the project" in made.stderr
+    assert "Traceback" not in made.stderr and "internal error" not in made.stderr

@@ -254,6 +254,16 @@ def write(directory: Path, files: list[NewFile], *, force: bool = False) -> list
 
     Nothing is written when a file exists already, unless ``force``: the error lists them.
     """
+    try:
+        return _write(directory, files, force=force)
+    except OSError as exc:  # a name too long, no permission, a full disk
+        raise UsageError(
+            f"cannot write the project into {directory}: {exc.strerror or exc}",
+            hint="give a folder you can write to, with a shorter path",
+        ) from exc
+
+
+def _write(directory: Path, files: list[NewFile], *, force: bool) -> list[Path]:
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} exists and is not a directory",
                          hint="give a new or existing folder to write the project into")

@@ -25,6 +25,7 @@ def parse_answers(record: Any, specs: list[str]) -> dict[str, Any]:
 
     from jsonschema import Draft202012Validator
 
+    from storyflow.spec.limits import MAX_DEPTH, too_deep
     from storyflow.spec.units import did_you_mean
 
     waiting = {q["step"]: q for q in record.meta.get("waiting") or []}
@@ -59,6 +60,17 @@ def parse_answers(record: Any, specs: list[str]) -> dict[str, Any]:
             value: Any = json.loads(text)
         except ValueError:
             value = text  # plain text
+        except RecursionError:
+            value = None  # nested past what JSON's parser takes: refused just below
+            deep: tuple[Any, ...] | None = ()
+        else:
+            deep = too_deep(value)
+        if deep is not None:
+            raise UsageError(
+                f"--answer {step}: the answer nests lists or mappings deeper than "
+                f"{MAX_DEPTH} levels",
+                hint="answers are checked against the question's schema; keep them shallow",
+            )
         if question["schema"].get("type") == "string" and not isinstance(value, str):
             value = text  # `--answer title=42` for a string is the text "42"
         errors = list(Draft202012Validator(question["schema"]).iter_errors(value))
