@@ -56,13 +56,13 @@ def parse_answers(record: Any, specs: list[str]) -> dict[str, Any]:
                 raise UsageError(
                     f"--answer {step}: cannot read {text[1:]}: {exc.strerror}"
                 ) from exc
+        deep: tuple[Any, ...] | None = None
         try:
             value: Any = json.loads(text)
         except ValueError:
             value = text  # plain text
         except RecursionError:
-            value = None  # nested past what JSON's parser takes: refused just below
-            deep: tuple[Any, ...] | None = ()
+            value, deep = None, ()  # nested past what JSON's parser takes
         else:
             deep = too_deep(value)
         if deep is not None:
