@@ -441,3 +441,31 @@ def test_a_deep_answer_and_an_unwritable_init_folder_are_usage_errors(
     assert made.returncode == 2, made.stderr
     assert "cannot write the project" in made.stderr
     assert "Traceback" not in made.stderr and "internal error" not in made.stderr
+
+
+def test_nan_or_infinity_in_an_output_fails_the_step_as_invalid_output(
+    cli: Any, tmp_path: Path
+) -> None:
+    """JSON has no NaN or Infinity: an agent that yields one (a command's `output: json`
+    parses them) fails its step instead of putting invalid JSON in the events."""
+    wf = tmp_path / "nan.yaml"
+    wf.write_text(
+        "apiVersion: storyflow/v1\n"
+        "name: nan\n"
+        "steps:\n"
+        "  listed: {uses: command, with: {run: [echo, '[1, NaN]'], output: json}}\n"
+        "  alone: {uses: command, with: {run: [echo, Infinity], output: json}}\n",
+        encoding="utf-8",
+    )
+    result = cli("run", wf, "--json")
+    assert result.returncode == 1, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    failed = {e["step"]: e["error"] for e in events if e["type"] == "step.failed"}
+    assert failed["listed"]["class"] == "invalid_output"
+    assert failed["alone"]["class"] == "invalid_output"
+
+    def refuse(constant: str) -> Any:
+        raise AssertionError(f"{constant} in an event: not JSON")
+
+    for line in result.stdout.splitlines():
+        json.loads(line, parse_constant=refuse)

@@ -13,6 +13,7 @@ Every walk here is iterative: the data being checked may be the deep data refuse
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Final
 
 from storyflow.errors import Problem
@@ -76,13 +77,17 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> tuple[str | int, ...] | None
 def json_value(value: Any) -> Any:
     """``value`` as JSON sees it: tuples become lists, text subclasses plain text, number
     keys text. Raises ValueError (saying why) for what JSON cannot hold — a set, a
-    ``dict_items``, an object, a value containing itself — or data nested deeper than
-    `MAX_DEPTH`."""
+    ``dict_items``, an object, NaN or an infinity, a value containing itself — or data
+    nested deeper than `MAX_DEPTH`."""
     kind = type(value)
-    if kind is str or kind is int or kind is float or kind is bool or value is None:
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a JSON number")
         return value
     try:
-        text = json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except RecursionError as exc:
         raise ValueError(f"it is nested deeper than {MAX_DEPTH} levels") from exc
     except (TypeError, ValueError) as exc:
