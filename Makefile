@@ -29,6 +29,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_cli.py
 	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_fork.py
+	$(BIN)/python bench/bench_diff.py
 	$(BIN)/python bench/bench_dask.py
 
 clean:

@@ -5,6 +5,11 @@ L1  1,000 calls straight through `LlmAgent.run`, 100 at a time (asyncio.gather b
 L2  a whole `storyflow run` of a 1,000-item ``for_each`` map with ``uses: llm``, a pool
     ``{concurrency: 100}`` and ``--max-parallel 100`` (goal ≤ 1.2 s), next to the same
     map of python steps that sleep 50 ms: the engine's share of it
+S   the client's CPU (`time.process_time`) for 1,000 calls of a 2,000-character
+    (~500-token) reply, 100 at a time: streamed in 10 chunks of ~50 tokens vs one JSON
+    body (goal: streaming ≤ 1.10x), the chunks 5 ms apart (each its own TCP read, as a
+    model writes them) and all at once (one read); next to it the floor, httpx alone
+    reading the same stream with ``aiter_raw`` and parsing nothing
 
 The server (tests/llm_server.py) runs in its own process, so it does not compete with
 the client for the GIL.
@@ -24,7 +29,21 @@ the engine's 1.2 s plus ~1 s of HTTP client work on one core; the 1.2 s goal is 
 reach with httpx here. Without `sniffio` installed, httpcore's failing
 ``import sniffio`` on every request adds another ~0.5 ms per call (L1 1.6 s).
 
-Usage: python bench/bench_llm.py [--quick]   (--quick: L1 only)
+Since the agent streams by default, L1 and L2 stream their one-word replies: L1 0.95 s,
+L2 1.9 s (python sleeps 0.95 s) with httpx 0.29.0 as installed now. S, median of 5:
+                                   plain    streamed  ratio
+  chunks 5 ms apart    agent       0.741 s  1.308 s   1.77x
+                       httpx alone 0.665 s  1.195 s   1.80x
+  chunks all at once   agent       0.695 s  0.892 s   1.28x
+                       httpx alone 0.639 s  0.761 s   1.19x
+The goal of ≤ 1.10x is out of reach with httpx: reading the stream and parsing nothing
+already costs 1.2-1.8x a plain call, for each HTTP chunk goes through h11, httpcore and
+httpx's iterators (~10 µs), and each TCP read through anyio and the event loop (~35 µs,
+when the chunks come apart, as a model writes them). The agent's own share — the SSE
+reader, the idle watch, deltas — is 40-75 µs a call, +5-11% of a plain call. Holding
+reads back to let chunks gather (sleep 20 ms between reads) cost more than it saved.
+
+Usage: python bench/bench_llm.py [--quick | --stream]   (--quick: L1 only; --stream: S only)
 """
 
 from __future__ import annotations
@@ -52,9 +71,16 @@ CONCURRENCY = 100
 DELAY_S = 0.05
 
 
-def start_server() -> tuple[subprocess.Popen[str], str]:
+REPLY_CHARS = 2000
+"""~500 tokens at 4 characters a token."""
+CHUNK_CHARS = 200
+"""~50 tokens a streamed chunk."""
+CHUNK_DELAY_S = 0.005
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "llm_server.py"), "--delay", str(DELAY_S)],
+        [sys.executable, str(ROOT / "tests" / "llm_server.py"), "--delay", str(DELAY_S), *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     assert proc.stdout is not None
@@ -84,6 +110,81 @@ async def direct(url: str, limits: httpx.Limits, clients: int) -> float:
         await agent.aclose()
     assert outputs == ["hello"] * CALLS and len(usage) == CALLS + 1
     return wall
+
+
+MODES = ("agent", "agent streamed", "httpx", "httpx streamed")
+"""What `cpu` measures: the agent, plain and streamed; httpx alone, posting and reading
+the body whole, and reading the stream (``aiter_raw``) without parsing it."""
+
+
+async def cpu(url: str, mode: str) -> float:
+    """Client CPU seconds of CALLS calls at CONCURRENCY in ``mode`` (of `MODES`), after a
+    warm-up of CONCURRENCY calls."""
+    agent = LlmAgent()
+    clients = [httpx.AsyncClient(limits=LIMITS) for _ in range(CLIENTS)]
+    gate = asyncio.Semaphore(CONCURRENCY)
+    chunks: list[str] = []
+    stream = mode.endswith("streamed")
+
+    async def one(i: int) -> int:
+        prompt = f"item {i}"
+        async with gate:
+            if mode.startswith("agent"):
+                call = Call(run_id="bench", step_id=f"s[{i}]", attempt=1,
+                            inputs={"base_url": url, "model": "m", "prompt": prompt,
+                                    "stream": stream},
+                            workflow_dir=ROOT, run_dir=ROOT, secrets={}, timeout_s=30,
+                            delta=chunks.append)
+                return len(await agent.run(call))
+            client, chat = clients[i % CLIENTS], f"{url}/chat/completions"
+            body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+            if not stream:
+                resp = await client.post(chat, json=body, timeout=30)
+                return len(resp.json()["choices"][0]["message"]["content"])
+            body.update(stream=True, stream_options={"include_usage": True})
+            async with client.stream("POST", chat, json=body,
+                                     timeout=httpx.Timeout(30, read=None)) as resp:
+                return sum([len(b) async for b in resp.aiter_raw()]) and REPLY_CHARS
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(CONCURRENCY)))
+        start = time.process_time()
+        lengths = await asyncio.gather(*(one(i) for i in range(CALLS)))
+        spent = time.process_time() - start
+    finally:
+        await agent.aclose()
+        for client in clients:
+            await client.aclose()
+    assert lengths == [REPLY_CHARS] * CALLS, lengths[:3]
+    if mode == "agent streamed":
+        assert len(chunks) == (CALLS + CONCURRENCY) * REPLY_CHARS // CHUNK_CHARS
+    return spent
+
+
+def streaming() -> None:
+    for label, delay in (("5 ms apart", CHUNK_DELAY_S), ("all at once", 0.0)):
+        proc, url = start_server("--content-chars", str(REPLY_CHARS),
+                                 "--chunk-chars", str(CHUNK_CHARS), "--chunk-delay", str(delay))
+        try:
+            spent: dict[str, list[float]] = {mode: [] for mode in MODES}
+            for _ in range(5):
+                for mode, cpus in spent.items():
+                    cpus.append(asyncio.run(cpu(url, mode)))
+        finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait(10)
+        med = {mode: statistics.median(cpus) for mode, cpus in spent.items()}
+        print(f"S  {CALLS} x {REPLY_CHARS}-char replies x{CONCURRENCY}, client CPU, "
+              f"{REPLY_CHARS // CHUNK_CHARS} chunks {label}:")
+        for mode in MODES:
+            print(f"   {mode:15} {runs(spent[mode])}")
+        agent = med["agent streamed"] / med["agent"]
+        floor = med["httpx streamed"] / med["httpx"]
+        ours = (med["agent streamed"] - med["agent"]) - (med["httpx streamed"] - med["httpx"])
+        print(f"   streamed/plain: agent {agent:.2f}x (goal <= 1.10x), httpx alone {floor:.2f}x; "
+              f"the agent's own share {ours / CALLS * 1e6:.0f} us a call "
+              f"({ours / med['agent'] * 100:+.0f}% of a plain call)")
 
 
 NAP = """
@@ -131,6 +232,9 @@ def runs(walls: list[float]) -> str:
 
 def main() -> None:
     quick = "--quick" in sys.argv
+    if "--stream" in sys.argv:
+        streaming()
+        return
     proc, url = start_server()
     try:
         settings = {
@@ -162,6 +266,8 @@ def main() -> None:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(10)
+    if not quick:
+        streaming()
 
 
 if __name__ == "__main__":

@@ -369,7 +369,8 @@ def _property_schemas(node: Any, path: str = "#") -> Iterator[tuple[str, dict[st
             yield from _property_schemas(sub, f"{path}/{kw}")
 
 
-@pytest.mark.parametrize("name", ["events.schema.json", "show.schema.json", "runs.schema.json"])
+@pytest.mark.parametrize("name", ["events.schema.json", "show.schema.json", "runs.schema.json",
+                                  "gc.schema.json", "diff.schema.json"])
 def test_output_schemas_are_valid_2020_12_and_documented(name: str) -> None:
     schema = _load(name)
     jsonschema.Draft202012Validator.check_schema(schema)

@@ -129,6 +129,7 @@ def test_reply_text_is_the_output_and_usage_is_metered(server: FakeLLM) -> None:
         "model": "m", "temperature": 0.5, "max_tokens": 50, "top_p": 0.9,
         "messages": [{"role": "system", "content": "You are terse."},
                      {"role": "user", "content": "Write a title"}],
+        "stream": True, "stream_options": {"include_usage": True},
     }
     assert "authorization" not in req.headers  # no key, no header: local servers need none
 
@@ -143,7 +144,7 @@ def test_messages_come_after_system_and_before_the_prompt(server: FakeLLM) -> No
 
 def test_no_usage_block_reports_unknown_tokens(server: FakeLLM) -> None:
     server.push(ok("x", usage=None))
-    out = ask(with_(server))
+    out = ask(with_(server, stream=False))  # a stream without usage is estimated instead
     assert out.output == "x"
     assert out.usage == [{"model": "m", "input_tokens": None, "output_tokens": None,
                           "cached": False, "truncated": False}]

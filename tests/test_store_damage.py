@@ -293,7 +293,9 @@ def test_a_damaged_format_version_is_a_clear_store_error(
     result = clean(cli("runs"))
     assert result.returncode == 1
     assert f"the store at {state_dir} is damaged: its format version" in result.stderr
-    assert "this storyflow reads format 1" in result.stderr
+    from storyflow.store import STORE_FORMAT
+
+    assert f"this storyflow reads format {STORE_FORMAT}" in result.stderr
     if value == "1":
         assert "'1' (a str)" in result.stderr
     code, rows = doctor_rows(cli)

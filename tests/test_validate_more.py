@@ -317,7 +317,7 @@ def test_llm_keys_are_checked_as_the_agent_checks_them(cli: Any, write_workflow:
           offline: {uses: builtin/grammar, with: {model: m, anything: 1}}
           fn: {uses: python, with: {callable: "m:f", any_kwarg: 1}}
         steps:
-          a: {agent: writer, prompt: hi, with: {max_tokens: 9, stream: true}}
+          a: {agent: writer, prompt: hi, with: {max_tokens: 9, streem: true}}
           b: {agent: offline, prompt: hi}
           c: {agent: fn}
           d: {uses: command, with: {run: [echo], stdn: ignored}}
@@ -330,8 +330,8 @@ def test_llm_keys_are_checked_as_the_agent_checks_them(cli: Any, write_workflow:
         "did you mean temperature?",
         f"{path}:6:39: error: with.api_key: unknown key for agent kind llm; "
         "did you mean api_key_secret?",
-        f"{path}:10:56: error: with.stream: unknown key for agent kind llm; "
-        "did you mean system?",
+        f"{path}:10:56: error: with.streem: unknown key for agent kind llm; "
+        "did you mean stream?",
     ]
     assert "hint: other request fields go in `with.params`" in result.stderr
     assert "hint: the key comes only from the agent's secrets" in result.stderr

@@ -155,7 +155,7 @@ def test_show_of_a_local_run_has_no_worker_column(cli: Cli, runs: Path) -> None:
 
 
 def _report(store: Store, run_id: str = RUN) -> Any:
-    from storyflow.commands.inspect_cmds import instance_records
+    from storyflow.store import instance_records
 
     run = store.get_run(run_id)
     assert run is not None

@@ -169,6 +169,12 @@ class WorkerLost(TransientError):
     error_class = ErrorClass.WORKER_LOST
 
 
+class ReplayMiss(StepFailure):
+    """``storyflow replay --strict``: no call of the recorded run had this request."""
+
+    error_class = ErrorClass.REPLAY_MISS
+
+
 class StepTimeout(StepFailure):
     """The attempt ran past its timeout."""
 

@@ -61,6 +61,8 @@ class ErrorClass(StrEnum):
     WORKER_LOST = "worker_lost"
     """The executor's worker died during the attempt; transient: retried by ``retry.on``
     naming ``worker_lost`` or ``transient``."""
+    REPLAY_MISS = "replay_miss"
+    """``storyflow replay --strict``: the call's request is not in the recorded run."""
 
 
 class EventType(StrEnum):
@@ -81,6 +83,7 @@ class EventType(StrEnum):
     STEP_CACHED = "step.cached"
     STEP_CANCELLED = "step.cancelled"
     STEP_KEPT = "step.kept"
+    STEP_DELTA = "step.delta"
     STEP_FALLBACK = "step.fallback"
     STEP_LOG = "step.log"
     STEP_WAITING = "step.waiting"

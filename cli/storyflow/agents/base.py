@@ -75,12 +75,18 @@ class Call:
     meter: Callable[[dict[str, Any]], None] = ignore_usage
     """Reports one model call's usage, once per HTTP call (repairs included):
     ``{"model": str, "input_tokens": int | None, "output_tokens": int | None,
-    "cached": bool, "truncated": bool}``. The engine totals tokens and prices them
+    "cached": bool, "truncated": bool, "estimated"?: True}`` (``estimated``: counted
+    from the text, the server sent no usage). The engine totals tokens and prices them
     from the workflow's ``config.prices`` per step and per run, and checks budgets."""
     cache: CallCache | None = None
     """The call cache, or None when the run bypasses it (``--no-cache``)."""
     placed: Callable[[str], None] = discard
     """An executor that runs the attempt elsewhere reports the worker that ran it."""
+    delta: Callable[[str], None] = discard
+    """The reply's text as it arrives, for an agent that streams (``llm``): called on the
+    event loop once per streamed chunk with that chunk's text (the engine counts the
+    calls as the tokens so far and coalesces the text into ``step.delta`` events). Text
+    of a reply that is then retried or repaired is not taken back."""
     environ: Mapping[str, str] | None = None
     """When the attempt runs on another machine: the variables of the coordinator's
     environment the agent reads (its ``environ_keys``), instead of the local ones."""

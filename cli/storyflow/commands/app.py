@@ -177,11 +177,15 @@ def root(
 def main() -> None:
     from storyflow.commands import (  # noqa: F401  (registers)
         cancel_cmds,
+        diff_cmds,
         doctor_cmds,
+        fork_cmds,
+        gc_cmds,
         init_cmds,
         inspect_cmds,
         report_cmds,
         run_cmds,
+        runs_cmds,
         spec_cmds,
     )
 

@@ -69,8 +69,7 @@ MAX_DEPTH = 8
 def _report_of(store: Any, record: Any, *, children: bool, seen: set[str], depth: int = 0) -> Any:
     """The report of one run, with its child runs' reports when ``children``."""
     from storyflow import report as rp
-    from storyflow.commands.inspect_cmds import instance_records
-    from storyflow.store import read_events
+    from storyflow.store import instance_records, read_events
 
     seen.add(record.run_id)
     ids, records = instance_records(store, record)

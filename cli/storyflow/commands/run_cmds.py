@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 
-from storyflow.commands.answers import interactive, parse_answers, print_questions, terminal_ask
-from storyflow.commands.app import G, app, err, guarded, pick_run, silence_stdout, state_dir
+from storyflow.commands.answers import parse_answers
+from storyflow.commands.app import app, err, guarded, pick_run, state_dir
+from storyflow.commands.executing import check_follow, execute, leave
 from storyflow.commands.spec_cmds import known_kinds
-from storyflow.commands.stopping import Stopping, ignore_signals
-from storyflow.errors import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_WAITING,
-    StepFailure,
-    UsageError,
-)
-from storyflow.events import EventType, RunStatus
+from storyflow.errors import UsageError
+from storyflow.events import RunStatus
 
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @app.command()
@@ -46,6 +38,12 @@ def run(
         False, "--dry-run", help="Validate and show the plan; run nothing."
     ),
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+    follow: str | None = typer.Option(
+        None, "--follow", help="Show this step's streamed text in full as it is written."
+    ),
+    stream_events: bool = typer.Option(
+        False, "--stream-events", help="With --json: also the step.delta events (streamed text)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
     executor_opt: str | None = typer.Option(
@@ -61,7 +59,7 @@ def run(
     from storyflow.spec import load_workflow
     from storyflow.spec.params import resolve_inputs
 
-    if run_id is not None and not _RUN_ID.fullmatch(run_id):
+    if run_id is not None and not RUN_ID.fullmatch(run_id):
         raise UsageError(
             f"invalid run id {run_id!r}",
             hint="use letters, digits, '.', '_' and '-', starting with a letter or digit "
@@ -90,6 +88,7 @@ def run(
         )
         values = resolve_inputs(wf, inputs, inputs_file)
         compiled = plan(wf)
+        check_follow(follow, compiled)
         chosen = executors.setting(wf.executor, executor_opt)
         executors.require_dask(chosen)
         store.remember_valid(wf.source_hash)
@@ -126,6 +125,8 @@ def run(
             max_parallel=max_parallel,
             no_cache=no_cache,
             executor=chosen,
+            follow=follow,
+            stream_events=stream_events,
         )
     leave(code)
 
@@ -148,6 +149,12 @@ def resume(
         [], "--set", help="Override a value from now on, e.g. budget.tokens=N (repeatable)."
     ),
     json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
+    follow: str | None = typer.Option(
+        None, "--follow", help="Show this step's streamed text in full as it is written."
+    ),
+    stream_events: bool = typer.Option(
+        False, "--stream-events", help="With --json: also the step.delta events (streamed text)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
     executor_opt: str | None = typer.Option(
@@ -174,7 +181,7 @@ def resume(
         try:
             code = _resume(
                 store, record, lease, from_steps, answers, sets, max_parallel, json_mode,
-                no_progress, no_cache, executor_opt,
+                no_progress, no_cache, executor_opt, follow, stream_events,
             )
         finally:
             lease.release()
@@ -193,6 +200,8 @@ def _resume(
     no_progress: bool,
     no_cache: bool,
     executor_opt: str | None,
+    follow: str | None,
+    stream_events: bool,
 ) -> int:
     from storyflow.engine import executors
     from storyflow.engine.plan import plan
@@ -210,6 +219,7 @@ def _resume(
         parsed=store.parsed_files,
     )
     compiled = plan(wf)
+    check_follow(follow, compiled)
     for step in from_steps:
         if step not in compiled.nodes:
             raise UsageError(
@@ -221,6 +231,14 @@ def _resume(
     chosen = executors.setting(wf.executor, executor_opt)
     executors.require_dask(chosen)
     plan_ = resume_plan(store, record, compiled, from_steps)
+    replay = None
+    fork = record.fork or {}
+    if fork.get("kind") == "replay" and record.forked_from is not None:
+        source = store.get_run(record.forked_from)
+        if source is not None:  # still there: the resumed replay goes on answering from it
+            from storyflow.commands.fork_cmds import replay_book
+
+            replay = replay_book(store, source, strict=bool(fork.get("strict")))
     changed, kept, todo = plan_.changed, plan_.kept, plan_.todo
     if not json_mode:
         from storyflow.engine.runs import what_changed
@@ -260,182 +278,11 @@ def _resume(
         previous_status=previous_status,
         lease=lease,
         executor=chosen,
+        replay=replay,
+        follow=follow,
+        stream_events=stream_events,
     )
     return code
 
 
-def execute(
-    store: Any,
-    wf: Any,
-    compiled: Any,
-    record: Any,
-    *,
-    json_mode: bool,
-    progress: bool,
-    max_parallel: int,
-    previous: Any = None,
-    forced: frozenset[str] = frozenset(),
-    resumed: dict[str, Any] | None = None,
-    previous_status: str | None = None,
-    lease: Any = None,
-    answers: dict[str, Any] | None = None,
-    no_cache: bool = False,
-    executor: Any = None,
-) -> int:
-    """Hold the lease, run the plan with events to the log and the display; the exit code."""
-    import asyncio
-
-    from storyflow.agents.python_agent import set_thread_pool_size
-    from storyflow.engine.executors import LOCAL_SETTING, open_executor
-    from storyflow.engine.lifecycle import RunLife
-    from storyflow.engine.runner import Options, Runner
-    from storyflow.engine.runs import end_run
-    from storyflow.store import EventLog
-    from storyflow.ui.progress import make_sink
-
-    lease = lease or store.acquire_lease(record.run_id)
-    stopping = Stopping(store, record, debug=G.debug)
-    stopping.install(lease)  # SIGINT/SIGTERM are ours until the exit
-    log = EventLog(store.run_dir(record.run_id) / "events.jsonl")
-    ui = make_sink(json_mode=json_mode, progress=progress, stream=sys.stdout)
-
-    display = [ui]
-
-    def sink(event: dict[str, Any]) -> None:
-        log.write(event)
-        if display:
-            try:
-                display[0](event)
-            except BrokenPipeError:
-                # `storyflow run … | head`: the reader left. The run goes on, logged.
-                display.clear()
-                silence_stdout()
-
-    set_thread_pool_size(max_parallel)
-    chosen = executor or LOCAL_SETTING
-    where = open_executor(chosen, private=(Path(store.root),), verbose=G.debug)
-    # Every secret leaves the process environment, declared or named like one (a child
-    # workflow's agents load later): python steps run in this process. The run's private
-    # copy keeps them for the agents that declare them, and for redaction.
-    from storyflow.engine.secrets import take_secrets
-
-    environ = dict(os.environ)
-    take_secrets(os.environ, {n for a in wf.agents.values() for n in a.secrets})
-    options = Options(
-        environ=environ,
-        max_parallel=max_parallel,
-        forced=forced,
-        previous=previous or {},
-        clock=store.clock,
-        heartbeat=lease.heartbeat,
-        answers=answers or {},
-        no_cache=no_cache,
-        ask=terminal_ask(ui) if not json_mode and interactive() else None,
-        executor=where,
-    )
-    runner = Runner(wf, compiled, store, record, sink, options)
-    loop = asyncio.new_event_loop()
-    stopping.attach(loop, runner.interrupt, settled=runner.done.is_set)
-    head: dict[str, Any] = {
-        "workflow": wf.name,
-        "steps": len(compiled),
-        "inputs": record.inputs,
-        "workflow_version": wf.version,
-    }
-    life = RunLife(resumed_from=previous_status)
-    started = store.clock()
-
-    async def drive() -> Any:
-        """Start the executor, run, stop the executor (a cluster it started goes too)."""
-        failed: StepFailure | None = None
-        try:
-            described = await where.start()
-        except StepFailure as exc:
-            failed, described = exc, {"kind": chosen.kind}
-            if chosen.address:
-                described["address"] = chosen.address
-        if chosen.kind != "local":
-            head["executor"] = described
-        if resumed is not None:
-            runner.emit(EventType.RUN_RESUMED, **head, **resumed)
-        else:
-            runner.emit(EventType.RUN_STARTED, **head)
-        if failed is not None:
-            return runner.fail_to_start(failed)
-        try:
-            return await runner.execute()
-        finally:
-            await where.close()
-
-    lost: list[BaseException] = []
-
-    def on_loop_error(loop_: Any, context: dict[str, Any]) -> None:
-        # A task that died of an error nothing awaited (a step's, in the runner): no
-        # traceback unless --debug, and the run cannot have succeeded.
-        exc = context.get("exception")
-        if G.debug or not isinstance(exc, BaseException):
-            loop_.default_exception_handler(context)
-        else:
-            lost.append(exc)
-
-    try:
-        loop.set_exception_handler(on_loop_error)
-        result = loop.run_until_complete(drive())
-        if lost:
-            raise lost[0]
-        end_run(runner.emit, store, record, result, life, started)
-    except BaseException as exc:
-        # Whatever went wrong, the run must not stay `running` with no holder.
-        from storyflow.engine.runs import end_crashed
-
-        report = end_crashed(store, record, exc, sink, started)
-        if report is not None and not G.debug:
-            raise report from exc
-        raise
-    finally:
-        stopping.detach()
-        try:
-            loop.run_until_complete(loop.shutdown_asyncgens())  # closes LLM connections
-        finally:
-            loop.close()
-        if display:
-            try:
-                ui.close()
-            except BrokenPipeError:
-                silence_stdout()
-        log.close()
-        lease.release()
-    if not json_mode and result.status is RunStatus.SUCCEEDED and wf.artifacts:
-        folder = store.run_dir(record.run_id)
-        for rel in wf.artifacts:
-            typer.echo(f"artifact: {folder / rel}")
-    if not json_mode and result.status is RunStatus.WAITING:
-        print_questions(record.run_id, result.waiting or [])
-    elif not json_mode and result.status is not RunStatus.SUCCEEDED:
-        if result.error:
-            err(f"error: {result.error['message']}")
-            if result.error.get("hint"):
-                err(f"  hint: {result.error['hint']}")
-        err(f"  continue with: storyflow resume {record.run_id}")
-    if result.status is RunStatus.SUCCEEDED:
-        return EXIT_OK
-    if result.status is RunStatus.WAITING:
-        return EXIT_WAITING
-    if result.status is RunStatus.INTERRUPTED:
-        return stopping.code
-    return EXIT_FAILED
-
-
-def leave(code: int) -> NoReturn:
-    """Exit with ``code``; the run's outcome is decided, so a signal from here on is
-    ignored (it would turn a success into -2/-15). A synchronous python callable
-    cancelled by a timeout or a signal still runs in its worker thread (threads cannot
-    be stopped), and Python would wait for it at exit: everything is committed and
-    closed by now, so leave without waiting."""
-    ignore_signals()
-    agent = sys.modules.get("storyflow.agents.python_agent")
-    if agent is not None and agent.calls_in_flight():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise typer.Exit(code)
+__all__ = ["RUN_ID", "execute", "leave", "resume", "run"]

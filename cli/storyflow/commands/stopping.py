@@ -1,6 +1,6 @@
 """How a run stops on SIGINT or SIGTERM: cleanly when it can, within a grace period always.
 
-From the start of `run_cmds.execute` until the process exits, the two signals are
+From the start of `executing.execute` until the process exits, the two signals are
 handled here (Python-level handlers, with a wakeup fd so that the event loop hears of a
 signal at once whichever thread the kernel delivered it to):
 

@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 from storyflow.agents.base import Call, CallCache
 from storyflow.engine import retry
 from storyflow.engine.breaker import Admission, Breaker
+from storyflow.engine.deltas import Deltas
 from storyflow.engine.executors import agent_for
 from storyflow.engine.inputs import Inputs, Server
+from storyflow.engine.replay import request_of
 from storyflow.engine.usage import Usage
 from storyflow.errors import (
     AnswerNeeded,
@@ -245,6 +247,7 @@ class Attempts:
             inst.attempts += 1
             inst.started_at = s.options.clock()
             inst.worker = None
+            inst.request = request_of(server.uses, inputs, inst.node.step.output_schema, s.seed)
             s.journal.move(inst, "start")
             if exc is None:
                 exc = await self._attempt(inst, server, agent, inputs, secrets, breaker, admission)
@@ -285,6 +288,7 @@ class Attempts:
         # Budgets: the agent reserves before each model call; what it still holds is
         # given back when the attempt ends, however it ends.
         metering = s.usage.attempt(inst, step.budget, self._spender(inst))
+        deltas = Deltas(s.journal, inst.id, inst.attempts)
         call = Call(
             run_id=s.run_id,
             step_id=inst.id,
@@ -301,10 +305,18 @@ class Attempts:
             reserve=metering.reserve,
             cache=s.call_cache,
             placed=lambda worker: setattr(inst, "worker", worker),
+            delta=deltas,
         )
+        replay = s.options.replay
         s.journal.flush()  # durable before the agent runs
         try:
-            output = await self._call(agent, call)
+            if replay is not None:
+                assert inst.request is not None
+                found, output = replay.answer(inst.id, inst.request, s.secret_values)
+                if not found:
+                    output = await self._call(agent, call)
+            else:
+                output = await self._call(agent, call)
         except AnswerNeeded:
             if breaker is not None:
                 breaker.abandoned(admission, s.options.monotonic())
@@ -322,6 +334,7 @@ class Attempts:
                 breaker.abandoned(admission, s.options.monotonic())
             raise
         finally:
+            deltas.close()  # the streamed text before the step's end event
             metering.close()
         if breaker is not None and breaker.succeeded(admission):
             s.journal.emit(EventType.BREAKER_CLOSED, agent=breaker.id, step=inst.id)

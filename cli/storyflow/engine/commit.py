@@ -86,7 +86,14 @@ class Journal:
                 rec.meta["redacted"] = True
             rec.output = output
             rec.error = redact(rec.error, self.secret_values)
+            if rec.request is not None:
+                rec.request = redact(rec.request, self.secret_values)
         self.dirty[inst.id] = rec
+
+    def copy(self, records: list[StepRecord]) -> None:
+        """Checkpoint records made elsewhere (a fork's copies of its parent's)."""
+        for rec in records:
+            self.dirty[rec.id] = rec
 
     def schedule_flush(self) -> None:
         """Flush once the tasks launched in this turn have taken their first step.

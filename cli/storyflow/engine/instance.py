@@ -26,6 +26,7 @@ class Instance:
         "error",
         "extra",
         "fingerprint",
+        "forked_from",
         "grant",
         "id",
         "node",
@@ -34,6 +35,7 @@ class Instance:
         "queued",
         "ready_at",
         "reason",
+        "request",
         "seq",
         "slot",
         "started_at",
@@ -79,6 +81,10 @@ class Instance:
         self.extra: dict[str, Any] | None = None
         """Local names: a map item's (the item, ``index``, ``previous``), a loop
         iteration's (``loop``)."""
+        self.request: dict[str, Any] | None = None
+        """The rendered request of the latest attempt (`storyflow.engine.replay`)."""
+        self.forked_from: str | None = None
+        """The run a fork copied this instance's record from."""
 
     def record(self, definition: str) -> StepRecord:
         meta: dict[str, Any] = {"def": definition}
@@ -102,6 +108,8 @@ class Instance:
             ended_at=self.ended_at,
             agent=self.agent,
             degraded=self.degraded,
+            request=self.request,
+            forked_from=self.forked_from,
             meta=meta,
         )
 

@@ -40,6 +40,8 @@ class Loops:
             lp.iteration = int(prev.meta.get("iterations", 0))
             lp.scores = list(prev.meta.get("scores", []))
             lp.history = [{}] * lp.iteration  # only the count matters once it is kept
+            if r.opt.origin is not None:
+                r.journal.checkpoint(lp)  # a fork's copy, with its iterations
             return r.settled(lp)
         lp.attempts = 1
         lp.started_at = r.opt.clock()
@@ -69,7 +71,7 @@ class Loops:
         r.unsettled += lp.left
         if r.opt.previous and not r.forced(lp):
             ids = [inner.id for inner in lp.current.values()]
-            r.nested_previous.update(r.store.get_steps(r.run.run_id, ids))
+            r.nested_previous.update(r.store.get_steps(r.opt.origin or r.run.run_id, ids))
         if n > 1:
             r.journal.checkpoint(lp)  # the iteration under way, for `show`
         r.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n, steps=lp.left)

@@ -62,7 +62,7 @@ class Maps:
             return self.close(m)
         if r.opt.previous and not r.forced(m):
             ids = [item.id for item in m.items]
-            r.nested_previous.update(r.store.get_steps(r.run.run_id, ids))
+            r.nested_previous.update(r.store.get_steps(r.opt.origin or r.run.run_id, ids))
         self.release(m)
         return []
 

@@ -12,10 +12,13 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storyflow.engine.executors import LOCAL, Executor
 from storyflow.store import StepRecord
+
+if TYPE_CHECKING:
+    from storyflow.engine.replay import ReplayBook
 
 
 @dataclass
@@ -26,7 +29,12 @@ class Options:
     forced: frozenset[str] = frozenset()
     """Steps that re-run even if a previous attempt succeeded (``--from`` and downstream)."""
     previous: Mapping[str, StepRecord] = field(default_factory=dict)
-    """Records of an earlier process of this run (resume)."""
+    """Records of an earlier process of this run (resume), or of the run it forks."""
+    origin: str | None = None
+    """The run ``previous`` comes from when it is not this one (``storyflow fork``): a
+    kept instance's record is copied from it, marked ``forked_from``."""
+    replay: ReplayBook | None = None
+    """Answers agent calls from a recorded run (``storyflow replay``)."""
     clock: Callable[[], float] = time.time
     """Wall-clock epoch seconds, for records and events."""
     monotonic: Callable[[], float] = time.monotonic

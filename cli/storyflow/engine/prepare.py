@@ -4,8 +4,10 @@ All of it is synchronous, done by the scheduler as it takes a ready instance: th
 step's inputs are rendered and fingerprinted; a step that succeeded with the same
 fingerprint in an earlier process of the run is *kept* (resume) — no task and no store
 write, its record is already there — unless it is forced or its stored output was
-redacted; a ``cache`` step found in the output cache is *cached*. A step whose inputs
-cannot be rendered (or whose ``when`` cannot be evaluated) fails without an attempt.
+redacted. A fork keeps the same way against its parent's records, and copies each kept
+record into the new run (``forked_from``). A ``cache`` step found in the output cache
+is *cached*. A step whose inputs cannot be rendered (or whose ``when`` cannot be
+evaluated) fails without an attempt.
 
 A `Preparer` holds only what that takes: the inputs, the executor that decides which
 agent object serves a kind, the journal, the output cache and the earlier records.
@@ -25,6 +27,7 @@ from storyflow.engine.instance import OK
 from storyflow.engine.plan import digest
 from storyflow.errors import StepFailure
 from storyflow.events import EventType, StepStatus
+from storyflow.store import descendants
 
 if TYPE_CHECKING:
     from storyflow.engine.commit import Journal
@@ -49,6 +52,8 @@ class Preparer:
     """The record of an instance from an earlier process of the run, if any."""
     forced: Callable[[Instance], bool]
     """Whether an instance must re-run (``--from``, a changed definition)."""
+    origin: str | None = None
+    """The run a fork is made from: a kept instance's record is copied from it."""
 
     def prepare(self, inst: Instance) -> Prepared | None:
         """What the attempts of ``inst`` need, or None when it settled here."""
@@ -64,8 +69,9 @@ class Preparer:
         if prev is not None:
             if self.keep(inst, prev) is not None:
                 return None
-            # It runs again: its attempts go on counting from an earlier process's.
-            inst.attempts = max(inst.attempts, prev.attempts)
+            if self.origin is None:  # a fork's attempts are its own
+                # It runs again: its attempts go on counting from an earlier process's.
+                inst.attempts = max(inst.attempts, prev.attempts)
         if step.cache:
             found, output = self.store.cache_get(inst.fingerprint)
             if found:
@@ -96,7 +102,20 @@ class Preparer:
         inst.agent, inst.degraded = prev.agent, prev.degraded
         inst.worker = prev.meta.get("worker")
         lifecycle.step_fire(inst, "keep")
-        self.journal.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
+        if self.origin is None:
+            self.journal.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
+            return prev
+        # A fork: the parent's record is copied into the new run (the parent is untouched);
+        # what it spent was spent by the parent, so the copy carries no usage.
+        inst.forked_from, inst.request = self.origin, prev.request
+        self.journal.checkpoint(inst)
+        if inst.node.step.loop is not None:  # a loop is kept whole: its iterations too
+            copies = descendants(self.store, self.origin, prev)
+            for rec in copies:
+                rec.forked_from = self.origin
+            self.journal.copy(copies)
+        self.journal.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts,
+                          forked_from=self.origin)
         return prev
 
     def fail_before_start(self, inst: Instance, exc: StepFailure) -> None:

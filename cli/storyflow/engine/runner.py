@@ -132,6 +132,7 @@ class Runner:
             clock=options.clock,
             previous_record=self.previous_record,
             forced=self.forced,
+            origin=options.origin,
         )
         self.attempts = Attempts(Serving(
             journal=self.journal,

@@ -175,6 +175,8 @@ def end_run(
     extra: dict[str, Any] = {"error": result.error} if result.error else {}
     if result.waiting:
         extra["waiting"] = result.waiting
+    if isinstance(record.meta.get("replay"), dict):
+        extra["replay"] = record.meta["replay"]  # calls answered from the record, live
     if result.usage and result.usage.get("calls"):
         extra["tokens"] = result.usage["tokens"]
         extra["cost"] = result.usage["cost"]

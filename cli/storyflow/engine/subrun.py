@@ -116,6 +116,7 @@ class WorkflowAgent:
         compiled = plan(wf)
         rid = child_run_id(parent.run.run_id, call.step_id)
         record = store.get_run(rid)
+        origin: str | None = None
         now = store.clock()
         if record is not None:
             same = record.inputs == values and record.source_hash == wf.source_hash
@@ -132,6 +133,12 @@ class WorkflowAgent:
             record.sets = sets
         else:
             previous, forced, previous_status = {}, frozenset(), None
+            # In a fork, the child forks the parent run's child of the same step.
+            source = (store.get_run(child_run_id(parent.opt.origin, call.step_id))
+                      if parent.opt.origin is not None else None)
+            if source is not None:
+                rp = resume_plan(store, source, compiled, warn=lambda _: None)
+                previous, forced, origin = rp.previous, rp.forced, source.run_id
             record = RunRecord(
                 run_id=rid,
                 workflow=wf.name,
@@ -146,6 +153,11 @@ class WorkflowAgent:
                 updated_at=now,
                 parent_run=parent.run.run_id,
                 parent_step=call.step_id,
+                forked_from=origin,
+                fork=None if source is None else {
+                    "kind": "fork", "from": [], "sets": [], "file": None,
+                    "inputs": sorted(k for k in set(values) | set(source.inputs)
+                                     if values.get(k) != source.inputs.get(k))},
             )
         record.status = RunStatus.RUNNING.value
         record.source_hash = wf.source_hash
@@ -161,6 +173,7 @@ class WorkflowAgent:
             max_parallel=po.max_parallel,
             forced=forced,
             previous=previous,
+            origin=origin,
             clock=po.clock,
             monotonic=po.monotonic,
             sleep=po.sleep,

@@ -31,6 +31,8 @@ hold over its children.
 **Unknown cost.** A call whose model has no price, or whose server reported no
 usage, has an unknown cost: the usage dict says ``priced: false`` (``cost`` then
 counts the priced calls only), and a ``cost`` budget refuses a call it cannot price.
+A streamed reply whose server sent no usage is counted from its text by the agent and
+reported ``estimated``: the usage dict then says ``estimated: true``.
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ class Usage:
         for key, value in start.items():
             if key in self.totals and isinstance(value, (int, float)):
                 self.totals[key] = value
+        if start.get("estimated") is True:
+            self.totals["estimated"] = True
         steps = start.get("steps")
         if isinstance(steps, Mapping) and steps:
             self.totals["steps"] = {
@@ -290,6 +294,7 @@ class Usage:
         """Add one call's usage to ``inst``, its step and the run; why a budget is now
         crossed, or None."""
         cached = bool(u.get("cached"))
+        estimated = not cached and u.get("estimated") is True
         tin = _count(u.get("input_tokens"))
         tout = _count(u.get("output_tokens"))
         if cached:
@@ -313,6 +318,8 @@ class Usage:
             target["cost"] = round(target["cost"] + cost, 10)
             if not priced:
                 target["priced"] = False
+            if estimated:
+                target["estimated"] = True
         ceilings = self._ceilings(inst, budget)
         if not cached:
             for c in ceilings:
@@ -326,7 +333,8 @@ class Usage:
         if self.outer is not None:
             self.outer.meter({"model": u.get("model"), "input_tokens": tin,
                               "output_tokens": tout, "cost": cost, "priced": priced,
-                              "calls": calls, "cached": cached})
+                              "calls": calls, "cached": cached,
+                              **({"estimated": True} if estimated else {})})
         if cached:
             return None
         for c in ceilings:

@@ -47,7 +47,7 @@ BUILTIN_KINDS: Final[dict[str, tuple[str, ...]]] = {
 LLM_KEYS: Final = frozenset({
     "model", "base_url", "system", "prompt", "messages", "temperature", "max_tokens",
     "seed", "timeout", "api_key_secret", "repair_attempts", "cache", "sample",
-    "json_mode", "params",
+    "json_mode", "params", "stream", "idle_timeout",
 })
 """Every ``with`` key the ``llm`` agent reads (its ``KEYS``)."""
 GRAMMAR_KEYS: Final = frozenset({"grammar", "start", "vars"})

@@ -68,6 +68,11 @@ class RunRecord:
     """The run that started this one as a sub-workflow."""
     parent_step: str | None = None
     """The step instance of `parent_run` that started this one."""
+    forked_from: str | None = None
+    """The run this one was made from by ``storyflow fork`` or ``storyflow replay``."""
+    fork: dict[str, Any] | None = None
+    """How it was made from `forked_from`: ``{"kind": "fork"|"replay", "from": [steps],
+    "inputs": [changed input names], "sets": [new --set], "file": path or None}``."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form: tokens, cost, plan summary..."""
 
@@ -90,6 +95,8 @@ class RunRecord:
             "error": _plain_error(self.error),
             "parent_run": self.parent_run,
             "parent_step": self.parent_step,
+            "forked_from": self.forked_from,
+            "fork": self.fork,
             "meta": self.meta,
         }
 
@@ -126,6 +133,12 @@ class StepRecord:
     """The agent that served it (a fallback's name when degraded)."""
     degraded: bool = False
     """True when a fallback agent produced the output."""
+    request: dict[str, Any] | None = None
+    """The rendered request of its latest attempt (secrets redacted): ``{"uses",
+    "inputs", "output_schema", "seed"}`` — what `storyflow replay` matches and `show --step`
+    prints. None for maps, loops and steps that never reached an agent."""
+    forked_from: str | None = None
+    """The run it was copied from, when a fork kept it instead of running it."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form: ``{"items": 5}`` for a map, tokens, attempt history..."""
 
@@ -144,6 +157,8 @@ class StepRecord:
             "ended_at": self.ended_at,
             "agent": self.agent,
             "degraded": self.degraded,
+            "request": self.request,
+            "forked_from": self.forked_from,
             "meta": self.meta,
         }
 
@@ -200,13 +215,14 @@ _RUN_SHAPE: dict[str, _Test] = {
              "a list of strings"),
     "created_at": _NUM, "updated_at": _NUM, "ended_at": _or_none(_NUM),
     "outputs": _or_none(_MAP), "error": _or_none(_ERROR), "parent_run": _or_none(_STR),
-    "parent_step": _or_none(_STR), "meta": (_run_meta, "a mapping"),
+    "parent_step": _or_none(_STR), "forked_from": _or_none(_STR), "fork": _or_none(_MAP),
+    "meta": (_run_meta, "a mapping"),
 }
 _STEP_SHAPE: dict[str, _Test] = {
     "id": _STR, "status": _STR, "attempts": _INT, "fingerprint": _or_none(_STR),
     "output": _ANY, "error": _or_none(_ERROR), "ready_at": _or_none(_NUM),
     "started_at": _or_none(_NUM), "ended_at": _or_none(_NUM), "agent": _or_none(_STR),
-    "degraded": _BOOL, "meta": _MAP,
+    "degraded": _BOOL, "request": _or_none(_MAP), "forked_from": _or_none(_STR), "meta": _MAP,
 }
 _RUN_REQUIRED = frozenset(
     f.name for f in fields(RunRecord) if f.default is MISSING and f.default_factory is MISSING

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diskcache
 
@@ -33,7 +33,11 @@ from storyflow.store._damage import (
 from storyflow.store._fence import FOREIGN_ERRORS, Fence, Undecodable, read_value, translate
 from storyflow.store._integrity import Finding, check_integrity
 from storyflow.store._lease import LEASE_TTL_S, Holder, Lease, acquire, read_holder
+from storyflow.store._migrate import FORMAT_KEY, TransactDisk, atomic, migrate_1_to_2, upgrade
 from storyflow.store._records import RunRecord, StepRecord
+
+if TYPE_CHECKING:
+    from storyflow.store._gc import GcReport
 
 # --- Keys: the whole scheme, in one place ------------------------------------------
 #   meta:format                      int, the store format version (STORE_FORMAT)
@@ -45,10 +49,11 @@ from storyflow.store._records import RunRecord, StepRecord
 #   valid:<source_hash>              1: this exact workflow source passed the schema
 #   parsed:<path>                    {"hash", "sum", "blob"}: a valid file's parsed data
 #                                    (both read and written by _parsed.py)
-# Run ids never contain ":", so the step key splits unambiguously.
+# Run ids never contain ":", so the step key splits unambiguously. Beside db/, the state
+# directory holds runs/<run_id>/ (event log, artifacts) and, while `gc` removes a run,
+# trash/<run_id>/ (_gc.py).
 # A record that does not read back is reported (`Damage`), never misread; see _damage.py.
 
-FORMAT_KEY = "meta:format"
 RUN_INDEX_KEY = "meta:runs"
 
 
@@ -70,11 +75,13 @@ def lease_key(run_id: str) -> str:
 
 # --- Format version ----------------------------------------------------------------
 
-STORE_FORMAT = 1
-"""Bump on any change to the key scheme or record shapes, with a migration below."""
+STORE_FORMAT = 2
+"""Bump on any change to the key scheme or record shapes, with a migration below.
+1: storyflow 0.1 · 2: runs and steps carry their fork lineage and requests."""
 
-MIGRATIONS: dict[int, Callable[[diskcache.Cache], None]] = {}
-"""``{from_version: migrate}``: each upgrades a store from its version to the next."""
+MIGRATIONS: dict[int, Callable[[diskcache.Cache], None]] = {1: migrate_1_to_2}
+"""``{from_version: migrate}``: each upgrades a store from its version to the next
+(``_migrate.py``); all a store needs run in one transaction with the format's write."""
 
 _SETTINGS: dict[str, Any] = {
     "sqlite_journal_mode": "wal",
@@ -117,7 +124,7 @@ class Store(Closing):
             _make_private_dir(self.root, force_mode=ours)
             _make_private_dir(self.root / "runs", force_mode=True)
             _make_private_dir(db, force_mode=True)
-            self._cache = diskcache.Cache(str(db), **_SETTINGS)
+            self._cache = diskcache.Cache(str(db), disk=TransactDisk, **_SETTINGS)
         except FOREIGN_ERRORS as exc:
             raise translate(exc, self.root, "open the store") from exc
         try:
@@ -127,7 +134,9 @@ class Store(Closing):
             raise
 
     def _check_format(self) -> None:
-        with Fence(self.root, "read the store format"), self._cache.transact():
+        """Refuse a store this storyflow cannot read; migrate an older one, all of it or
+        nothing (one transaction: a crash leaves it as the older release wrote it)."""
+        with Fence(self.root, "read the store format"), atomic(self._cache):
             found = read_value(self._cache, FORMAT_KEY)
             if found is None:
                 self._cache.set(FORMAT_KEY, STORE_FORMAT)
@@ -146,17 +155,8 @@ class Store(Closing):
                     hint=f"upgrade storyflow, or use another --state-dir "
                     f"(this version reads format {STORE_FORMAT})",
                 )
-            while found < STORE_FORMAT:
-                migrate = MIGRATIONS.get(found)
-                if migrate is None:
-                    raise StoreError(
-                        f"the store at {self.root} has format {found}, "
-                        f"which this storyflow cannot migrate",
-                        hint="use another --state-dir",
-                    )
-                migrate(self._cache)
-                found += 1
-                self._cache.set(FORMAT_KEY, found)
+            if found < STORE_FORMAT:
+                upgrade(self._cache, found, STORE_FORMAT, MIGRATIONS, self.root)
 
     def close(self) -> None:
         """Close the database connection. The store is unusable afterwards."""
@@ -373,6 +373,22 @@ class Store(Closing):
     def remember_parsed(self, path: str, text_hash: str, data: Any) -> None:
         """Keep the parsed data of a valid workflow file (one entry per path)."""
         _parsed.remember_parsed(self._cache, self.root, path, text_hash, data)
+
+    # --- housekeeping ----------------------------------------------------------------
+
+    def gc(
+        self, *, keep: int | None = None, older_than_s: float | None = None,
+        dry_run: bool = False,
+    ) -> GcReport:
+        """Remove old runs whole — all but the newest ``keep`` top-level runs, or those
+        unchanged for ``older_than_s`` seconds (exactly one of the two) — never a live
+        run, a kept run's fork parent or the newest run of a workflow; then the cache
+        entries no run refers to. ``dry_run`` removes nothing. See ``_gc.py``."""
+        from storyflow.store._gc import collect
+
+        if (keep is None) == (older_than_s is None):
+            raise ValueError("give keep or older_than_s, not both or neither")
+        return collect(self, keep=keep, older_than_s=older_than_s, dry_run=dry_run)
 
     # --- integrity -------------------------------------------------------------------
 

@@ -65,10 +65,11 @@ class Glyphs:
     newline: str
     fallback: str
     breaker: str
+    write: str
 
 
-UNICODE = Glyphs("▶", "✓", "✗", "↻", "⤼", "⊘", "≡", " · ", "…", " ⏎ ", "↪", "◆")
-ASCII = Glyphs(">", "+", "x", "~", "-", "/", "=", " | ", "...", " / ", "->", "*")
+UNICODE = Glyphs("▶", "✓", "✗", "↻", "⤼", "⊘", "≡", " · ", "…", " ⏎ ", "↪", "◆", "✎")
+ASCII = Glyphs(">", "+", "x", "~", "-", "/", "=", " | ", "...", " / ", "->", "*", ">>")
 _BASE_KEYS = frozenset({"type", "run_id", "ts", "step"})
 # Display order of statuses in counts; any other status follows in arrival order.
 _STATUS_ORDER = (

@@ -2,7 +2,8 @@
 
 The only sink that draws with ``rich``, and it imports rich lazily, inside the functions
 that draw, so that merely importing this module (as `storyflow.ui.progress` does) never
-loads it.
+loads it. Its table of running rows is `storyflow.ui.rows`; streamed replies (rows'
+notes, the ``--follow`` panel) are `storyflow.ui.stream`.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from storyflow.ui.lines import (
     worker_label,
     workers_text,
 )
+from storyflow.ui.rows import STYLES, rows_table
+from storyflow.ui.stream import Streams
 from storyflow.ui.tally import Tally
 
 if TYPE_CHECKING:
-    from rich.console import Console, JustifyMethod, RenderableType
+    from rich.console import Console, RenderableType
     from rich.live import Live
     from rich.text import Text
 
@@ -55,15 +58,8 @@ class _Active:
         self.note = ""
 
 
-_STYLES = {"running": "cyan", "retrying": "yellow", "succeeded": "green", "cached": "green",
-           "kept": "green", "failed": "red", "cancelled": "red", "degraded": "yellow"}
-
 _ENDED_STYLES = {"failed": "red", "interrupted": "red", "waiting": "yellow"}
 """The progress bar's colour for a run that ended short of success."""
-
-_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
-    ("step", "left"), ("status", "left"), ("attempt", "right"), ("time", "right"), ("", "left"),
-)
 
 
 class LiveSink:
@@ -73,7 +69,9 @@ class LiveSink:
     token and cost totals, each in O(1); nothing is drawn per event. rich's own refresh
     thread (at most ``refresh_per_second``) draws `render()`, whose cost is bounded by
     ``max_rows`` whatever the number of steps. The live display starts with the first
-    event; `close()` stops it and prints `summary_line`.
+    event; `close()` stops it and prints `summary_line`. With ``follow`` (see
+    `storyflow.ui.stream.follows`), a panel shows the followed reply as it streams, and
+    the whole reply is printed above the view when its attempt ends.
     """
 
     def __init__(
@@ -83,6 +81,7 @@ class LiveSink:
         clock: Callable[[], float] = time.monotonic,
         refresh_per_second: float = 8,
         max_rows: int = 12,
+        follow: str | None = None,
     ) -> None:
         self._console = console
         self._clock = clock
@@ -117,6 +116,7 @@ class LiveSink:
         self._workers: dict[str, list[int]] = {}
         """A cluster's workers (by label) → [steps succeeded, steps failed] on each."""
         self._summary: Event | None = None
+        self._streams = Streams(follow)
         self._handlers: dict[str, Callable[[Event], None]] = {
             "run.started": self._on_run_started,
             "run.resumed": self._on_run_started,
@@ -159,6 +159,9 @@ class LiveSink:
                 self._drop(container)  # a map or a loop: its parts have rows
             if handler is not None:
                 handler(event)
+            finished = self._streams.see(event)
+        if finished is not None and not self._closed:  # printed above the view, unlocked
+            self._console.print(finished.printable(self._g))
 
     def suspend(self) -> None:
         """Stop drawing (a question is being asked on the terminal)."""
@@ -352,9 +355,11 @@ class LiveSink:
         with self._lock:
             now = self._clock()
             rows = [
-                (step, rec.attempt, rec.since, rec.retry_at, rec.error, rec.note)
+                (step, rec.attempt, rec.since, rec.retry_at, rec.error, rec.note,
+                 self._streams.note(step, g))
                 for step, rec in islice(self._active.items(), self._max_rows)
             ]
+            panel = self._streams.panel(g)
             n_active, n_retrying = len(self._active), self._retrying
             tally = self._tally
             counts = {"running": n_active - n_retrying, "retrying": n_retrying, **tally.counts,
@@ -403,25 +408,11 @@ class LiveSink:
         parts += [bar, self._counts_text(counts)]
 
         if rows:
-            table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-            for name, justify in _COLUMNS:
-                table.add_column(name, justify=justify, no_wrap=True, overflow="ellipsis")
-            for step, attempt, since, retry_at, error, note in rows:
-                if retry_at is None:
-                    row = ("running", format_duration(now - since), one_line(note, g)[:80])
-                else:
-                    left = format_duration(max(retry_at - now, 0.0))
-                    row = ("retrying", f"retry in {left}", error)
-                table.add_row(
-                    Text(step),
-                    Text(row[0], style=_STYLES[row[0]]),
-                    str(attempt or ""),
-                    row[1],
-                    Text(row[2], style="dim"),
-                )
-            parts.append(table)
+            parts.append(rows_table(rows, now, g))
             if n_active > len(rows):
                 parts.append(Text(f"{g.more} and {n_active - len(rows):,} more", style="dim"))
+        if panel is not None:
+            parts.append(panel)
         if tokens or cost:
             parts.append(Text(f"tokens {tokens:,}{g.sep}cost ${cost:.4f}"))
         for agent, trial_at in breakers:
@@ -441,7 +432,7 @@ class LiveSink:
         text = Text(no_wrap=True, overflow="ellipsis")
         for i, (status, n) in enumerate(ordered_counts(counts)):
             text.append(self._g.sep if i else "")
-            text.append(f"{status} {n:,}", style=_STYLES.get(status, ""))
+            text.append(f"{status} {n:,}", style=STYLES.get(status, ""))
         if not text.plain:
             return Text("starting" + self._g.more)
         return Text("instances: ", no_wrap=True, overflow="ellipsis").append_text(text)

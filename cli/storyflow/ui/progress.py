@@ -11,8 +11,15 @@ event, with a ``close()`` called once at the end. Three sinks share that shape:
 
 `make_sink` picks one. ``rich`` is imported lazily, so plain and JSON runs never load it.
 
+A streaming step's reply arrives as ``step.delta`` events. JSON lines carry them only
+when asked (``--stream-events``); plain lines write the text of the step ``follow``
+names and nothing of the others; the live view shows each streaming row's last line
+and tokens, and a panel with the followed step's text (`follows` says which instances
+a step name covers).
+
 This module is the public entry; the sinks live in `storyflow.ui.plain` (JSON, plain)
-and `storyflow.ui.live` (rich), the shared line text in `storyflow.ui.lines`.
+and `storyflow.ui.live` (rich), the shared line text in `storyflow.ui.lines`, streamed
+text in `storyflow.ui.stream`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Protocol, TextIO
 from storyflow.ui.lines import Event, format_duration, summary_line
 from storyflow.ui.live import LiveSink
 from storyflow.ui.plain import JsonSink, PlainSink
+from storyflow.ui.stream import follows
 
 __all__ = [
     "Event",
@@ -32,6 +40,7 @@ __all__ = [
     "LiveSink",
     "PlainSink",
     "Sink",
+    "follows",
     "format_duration",
     "make_sink",
     "summary_line",
@@ -59,18 +68,23 @@ def make_sink(
     progress: bool | None,
     stream: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
+    follow: str | None = None,
+    stream_events: bool = False,
 ) -> Sink:
     """The sink for a run: JSON lines with ``--json``; a live view on a terminal unless
     ``progress`` is False or ``TERM=dumb``; plain lines otherwise (CI, pipes, files).
 
-    ``stream`` defaults to ``sys.stdout`` and ``environ`` to ``os.environ``, read at call time.
+    ``follow`` (``--follow STEP``) shows that step's streamed reply: the live view in a
+    panel, plain lines as raw text. ``stream_events`` (``--stream-events``) keeps the
+    ``step.delta`` events in JSON lines. ``stream`` defaults to ``sys.stdout`` and
+    ``environ`` to ``os.environ``, read at call time.
     """
     out: TextIO = sys.stdout if stream is None else stream
     env = os.environ if environ is None else environ
     if json_mode:
-        return JsonSink(out)
+        return JsonSink(out, deltas=stream_events)
     if progress is not False and _isatty(out) and env.get("TERM") != "dumb":
         from rich.console import Console
 
-        return LiveSink(Console(file=out, _environ=env))
-    return PlainSink(out)
+        return LiveSink(Console(file=out, _environ=env), follow=follow)
+    return PlainSink(out, follow=follow)

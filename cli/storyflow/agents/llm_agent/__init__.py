@@ -2,12 +2,13 @@
 
 ``with:`` keys — ``model`` (required), ``base_url`` (default ``$STORYFLOW_LLM_BASE_URL``,
 else OpenAI's), ``system``, ``prompt`` and/or ``messages``, ``temperature``,
-``max_tokens``, ``seed``, ``timeout`` (seconds per HTTP call), ``api_key_secret``
-(default ``OPENAI_API_KEY``), ``repair_attempts`` (default 2), ``cache``, ``sample``,
-``json_mode`` and ``params`` (passed verbatim into the request body). Any other key is
-an error, so a typo never silently drops a setting — except the ``builtin/grammar``
-agent's ``grammar``, ``start`` and ``vars``, ignored so that an environment may switch
-a grammar agent to this kind.
+``max_tokens``, ``seed``, ``timeout`` (seconds per HTTP call; for a stream, until it
+begins), ``stream`` (default true), ``idle_timeout`` (seconds a stream may go silent,
+default 60), ``api_key_secret`` (default ``OPENAI_API_KEY``), ``repair_attempts``
+(default 2), ``cache``, ``sample``, ``json_mode`` and ``params`` (passed verbatim into
+the request body). Any other key is an error, so a typo never silently drops a setting —
+except the ``builtin/grammar`` agent's ``grammar``, ``start`` and ``vars``, ignored so
+that an environment may switch a grammar agent to this kind.
 
 The key comes only from the agent's declared secrets; without it no Authorization
 header is sent (local servers need none). It never reaches a log line or an error.
@@ -15,9 +16,21 @@ header is sent (local servers need none). It never reaches a log line or an erro
 How failures are classified (httpx is fenced in `_http`; its errors stop there):
 
     connection errors, timeouts, HTTP 408/429/5xx,   TransientError (Retry-After honoured)
-    a broken response envelope
+    a broken response envelope, a stream cut
+    before its end or a chunk that does not parse
+    a stream silent for ``idle_timeout``             StepTimeout (class ``timeout``)
     other HTTP 4xx                                   PermanentError with the server's words
     content failing ``output_schema`` after repairs  InvalidOutput
+
+Replies stream (``with.stream``, default true): the request asks for Server-Sent
+Events with a usage chunk at the end (``stream_options.include_usage``), and each piece
+of text goes to ``call.delta`` as it arrives, repairs' too (`_stream`). A stream whose
+server sent no usage is metered from its text (`text_tokens`: UTF-8 bytes at 4 a token)
+and flagged ``"estimated": true``. A server that rejects ``stream`` (HTTP 400) is asked
+again without it; one that ignores it and answers one JSON body is taken at its word;
+one that rejects only ``stream_options`` streams without it. Either way, as for a server
+that rejects ``response_format``, the finding is remembered per base URL (`_quirks`).
+Streamed or not, a call is the same request to the cache, the budgets and the repairs.
 
 With an ``output_schema`` the request asks for JSON mode and the system message carries
 the schema; a reply that does not parse or validate is answered with the validation
@@ -41,9 +54,11 @@ at 100 concurrent calls, 25 pools of 4 spend ~7x less CPU per call than one pool
 generators (``asyncio.run`` does) or on `LlmAgent.aclose`.
 
 The package, in the order a call goes through it: `_request` (``with:`` keys → a checked
-request, its cache key), `_http` (pooled clients, the POST, failures classified),
-`_structured` (a reply's JSON, validated; repair prompts), and here the agent that
-drives them, meters usage and keeps the key out of logs and errors.
+request, its cache key), `_quirks` (what each endpoint lacks; the body without it),
+`_http` (pooled clients, the POST, failures classified), `_stream` (a streamed reply's
+events; the watch on its silence), `_structured` (a reply's JSON, validated; repair
+prompts), and here the agent that drives them, meters usage and keeps the key out of logs
+and errors.
 """
 
 from __future__ import annotations
@@ -64,14 +79,15 @@ from storyflow.agents.llm_agent._http import (
     Pool,
     Reply,
     close_at_shutdown,
-    envelope,
     post,
     status_error,
 )
+from storyflow.agents.llm_agent._quirks import NOTES, Quirks
 from storyflow.agents.llm_agent._request import (
     BASE_URL_ENV,
     CACHE_FORMAT,
     DEFAULT_BASE_URL,
+    DEFAULT_IDLE_TIMEOUT_S,
     DEFAULT_KEY_SECRET,
     DEFAULT_REPAIRS,
     DEFAULT_REPLY_TOKENS,
@@ -81,6 +97,7 @@ from storyflow.agents.llm_agent._request import (
     Request,
     canonical,
     request_of,
+    text_tokens,
 )
 from storyflow.agents.llm_agent._structured import checked, repair_prompt, validator_of
 from storyflow.errors import InvalidOutput, StepFailure
@@ -93,6 +110,7 @@ __all__ = [
     "CACHE_FORMAT",
     "CLIENTS",
     "DEFAULT_BASE_URL",
+    "DEFAULT_IDLE_TIMEOUT_S",
     "DEFAULT_KEY_SECRET",
     "DEFAULT_REPAIRS",
     "DEFAULT_REPLY_TOKENS",
@@ -127,8 +145,8 @@ class LlmAgent:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopClients] = (
             weakref.WeakKeyDictionary()
         )
-        self._no_response_format: set[str] = set()
-        """Base URLs whose server rejected ``response_format``."""
+        self._quirks: dict[str, Quirks] = {}
+        """Base URL → what its server was found to lack."""
         self._validators: dict[str, Any] = {}
 
     async def run(self, call: Call) -> Any:
@@ -222,23 +240,45 @@ class LlmAgent:
 
     async def _complete(self, req: Request, messages: list[dict[str, Any]], call: Call,
                         log: Callable[[str], None]) -> Reply:
-        """One chat completion (two HTTP calls if the server rejects JSON mode: the
-        rejected one used nothing, so both go under one reservation)."""
+        """One chat completion, streamed unless the step or the server says otherwise. A
+        server that rejects a feature (``response_format``, ``stream``, ``stream_options``)
+        is asked again without it: the rejected call used nothing, so all go under one
+        reservation."""
         release = await call.reserve(req.estimate(messages))  # BudgetExceeded: not sent
         try:
             pool = await self._pool(req.base_url)
-            json_mode = req.json_mode and req.base_url not in self._no_response_format
-            resp = await post(pool, req, req.body(messages, json_mode=json_mode))
-            if json_mode and resp.status_code == 400 and "response_format" in resp.text.lower():
-                self._no_response_format.add(req.base_url)
-                log(f"note: {req.base_url} does not support response_format; "
-                    "retrying without JSON mode (the prompt still asks for JSON)")
-                resp = await post(pool, req, req.body(messages, json_mode=False))
-            if not resp.is_success:
-                raise status_error(resp, req, self._clock())
-            content, finish, prompt_tokens, completion_tokens = envelope(resp, req)
-            truncated = finish == "length"
-            call.meter(_usage(req.model, prompt_tokens, completion_tokens, truncated=truncated))
+            known = self._quirks.get(req.base_url)
+            if known is None:
+                known = self._quirks[req.base_url] = Quirks()
+            quirks = known.copy()  # what this call asks for; calls beside it may find more
+
+            def drop(feature: str) -> None:
+                quirks.drop(feature)
+                known.drop(feature)
+                log(f"note: {req.base_url} {NOTES[feature]}")
+
+            while True:
+                body = quirks.body(req, messages)
+                answer = await post(pool, req, body, call.delta)
+                if isinstance(answer, Reply):
+                    break
+                lacks = quirks.refused(answer.status_code, answer.text, req)
+                if lacks is None:
+                    raise status_error(answer, req, self._clock())
+                drop(lacks)
+            reply = answer
+            if body.get("stream") and not reply.streamed:  # one JSON body: taken at its word
+                drop("ignored")
+            estimated = reply.streamed and (reply.input_tokens is None
+                                            or reply.output_tokens is None)
+            if estimated:  # no usage chunk: a stream's server may not send one
+                if reply.input_tokens is None:
+                    reply.input_tokens = text_tokens(canonical(messages))
+                if reply.output_tokens is None:
+                    reply.output_tokens = text_tokens(reply.content)
+            truncated = reply.finish == "length"
+            call.meter(_usage(req.model, reply.input_tokens, reply.output_tokens,
+                              truncated=truncated, estimated=estimated))
         finally:
             release()
         if truncated:
@@ -246,7 +286,7 @@ class LlmAgent:
             log(f"warning: the reply was truncated at max_tokens"
                 f"{f' ({limit})' if limit is not None else ''}; raise max_tokens "
                 "or ask for a shorter reply")
-        return Reply(content, prompt_tokens, completion_tokens)
+        return reply
 
     async def _pool(self, base_url: str) -> Pool:
         loop = asyncio.get_running_loop()
@@ -270,9 +310,14 @@ class LlmAgent:
 
 
 def _usage(model: str, input_tokens: Any, output_tokens: Any, *, cached: bool = False,
-           truncated: bool = False) -> dict[str, Any]:
-    return {"model": model, "input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cached": cached, "truncated": truncated}
+           truncated: bool = False, estimated: bool = False) -> dict[str, Any]:
+    """A `Call.meter` report; ``estimated`` (only when true) marks tokens counted from the
+    text because the server reported none."""
+    usage = {"model": model, "input_tokens": input_tokens, "output_tokens": output_tokens,
+             "cached": cached, "truncated": truncated}
+    if estimated:
+        usage["estimated"] = True
+    return usage
 
 
 def _add(a: int | None, b: int | None) -> int | None:

@@ -1,13 +1,18 @@
-"""The fence around httpx: pooled clients, one POST, and its failures classified.
+"""The fence around httpx: pooled clients, one POST (streamed or not), its failures classified.
 
 httpx is imported here and nowhere else in storyflow; its exceptions, non-2xx answers and
 broken envelopes leave this module as storyflow's failures (chained with ``from``), never
 as httpx's own. How they are classified is drawn in the package docstring.
+
+A streamed POST (``client.stream``) has no httpx read timeout: a `Watch` gives the reply
+``timeout`` seconds to begin and ``idle_timeout`` seconds between chunks once it has, at
+the cost of a clock read per chunk where a timeout per read would arm a timer.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
 import ssl
 from collections.abc import AsyncGenerator, Callable
@@ -18,7 +23,14 @@ from typing import Any
 import httpx
 
 from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
-from storyflow.errors import InvalidOutput, PermanentError, StepFailure, TransientError
+from storyflow.agents.llm_agent._stream import Events, Expired, Watch
+from storyflow.errors import (
+    InvalidOutput,
+    PermanentError,
+    StepFailure,
+    StepTimeout,
+    TransientError,
+)
 
 CLIENTS = 25
 """Most clients (connection pools) per (event loop, base URL): 100 connections in all."""
@@ -30,11 +42,16 @@ _EXCERPT_CHARS = 300
 
 @dataclass(slots=True)
 class Reply:
-    """One completed HTTP call."""
+    """One completed chat completion."""
 
     content: str
+    finish: Any
+    """Its ``finish_reason`` (``length``: cut at max_tokens)."""
     input_tokens: int | None
     output_tokens: int | None
+    streamed: bool = False
+    """Read from an event stream; else one JSON body (not asked to stream, or the
+    server answered a request to stream without streaming)."""
 
 
 class ClientFactory:
@@ -97,13 +114,21 @@ async def close_at_shutdown(pools: dict[str, Pool]) -> AsyncGenerator[None, None
             await pools.popitem()[1].aclose()
 
 
-async def post(pool: Pool, req: Request, body: dict[str, Any]) -> httpx.Response:
-    """POST ``body`` to the chat-completions URL; a failure to get any answer is translated."""
+async def post(pool: Pool, req: Request, body: dict[str, Any],
+               on_text: Callable[[str], None] | None = None) -> Reply | httpx.Response:
+    """POST ``body`` to the chat-completions URL: the `Reply`, or the server's non-2xx
+    answer (read) for the caller to classify — `status_error`, or a retry without what
+    the server does not support. With ``"stream": true`` in ``body`` the reply is read as
+    its events arrive, each piece of text handed to ``on_text``. A failure to get an
+    answer is translated."""
     url = f"{req.base_url}/chat/completions"
     headers = {"Authorization": f"Bearer {req.key}"} if req.key else None
     i = pool.take()
     try:
-        return await pool.clients[i].post(url, json=body, headers=headers, timeout=req.timeout_s)
+        if body.get("stream"):
+            return await _streamed(pool.clients[i], url, req, body, headers, on_text)
+        resp = await pool.clients[i].post(url, json=body, headers=headers, timeout=req.timeout_s)
+        return envelope(resp, req) if resp.is_success else resp
     except httpx.TimeoutException as exc:
         raise TransientError(
             f"no reply from {url} within {req.timeout_s:g}s ({type(exc).__name__})",
@@ -118,6 +143,73 @@ async def post(pool: Pool, req: Request, body: dict[str, Any]) -> httpx.Response
         ) from exc
     finally:
         pool.give(i)
+
+
+async def _streamed(client: httpx.AsyncClient, url: str, req: Request, body: dict[str, Any],
+                    headers: dict[str, str] | None,
+                    on_text: Callable[[str], None] | None) -> Reply | httpx.Response:
+    """The streamed POST. Transport failures before the stream begins are left to `post`;
+    once it has, a cut or a silence leaves no reply — unless the reply was complete
+    (``[DONE]`` or a ``finish_reason``) and only the end of the body went missing."""
+    events: Events | None = None
+    watch = Watch(req.timeout_s, req.idle_timeout_s)
+    try:
+        with watch:
+            async with client.stream("POST", url, json=body, headers=headers,
+                                     timeout=_stream_timeout(req.timeout_s)) as resp:
+                watch.begin()
+                if not resp.is_success or resp.headers.get("content-type", "").startswith(
+                        "application/json"):  # an error, or a server that does not stream
+                    await resp.aread()
+                    return envelope(resp, req) if resp.is_success else resp
+                events = Events(on_text or _ignore, req.base_url)
+                beat, feed = watch.beat, events.feed
+                # aiter_raw unless compressed: aiter_bytes adds a decoder and a chunker a read
+                chunks = resp.aiter_bytes() if "content-encoding" in resp.headers \
+                    else resp.aiter_raw()
+                async for data in chunks:
+                    beat()
+                    feed(data)
+    except Expired as exc:
+        if events is None or not events.complete:
+            raise _expired(exc, url, req, events) from None
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        if events is None:
+            raise
+        if not events.complete:
+            raise TransientError(
+                f"the stream from the LLM server at {req.base_url} was cut after "
+                f"{events.chars} characters: {type(exc).__name__}: {exc}",
+            ) from exc
+    content, finish, usage = events.result()
+    return Reply(content, finish, _tokens(usage.get("prompt_tokens")),
+                 _tokens(usage.get("completion_tokens")), streamed=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_timeout(seconds: float) -> httpx.Timeout:
+    """httpx's limits for a stream: ``seconds`` to connect and send, no read limit (the
+    `Watch` keeps those)."""
+    return httpx.Timeout(seconds, read=None)
+
+
+def _expired(exc: Expired, url: str, req: Request, events: Events | None) -> StepFailure:
+    if not exc.idle:
+        return TransientError(
+            f"no reply from {url} within {exc.seconds:g}s",
+            hint="raise `with.timeout` or the step's timeout for slow models",
+        )
+    after = f" after {events.chars} characters" if events is not None else ""
+    return StepTimeout(
+        f"the stream from the LLM server at {req.base_url} went silent for "
+        f"{exc.seconds:g}s{after}",
+        hint="raise `with.idle_timeout` for a model that pauses mid-reply, "
+        "or set `with.stream: false`",
+    )
+
+
+def _ignore(text: str) -> None:
+    """The default ``on_text``: drops the text."""
 
 
 def status_error(resp: httpx.Response, req: Request, now: float) -> StepFailure:
@@ -135,8 +227,8 @@ def status_error(resp: httpx.Response, req: Request, now: float) -> StepFailure:
     return PermanentError(message, hint=hint)
 
 
-def envelope(resp: httpx.Response, req: Request) -> tuple[str, Any, int | None, int | None]:
-    """Content, finish_reason and token counts of a 2xx reply; a broken one is transient."""
+def envelope(resp: httpx.Response, req: Request) -> Reply:
+    """The reply in a 2xx JSON body; a broken one is transient."""
     try:
         data = resp.json()
         choice = data["choices"][0]
@@ -155,8 +247,8 @@ def envelope(resp: httpx.Response, req: Request) -> tuple[str, Any, int | None, 
         raise TransientError(f"the LLM server at {req.base_url} sent a reply without text")
     usage = data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
-    return content, finish, _tokens(usage.get("prompt_tokens")), _tokens(
-        usage.get("completion_tokens"))
+    return Reply(content, finish, _tokens(usage.get("prompt_tokens")),
+                 _tokens(usage.get("completion_tokens")))
 
 
 def _excerpt(resp: httpx.Response) -> str:

@@ -22,6 +22,8 @@ BASE_URL_ENV = "STORYFLOW_LLM_BASE_URL"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_TIMEOUT_S = 120.0
 """Seconds per HTTP call when neither ``with.timeout`` nor the step's timeout is set."""
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+"""Seconds a streamed reply may go silent once it has begun (``with.idle_timeout``)."""
 DEFAULT_KEY_SECRET = "OPENAI_API_KEY"
 DEFAULT_REPAIRS = 2
 DEFAULT_REPLY_TOKENS = 1024
@@ -33,13 +35,13 @@ CACHE_FORMAT = 1
 KEYS = frozenset({
     "model", "base_url", "system", "prompt", "messages", "temperature", "max_tokens",
     "seed", "timeout", "api_key_secret", "repair_attempts", "cache", "sample",
-    "json_mode", "params",
+    "json_mode", "params", "stream", "idle_timeout",
 })
 """Every ``with`` key the agent reads."""
 OFFLINE_KEYS = frozenset({"grammar", "start", "vars"})
 """The ``builtin/grammar`` agent's keys, ignored: an environment (``--env llm``) can
 switch a grammar agent to this kind, and a deep merge cannot remove its keys."""
-_RESERVED_PARAMS = frozenset({"model", "messages", "stream"})
+_RESERVED_PARAMS = frozenset({"model", "messages", "stream", "stream_options"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +60,21 @@ class Request:
     cache: bool
     sample: int
     json_mode: bool
+    stream: bool
+    """Ask for the reply as Server-Sent Events (``with.stream``, default true)."""
+    idle_timeout_s: float
+    """Seconds a streamed reply may go silent once it has begun."""
 
-    def body(self, messages: list[dict[str, Any]], *, json_mode: bool) -> dict[str, Any]:
+    def body(self, messages: list[dict[str, Any]], *, json_mode: bool, stream: bool = False,
+             usage: bool = True) -> dict[str, Any]:
+        """The request body; ``stream`` asks for SSE, with a usage chunk when ``usage``."""
         body = {**self.options, "model": self.model, "messages": messages}
         if json_mode and "response_format" not in self.options:
             body["response_format"] = {"type": "json_object"}
+        if stream:
+            body["stream"] = True
+            if usage:
+                body["stream_options"] = {"include_usage": True}
         return body
 
     def estimate(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -85,6 +97,8 @@ class Request:
                 "output_tokens": reply * (repairs + 1)}
 
     def cache_key(self) -> str:
+        """The call cache's key: what the model is asked, never how the reply travels
+        (``stream``, timeouts), so a streamed call and a plain one share their answer."""
         request = {
             "format": CACHE_FORMAT,
             "base_url": self.base_url,
@@ -133,7 +147,8 @@ def request_of(call: Call, environ: Mapping[str, str]) -> Request:
     for name in params:
         if name in _RESERVED_PARAMS:
             raise PermanentError(f"`with.params.{name}` is not allowed",
-                                 hint="set model and messages directly; streaming is not supported")
+                                 hint="set model and messages directly, and streaming "
+                                 "with `with.stream: true|false`")
     options = dict(params)
     temperature = _number(inputs, "temperature", minimum=0)
     seed = _number(inputs, "seed", integer=True)
@@ -142,6 +157,8 @@ def request_of(call: Call, environ: Mapping[str, str]) -> Request:
         if value is not None:
             options[name] = value
     timeout = _number(inputs, "timeout", minimum=0.001)
+    idle = _number(inputs, "idle_timeout", minimum=0.001)
+    stream = _flag(inputs, "stream")
     repairs = _number(inputs, "repair_attempts", integer=True, minimum=0)
     sample = _number(inputs, "sample", integer=True, minimum=0)
     cache = _flag(inputs, "cache")
@@ -159,6 +176,8 @@ def request_of(call: Call, environ: Mapping[str, str]) -> Request:
         cache=cache if cache is not None else temperature == 0 or seed is not None,
         sample=int(sample or 0),
         json_mode=schema is not None and json_mode is not False,
+        stream=stream is not False,
+        idle_timeout_s=float(idle or DEFAULT_IDLE_TIMEOUT_S),
     )
 
 
@@ -201,6 +220,14 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     token — more than tokenizers make of English (about 4 characters a token), and
     enough for most other text."""
     return math.ceil(len(canonical(messages).encode("utf-8")) / 3)
+
+
+def text_tokens(text: str) -> int:
+    """A best guess at what a tokenizer makes of ``text``, for a reply whose server
+    reported no usage: its UTF-8 bytes at 4 a token — OpenAI's rule of thumb of 4
+    characters a token for English, and nearer the truth than characters for scripts of
+    several bytes a character. Not a ceiling like `prompt_tokens`: metered as estimated."""
+    return math.ceil(len(text.encode("utf-8")) / 4)
 
 
 def as_text(value: Any) -> str:

@@ -1,0 +1,124 @@
+"""The floors the benchmarks are measured against: what any orchestrator with storyflow's
+promises must pay, measured on this machine in the same run as the figure.
+
+W1 floor   a python process that opens a diskcache store with storyflow's settings
+           (SQLite, WAL, synchronous=NORMAL) and, per step, commits one step record in
+           its own transaction: the durable checkpoint a step needs, and nothing else —
+           no parsing, no templates, no state machine, no events.
+W2 floor   the same, for 1,000 asyncio tasks sleeping 50 ms, 100 at a time, each
+           committing its record when it ends.
+L floor    a plain httpx client process making the same chat-completions calls to the
+           same fake server, 100 at a time, reading each JSON reply: the wire's pace.
+
+Each floor is a whole process, timed like the figure it is compared with (wall clock,
+from exec to exit), so both pay the interpreter's start.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+
+_STORE = """
+import sys, tempfile
+import diskcache
+n = int(sys.argv[1])
+d = tempfile.mkdtemp()
+c = diskcache.Cache(d, sqlite_journal_mode="wal", sqlite_synchronous=1, statistics=0,
+                    eviction_policy="none", sqlite_wal_autocheckpoint=10000, cull_limit=0,
+                    size_limit=2**40)
+rec = {"id": "s0", "status": "succeeded", "attempts": 1, "fingerprint": "0" * 24,
+       "output": 1, "error": None, "ready_at": 1.0, "started_at": 1.0, "ended_at": 1.0,
+       "agent": None, "degraded": False, "request": None, "forked_from": None,
+       "meta": {"def": "0" * 24}}
+"""
+
+W1_FLOOR = _STORE + """
+for i in range(n):
+    rec["id"], rec["output"] = f"s{i}", i
+    with c.transact():
+        c.set(f"step:r:s{i}", rec)
+c.close()
+"""
+
+W2_FLOOR = _STORE + """
+import asyncio
+width, nap = int(sys.argv[2]), float(sys.argv[3])
+
+async def step(i, gate):
+    async with gate:
+        await asyncio.sleep(nap)
+        with c.transact():
+            c.set(f"step:r:s{i}", dict(rec, id=f"s{i}"))
+
+async def main():
+    gate = asyncio.Semaphore(width)
+    await asyncio.gather(*(step(i, gate) for i in range(n)))
+
+asyncio.run(main())
+c.close()
+"""
+
+L_FLOOR = """
+import asyncio, sys
+import httpx
+url, n, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        gate = asyncio.Semaphore(width)
+        async def call(i):
+            async with gate:
+                r = await client.post(url + "/chat/completions", json={
+                    "model": "m", "messages": [{"role": "user", "content": f"call {i}"}]})
+                return r.json()["choices"][0]["message"]["content"]
+        await asyncio.gather(*(call(i) for i in range(n)))
+
+asyncio.run(main())
+"""
+
+
+def _timed(code: str, *args: str, repeat: int) -> float:
+    walls = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, *args], check=True)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls)
+
+
+def w1_floor(steps: int, repeat: int = 3) -> float:
+    """Seconds of the W1 floor process for ``steps`` steps."""
+    return _timed(W1_FLOOR, str(steps), repeat=repeat)
+
+
+def w2_floor(steps: int, width: int, nap_s: float, repeat: int = 3) -> float:
+    """Seconds of the W2 floor process."""
+    return _timed(W2_FLOOR, str(steps), str(width), str(nap_s), repeat=repeat)
+
+
+def llm_floor(base_url: str, calls: int, width: int, repeat: int = 3) -> float:
+    """Seconds of a plain httpx client process making ``calls`` calls ``width`` at once."""
+    return _timed(L_FLOOR, base_url, str(calls), str(width), repeat=repeat)
+
+
+def row(name: str, figure: float, floor: float | None, goal: str, unit: str = "s") -> str:
+    """One line of a benchmark table: the figure, its floor, the ratio, the goal."""
+    if floor is None:
+        return f"{name:<34} {figure:>9.3f} {unit:<2} {'':>9}    {'':>6}  {goal}"
+    return (f"{name:<34} {figure:>9.3f} {unit:<2} {floor:>9.3f} {unit:<2} "
+            f"{figure / floor:>5.2f}×  {goal}")
+
+
+def header() -> str:
+    return f"{'benchmark':<34} {'figure':>12} {'floor':>12} {'ratio':>6}  goal"
+
+
+if __name__ == "__main__":
+    print(header())
+    print(row("W1 floor, 1,000 commits", w1_floor(1000), None, "the W1 floor process"))
+    print(row("W2 floor, 1,000 × 50 ms ×100", w2_floor(1000, 100, 0.05), None,
+              "the W2 floor process"))
