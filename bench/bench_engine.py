@@ -1,11 +1,13 @@
-"""Engine benchmarks W1–W4, measured as whole `storyflow` processes. Prints a table.
+"""Engine benchmarks W1–W4, measured as whole `storyflow` processes, each next to its
+floor (`floors.py`: the same durable commit per step and nothing else, measured in the
+same run) and the ratio. Prints a table; the method is in bench/README.md.
 
-W1  a chain of N no-op python steps passing a counter (goal ≤ 0.6 s whole at 1,000,
-    ≤ 300 µs overhead per step, per-step cost at 10,000 no higher than at 1,000)
-W2  1,000 async steps sleeping 50 ms at --max-parallel 100 (goal ≤ 0.8 s; ideal 0.5 s)
-W3  the W1 chain failing at step 900, then `resume`: none of the 899 re-run, the resume
-    process ≤ 0.4 s whole
-W4  peak RSS of W1: ≤ 50 MB at 1,000 steps, ≤ 120 MB at 10,000
+W1  a chain of N no-op python steps passing a counter (goal: ≤ 2× the floor process,
+    ≤ 200 µs per step beyond load+validate; the 10,000-step run ≤ 10× the 1,000-step
+    one); W1i the same chain with ``blocking: false`` (no thread hop)
+W2  1,000 async steps sleeping 50 ms at --max-parallel 100 (goal ≤ 1.4× its floor)
+W3  the W1 chain failing at step 900, then `resume`: none of the 899 re-run
+W4  peak RSS of W1: ≤ 35 MB at 1,000 steps, ≤ 70 MB at 10,000
 
 Usage: python bench/bench_engine.py [--quick]
 """
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floors import header, row, w1_floor, w2_floor
 from workloads import chain, fan
 
 STORYFLOW = [sys.executable, "-m", "storyflow"]
@@ -66,55 +69,51 @@ def rss_of(args: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    rows: list[tuple[str, str, str]] = []
+    lines: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         env = {**os.environ, "STORYFLOW_STATE_DIR": str(root / "state")}
         base_wall = statistics.median(
             timed([*STORYFLOW, "--version"], root, env)[0] for _ in range(5)
         )
-        rows.append(("startup", f"{base_wall:.3f} s", "python + storyflow --version"))
+        lines.append(row("startup (storyflow --version)", base_wall, None, "python + imports"))
 
         sizes = [1000] if quick else [1000, 10000]
-        per_step = {}
+        whole: dict[int, float] = {}
         for n in sizes:
-            wf = chain(root / f"w1-{n}", n)
             runs = 3 if n <= 1000 else 1
-            walls = [
-                timed([*STORYFLOW, "run", str(wf), "--no-progress"], wf.parent, env)[0]
-                for _ in range(runs)
-            ]
-            wall = statistics.median(walls)
-            validate = statistics.median(
-                timed([*STORYFLOW, "validate", str(wf)], wf.parent, env)[0] for _ in range(3)
-            )
-            per_step[n] = (wall - validate) / n * 1e6
-            rows.append(
-                (
-                    f"W1 chain {n}",
-                    f"{wall:.3f} s",
-                    f"{per_step[n]:.0f} µs/step beyond load+validate ({validate:.3f} s)",
+            floor = w1_floor(n, repeat=runs)
+            for inline in (False, True):
+                wf = chain(root / f"w1-{n}-{inline}", n, inline=inline)
+                # Warm, as a second run of a file is: validated and parsed once already.
+                timed([*STORYFLOW, "run", str(wf), "--no-progress"], wf.parent, env)
+                wall = statistics.median(
+                    timed([*STORYFLOW, "run", str(wf), "--no-progress"], wf.parent, env)[0]
+                    for _ in range(runs)
                 )
-            )
-            rss = rss_of([*STORYFLOW, "run", str(wf), "--no-progress"], wf.parent, env)
-            rows.append((f"W4 peak RSS {n}", f"{rss:.1f} MB", "goal ≤ 50 MB (1k), ≤ 120 MB (10k)"))
+                validate = statistics.median(
+                    timed([*STORYFLOW, "validate", str(wf)], wf.parent, env)[0]
+                    for _ in range(runs)
+                )
+                per_step = (wall - validate) / n * 1e6
+                name = f"W1{'i' if inline else ''} chain {n:,}" + (
+                    " (blocking: false)" if inline else "")
+                lines.append(row(name, wall, floor,
+                                 f"≤ 2×; {per_step:.0f} µs/step beyond load+validate "
+                                 f"({validate:.3f} s; goal ≤ 200)"))
+                if not inline:
+                    whole[n] = wall
+                    rss = rss_of([*STORYFLOW, "run", str(wf), "--no-progress"], wf.parent, env)
+                    lines.append(row(f"W4 peak RSS {n:,}", rss, None,
+                                     f"≤ {35 if n <= 1000 else 70} MB", unit="MB"))
 
         wf = fan(root / "w2", 1000, 0.05)
-        walls = [
-            timed(
-                [*STORYFLOW, "run", str(wf), "--no-progress", "--max-parallel", "100"],
-                wf.parent,
-                env,
-            )[0]
+        wall = statistics.median(
+            timed([*STORYFLOW, "run", str(wf), "--no-progress", "--max-parallel", "100"],
+                  wf.parent, env)[0]
             for _ in range(3)
-        ]
-        rows.append(
-            (
-                "W2 1000 × 50 ms, ×100",
-                f"{statistics.median(walls):.3f} s",
-                "goal ≤ 0.8 s, ideal 0.5 s",
-            )
         )
+        lines.append(row("W2 1,000 × 50 ms, ×100", wall, w2_floor(1000, 100, 0.05), "≤ 1.4×"))
 
         wf = chain(root / "w3", 1000, fail_at=900)
         _, code, _ = timed(
@@ -135,20 +134,14 @@ def main() -> None:
         resumed_at = max(i for i, e in enumerate(started) if e["type"] == "run.resumed")
         rerun = {e["step"] for e in started[resumed_at:] if e["type"] == "step.started"}
         early = sorted(s for s in rerun if int(s[1:]) < 899)
-        rows.append(
-            (
-                "W3 resume after fail@900",
-                f"{wall:.3f} s",
-                f"exit {code}; re-ran {len(rerun)} steps, {len(early)} of the first 899",
-            )
-        )
-    width = max(len(r[0]) for r in rows)
-    print(f"{'benchmark'.ljust(width)}  {'figure':>10}  note")
-    for name, figure, note in rows:
-        print(f"{name.ljust(width)}  {figure:>10}  {note}")
-    if len(per_step) == 2:
-        a, b = per_step[1000], per_step[10000]
-        print(f"per-step cost 10k vs 1k: {b:.0f} vs {a:.0f} µs ({b / a:.2f}x)")
+        lines.append(row("W3 resume after fail@900", wall, None,
+                         f"exit {code}; re-ran {len(rerun)} steps, {len(early)} of the "
+                         "first 899"))
+    print(header())
+    print("\n".join(lines))
+    if len(whole) == 2:
+        ratio = whole[10000] / whole[1000]
+        print(f"W1 10,000 vs 1,000 steps, whole process: {ratio:.1f}× (goal ≤ 10×)")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ sys.path.insert(0, str(ROOT / "cli"))
 from storyflow.agents.base import Call  # noqa: E402
 from storyflow.agents.llm_agent import CLIENTS, LIMITS, LlmAgent  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from floors import llm_floor  # noqa: E402
+
 CALLS = 1000
 CONCURRENCY = 100
 DELAY_S = 0.05
@@ -244,17 +247,22 @@ def main() -> None:
             f"{CLIENTS} clients x {LIMITS.max_connections} (the agent's default)": (
                 LIMITS, CLIENTS),
         }
+        ideal = CALLS / CONCURRENCY * DELAY_S
         for name, (limits, clients) in settings.items():
             walls = [asyncio.run(direct(url, limits, clients)) for _ in range(3)]
-            print(f"L1 {CALLS} calls x{CONCURRENCY}, {name}: {runs(walls)}")
+            print(f"L1 {CALLS} calls x{CONCURRENCY}, {name}: {runs(walls)}; "
+                  f"{statistics.median(walls) / ideal:.2f}× the wire's pace ({ideal:g} s)")
         if not quick:
             with tempfile.TemporaryDirectory() as tmp:
                 llm = Path(tmp) / "llm"
                 llm.mkdir()
                 wf = map_workflow(llm, f'    uses: llm\n    with: {{base_url: "{url}", model: m}}\n'
                                   '    prompt: "Write part {{ item }}"\n')
-                print(f"L2 storyflow run, {CALLS} x llm, x{CONCURRENCY}: "
-                      f"{runs([whole_run(wf) for _ in range(3)])}  (goal <= 1.2 s)")
+                walls = [whole_run(wf) for _ in range(3)]
+                wire = llm_floor(url, CALLS, CONCURRENCY)
+                print(f"L2 storyflow run, {CALLS} x llm, x{CONCURRENCY}: {runs(walls)}  "
+                      f"(goal <= 1.2 s); floor, a plain httpx client process making the "
+                      f"same calls: {wire:.3f} s; ratio {statistics.median(walls) / wire:.2f}×")
                 floor = Path(tmp) / "floor"
                 floor.mkdir()
                 (floor / "nap.py").write_text(NAP % DELAY_S, encoding="utf-8")

@@ -8,7 +8,8 @@ W1 floor   a python process that opens a diskcache store with storyflow's settin
 W2 floor   the same, for 1,000 asyncio tasks sleeping 50 ms, 100 at a time, each
            committing its record when it ends.
 L floor    a plain httpx client process making the same chat-completions calls to the
-           same fake server, 100 at a time, reading each JSON reply: the wire's pace.
+           same fake server, 100 at a time (25 clients of 4 connections, as the agent
+           pools them), reading each JSON reply: the wire's pace plus the HTTP client.
 
 Each floor is a whole process, timed like the figure it is compared with (wall clock,
 from exec to exit), so both pay the interpreter's start.
@@ -67,15 +68,19 @@ import httpx
 url, n, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 async def main():
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        gate = asyncio.Semaphore(width)
-        async def call(i):
-            async with gate:
-                r = await client.post(url + "/chat/completions", json={
-                    "model": "m", "messages": [{"role": "user", "content": f"call {i}"}]})
-                return r.json()["choices"][0]["message"]["content"]
-        await asyncio.gather(*(call(i) for i in range(n)))
+    # Small pools of 4 connections, as the agent keeps them: one pool of 100 is
+    # quadratic in httpcore (see bench_llm.py) and would make a floor no one should pay.
+    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+    clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(width // 4)]
+    gate = asyncio.Semaphore(width)
+    async def call(i):
+        async with gate:
+            r = await clients[i % len(clients)].post(url + "/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": f"call {i}"}]})
+            return r.json()["choices"][0]["message"]["content"]
+    await asyncio.gather(*(call(i) for i in range(n)))
+    for c in clients:
+        await c.aclose()
 
 asyncio.run(main())
 """
@@ -108,13 +113,13 @@ def llm_floor(base_url: str, calls: int, width: int, repeat: int = 3) -> float:
 def row(name: str, figure: float, floor: float | None, goal: str, unit: str = "s") -> str:
     """One line of a benchmark table: the figure, its floor, the ratio, the goal."""
     if floor is None:
-        return f"{name:<34} {figure:>9.3f} {unit:<2} {'':>9}    {'':>6}  {goal}"
-    return (f"{name:<34} {figure:>9.3f} {unit:<2} {floor:>9.3f} {unit:<2} "
+        return f"{name:<38} {figure:>9.3f} {unit:<2} {'':>9}    {'':>6}  {goal}"
+    return (f"{name:<38} {figure:>9.3f} {unit:<2} {floor:>9.3f} {unit:<2} "
             f"{figure / floor:>5.2f}×  {goal}")
 
 
 def header() -> str:
-    return f"{'benchmark':<34} {'figure':>12} {'floor':>12} {'ratio':>6}  goal"
+    return f"{'benchmark':<38} {'figure':>12} {'floor':>12} {'ratio':>6}  goal"
 
 
 if __name__ == "__main__":

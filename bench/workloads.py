@@ -33,16 +33,19 @@ def slow(seconds):
 """
 
 
-def chain(folder: Path, steps: int, *, fail_at: int | None = None) -> Path:
-    """W1/W3: a chain of no-op python steps passing a counter."""
+def chain(folder: Path, steps: int, *, fail_at: int | None = None,
+          inline: bool = False) -> Path:
+    """W1/W3: a chain of no-op python steps passing a counter (``inline``: each says
+    ``blocking: false``, so it runs on the event loop without a thread hop)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench_agents.py").write_text(AGENTS)
     lines = ["apiVersion: storyflow/v1", f"name: chain-{steps}", "steps:"]
+    extra = ", blocking: false" if inline else ""
     for i in range(steps):
         n = "0" if i == 0 else f'"{{{{ steps.s{i - 1}.output }}}}"'
         if fail_at is None:
             lines.append(
-                f'  s{i}: {{uses: python, with: {{callable: "bench_agents:inc", n: {n}}}}}'
+                f'  s{i}: {{uses: python, with: {{callable: "bench_agents:inc", n: {n}{extra}}}}}'
             )
         else:
             lines.append(

@@ -98,6 +98,29 @@ def test_python_sync_callable_gets_inputs_and_prompt(wf: Path) -> None:
     assert out == {"premise": "a fox", "prompt": "write", "n": 1}
 
 
+THREAD_NAME = """
+import threading
+
+
+def f(**kw):
+    print("said inline")
+    return threading.current_thread().name
+"""
+
+
+def test_python_blocking_false_runs_on_the_loop_without_a_thread(wf: Path) -> None:
+    """A sync callable runs on a worker thread unless ``blocking: false`` says it never
+    waits: then on the event loop's own thread, its output still captured."""
+    import threading
+
+    main = threading.current_thread().name
+    assert call_python(wf, THREAD_NAME).startswith("storyflow-python")
+    assert call_python(wf, THREAD_NAME, blocking=True).startswith("storyflow-python")
+    assert call_python(wf, THREAD_NAME, blocking=False) == main
+    with pytest.raises(PermanentError, match=r"`with\.blocking` must be true or false"):
+        call_python(wf, THREAD_NAME, blocking="no")
+
+
 def test_python_async_callable_is_awaited(wf: Path) -> None:
     source = """
         import asyncio

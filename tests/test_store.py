@@ -213,6 +213,29 @@ def test_put_step_is_a_single_write(store: Store) -> None:
     assert spy.calls == ["set"]
 
 
+def test_put_steps_rows_read_back_through_diskcache(store: Store) -> None:
+    """The batch upsert writes what diskcache's own ``set`` would: values read back by
+    ``get``, the item count right, a replaced large value's file removed."""
+    import diskcache
+
+    cache = store._cache
+    big = "x" * 100_000  # stored by diskcache in a file of its own
+    store.put_steps("r1", [StepRecord(id="a", status="running", attempts=1),
+                           StepRecord(id="b", status="succeeded", attempts=1, output=big)])
+    store.put_steps("r1", [StepRecord(id="a", status="succeeded", attempts=1, output=[1, 2])])
+    assert cache.get("step:r1:a")["output"] == [1, 2]
+    assert cache.get("step:r1:b")["output"] == big
+    before = len(cache)
+    files = {p for p in Path(cache.directory).rglob("*.val")}
+    assert len(files) == 1
+    store.put_steps("r1", [StepRecord(id="b", status="succeeded", attempts=2, output="small")])
+    assert cache.get("step:r1:b")["output"] == "small"
+    assert len(cache) == before  # replaced, not added
+    assert not list(Path(cache.directory).rglob("*.val"))  # the old file is gone
+    assert cache.check() == []  # diskcache's own consistency check: rows, files, counts
+    assert isinstance(cache, diskcache.Cache)
+
+
 def test_output_cache(store: Store) -> None:
     assert store.cache_get("fp1") == (False, None)
     store.cache_put("fp1", {"text": "x"}, "r1")

@@ -1,11 +1,13 @@
 """The ``python`` agent: calls ``with.callable: "package.module:function"``.
 
 The workflow's folder is importable. Every other ``with`` key (and ``prompt``) is passed
-as a keyword argument, except ``isolate``; a parameter named ``context`` receives a
-`StepContext`. ``isolate: process`` runs the call in a fresh subprocess with a minimal
-environment and only the step's declared secrets (`storyflow.agents._isolated`). Async
-functions are awaited on the loop; sync functions run on one shared thread pool whose
-size the engine sets from ``--max-parallel``.
+as a keyword argument, except ``isolate`` and ``blocking``; a parameter named ``context``
+receives a `StepContext`. ``isolate: process`` runs the call in a fresh subprocess with
+a minimal environment and only the step's declared secrets (`storyflow.agents._isolated`).
+Async functions are awaited on the loop; sync functions run on one shared thread pool
+whose size the engine sets from ``--max-parallel`` — unless ``blocking: false`` says
+the function is quick and never waits: then it is called on the event loop, saving
+the thread hop (about 100 µs a call), and nothing else runs while it does.
 
 This module is the fence for user code: StepFailure subclasses pass through,
 ``TimeoutError``/``ConnectionError`` become `TransientError`, anything else
@@ -152,6 +154,13 @@ class PythonAgent:
 
         kwargs = dict(inputs)
         del kwargs["callable"]
+        inline = kwargs.pop("blocking", True) is False
+        if "blocking" in inputs and not isinstance(inputs["blocking"], bool):
+            raise PermanentError(
+                f"`with.blocking` must be true or false, not {inputs['blocking']!r}",
+                hint="blocking: false runs a quick sync function on the event loop, "
+                     "without a thread; omit it for anything that may wait",
+            )
         _check_arguments(target, kwargs)
         output = StepLog(call.log)
         if target.wants_context:
@@ -161,6 +170,10 @@ class PythonAgent:
         try:
             if target.is_async:
                 result = await target.fn(**kwargs)
+            elif inline:  # it said it never waits: no thread hop (~100 µs a call)
+                result = target.fn(**kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
             else:
                 result = await _off_loop(
                     contextvars.copy_context().run,  # the thread captures for this attempt

@@ -155,6 +155,9 @@ def replay(
             err(f"replaying run {source.run_id} ({source.workflow}) as run {new_id}: "
                 f"{len(book.answers)} recorded answers"
                 + (" (--strict: a call without one fails)" if strict else ""))
+            if not book.recorded:
+                err(f"  note: run {source.run_id} has no recorded requests (it ran before "
+                    "storyflow kept them, or no step reached an agent): every call runs live")
         code = _execute(store, wf, compiled, record, json_mode, no_progress, max_parallel,
                         False, executor_opt, replay=book, follow=follow,
                         stream_events=stream_events)

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from storyflow.compare._model import Lineage, Pair, StepDiff
-from storyflow.ui.lines import format_duration
+from storyflow.report._format import seconds as seconds  # one definition, re-exported
 
 T = TypeVar("T")
 
@@ -19,13 +19,6 @@ MARKS = {"same": "=", "different": "≠", None: "-"}
 """Fingerprint and request comparisons, in one character."""
 
 
-def seconds(value: float | None) -> str:
-    """``85ms``, ``1.6s``, ``2m05s``; ``-`` when unknown."""
-    if value is None:
-        return "-"
-    if value < 0.9995:
-        return f"{max(value, 0.0) * 1000:.0f}ms"
-    return format_duration(value)
 
 
 def signed_seconds(value: float | None) -> str:

@@ -35,6 +35,7 @@ from storyflow.store._integrity import Finding, check_integrity
 from storyflow.store._lease import LEASE_TTL_S, Holder, Lease, acquire, read_holder
 from storyflow.store._migrate import FORMAT_KEY, TransactDisk, atomic, migrate_1_to_2, upgrade
 from storyflow.store._records import RunRecord, StepRecord
+from storyflow.store._upsert import put_many
 
 if TYPE_CHECKING:
     from storyflow.store._gc import GcReport
@@ -298,11 +299,10 @@ class Store(Closing):
             raise translate(exc, self.root, "save a step") from exc
 
     def put_steps(self, run_id: str, recs: Iterable[StepRecord]) -> None:
-        """Checkpoint several step instances in one transaction (one commit)."""
+        """Checkpoint several step instances in one transaction (one commit, one upsert
+        statement for them all: `storyflow.store._upsert`)."""
         try:
-            with self._cache.transact():
-                for rec in recs:
-                    self._cache.set(step_key(run_id, rec.id), rec.to_dict())
+            put_many(self._cache, [(step_key(run_id, rec.id), rec.to_dict()) for rec in recs])
         except FOREIGN_ERRORS as exc:
             raise translate(exc, self.root, "save steps") from exc
 
