@@ -45,7 +45,36 @@ def load_schema(name: str = WORKFLOW_SCHEMA) -> dict[str, Any]:
 def _validator(name: str) -> Any:
     from jsonschema import Draft202012Validator
 
-    return Draft202012Validator(load_schema(name))
+    return Draft202012Validator(inlined(load_schema(name)))
+
+
+_ANNOTATIONS = frozenset({"description", "default", "title", "examples"})
+
+
+def inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with each local ``{"$ref": "#/$defs/NAME"}`` replaced by the definition
+    itself, except where that would recurse (a loop's steps are steps): the same
+    validation, without a reference lookup per step and keyword (~30 µs a step of a
+    1,000-step file). ``$defs`` stay, for the references left."""
+    defs = schema.get("$defs") or {}
+
+    def walk(node: Any, open_: frozenset[str]) -> Any:
+        if isinstance(node, list):
+            return [walk(v, open_) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        name = ref[len("#/$defs/"):] if isinstance(ref, str) and ref.startswith(
+            "#/$defs/") else None
+        if name in defs and name not in open_ and set(node) - {"$ref"} <= _ANNOTATIONS:
+            target = walk(defs[name], open_ | {name})
+            if isinstance(target, dict):
+                extra = {k: v for k, v in node.items() if k != "$ref"}
+                return {**target, **extra}
+        return {k: (v if k == "$defs" else walk(v, open_)) for k, v in node.items()}
+
+    out: dict[str, Any] = walk(schema, frozenset())
+    return out
 
 
 def validate_json(instance: Any, name: str) -> list[tuple[str, str]]:
