@@ -43,6 +43,23 @@ when the chunks come apart, as a model writes them). The agent's own share — t
 reader, the idle watch, deltas — is 40-75 µs a call, +5-11% of a plain call. Holding
 reads back to let chunks gather (sleep 20 ms between reads) cost more than it saved.
 
+Measured again (median of 5; the container busier the second time):
+                                   plain    streamed  ratio   agent's own share
+  chunks 5 ms apart                0.726 s  1.250 s   1.72x   37 µs (+5%)
+                                   0.821 s  1.283 s   1.56x   11 µs (+1%)
+  chunks all at once               0.711 s  0.868 s   1.22x   44 µs (+6%)
+                                   0.797 s  1.005 s   1.26x   67 µs (+8%)
+The agent's share is the SSE parse, ~3 µs a chunk of 385 bytes, nearly all of it the
+chunk's JSON. Tried, not kept:
+- iterating ``Response.stream`` instead of ``aiter_raw`` (one generator layer and a
+  chunker fewer a chunk): no difference beyond the noise (1.75x vs 1.78x, 1.31x vs 1.28x);
+- an httpcore network backend on asyncio streams in place of anyio's, whose every read
+  opens a cancel scope and pauses and resumes the socket's reading: 17-23% less CPU, but
+  for plain and streamed calls alike (plain 0.765 → 0.635 s, streamed 1.345 → 1.053 s
+  apart; 0.797 → 0.611 s, 0.959 → 0.807 s together), so the ratio stays (1.66x, 1.32x);
+  it would also replace anyio's TLS, happy eyeballs and close handling under every call,
+  and it needs httpx's private ``AsyncHTTPTransport._pool`` to be plugged in.
+
 Usage: python bench/bench_llm.py [--quick | --stream]   (--quick: L1 only; --stream: S only)
 """
 

@@ -219,6 +219,7 @@ def test_artifacts_file_by_file(tmp_path: Path) -> None:
     for folder in (a, b):
         (folder / "sub").mkdir(parents=True)
         (folder / "events.jsonl").write_text(f"{folder.name}\n")
+        (folder / "events.jsonl.before-gc").write_text(f"{folder.name}\n")  # gc put it back
         (folder / ".hidden").write_text(folder.name)
         (folder / "same.txt").write_text("same")
         (folder / "sub" / "story.md").write_text(f"The {'cat' if folder == a else 'dog'} sat.")
@@ -441,3 +442,118 @@ def test_records_a_fork_kept_show_as_kept(cli: Cli, state_dir: Path) -> None:
     assert re.search(r"^plan\s+succeeded\s+kept", text, re.M) is None  # equal: folded
     assert "1 step equal (plan; 1 kept by the fork)" in text
     assert re.search(r"^draft\s+succeeded\s+re-run", text, re.M)
+
+
+# --- found by using the command ---------------------------------------------------------
+
+NESTED = """\
+apiVersion: storyflow/v1
+name: nested
+steps:
+  outer:
+    loop:
+      max_iterations: 2
+      until: "false"
+      steps:
+        parts: {uses: template, with: {template: "{{ ['a', 'b'] }}"}}
+        inner:
+          loop:
+            max_iterations: 2
+            until: "false"
+            steps:
+              x: {uses: template, with: {template: "x {{ loop.iteration }}"}}
+"""
+
+
+def test_step_selects_a_step_of_nested_loops_and_one_iteration(
+        cli: Cli, tmp_path: Path) -> None:
+    assert selects("outer.inner.x", "outer#1.inner#2.x")
+    assert selects("outer#1.inner.x", "outer#1.inner#2.x")
+    assert not selects("outer#1.inner.x", "outer#2.inner#1.x")
+    assert selects("polish#2", "polish#2.revise") and not selects("polish#2", "polish#1.x")
+    path = tmp_path / "nested.yaml"
+    path.write_text(NESTED, encoding="utf-8")
+    run_a, run_b = _start(cli, path), _start(cli, path)
+    for step, expected in (
+        ("outer.inner.x", ["outer#1.inner#1.x", "outer#1.inner#2.x", "outer#2.inner#1.x",
+                           "outer#2.inner#2.x"]),
+        ("outer#2.inner.x", ["outer#2.inner#1.x", "outer#2.inner#2.x"]),
+        ("outer#1", ["outer#1.parts", "outer#1.inner", "outer#1.inner#1.x",
+                     "outer#1.inner#2.x"]),
+    ):
+        assert [s["id"] for s in _doc(cli, run_a, run_b, "--step", step)["steps"]] == expected
+
+
+OUTPUTS = """\
+apiVersion: storyflow/v1
+name: outputs
+inputs:
+  none: {type: boolean, default: false}
+steps:
+  maybe: {uses: python, with: {callable: "agents:maybe", none: "{{ inputs.none }}"}}
+"""
+
+
+def test_a_null_output_is_a_value_not_a_missing_one(cli: Cli, small: Path) -> None:
+    with (small.parent / "agents.py").open("a", encoding="utf-8") as f:
+        f.write("\n\ndef maybe(none):\n    return None if none else {'v': 1}\n")
+    path = small.parent / "outputs.yaml"
+    path.write_text(OUTPUTS, encoding="utf-8")
+    run_a, run_b = _start(cli, path), _start(cli, path, "-i", "none=true")
+    (step,) = _doc(cli, run_a, run_b)["steps"]
+    assert step["status"] == {"a": "succeeded", "b": "succeeded"}
+    assert step["output"]["changes"] == [{"path": "", "change": "changed", "a": {"v": 1},
+                                          "b": None}]
+    text = _ok(cli, "diff", run_a, run_b)
+    assert "output only in" not in text  # B's step has an output: null
+    assert '~ (the whole value): {"v": 1} → null' in text
+
+
+def test_totals_count_each_runs_own_tasks(cli: Cli, small: Path) -> None:
+    """A step id that is a map in one workflow and a task in the other."""
+    as_map = small.parent / "as-map.yaml"
+    as_map.write_text(SMALL, encoding="utf-8")
+    as_task = small.parent / "as-task.yaml"
+    as_task.write_text(SMALL.replace("name: small", "name: other").replace(
+        "    for_each: steps.items.output\n", "").replace("{{ item }}", "one"),
+        encoding="utf-8")
+    run_a, run_b = _start(cli, as_map), _start(cli, as_task)
+    doc = _doc(cli, run_a, run_b)
+    each = next(s for s in doc["steps"] if s["id"] == "each")
+    assert each["attempts"] == {"a": 1, "b": 1}
+    # A: 5 tasks, and each's 2 items (each itself is a map, not counted); B: 6 tasks.
+    assert (doc["totals"]["a"]["attempts"], doc["totals"]["b"]["attempts"]) == (7, 6)
+    b_time = sum(s["duration_s"]["b"] or 0 for s in doc["steps"])
+    assert doc["totals"]["b"]["duration_s"] == pytest.approx(b_time, abs=1e-3)
+
+
+def test_diff_reads_run_folders_without_making_them(
+        cli: Cli, small: Path, state_dir: Path) -> None:
+    import shutil
+
+    run_a, run_b = _start(cli, small), _start(cli, small)
+    shutil.rmtree(state_dir / "runs" / run_a)
+    doc = _doc(cli, run_a, run_b)
+    assert [(f["name"], f["change"]) for f in doc["artifacts"]] == [("story.md", "only_b")]
+    assert not (state_dir / "runs" / run_a).exists()
+
+
+def test_a_damaged_step_record_is_named_once(cli: Cli, small: Path, state_dir: Path) -> None:
+    import sqlite3
+
+    run_a, run_b = _start(cli, small), _start(cli, small, "-i", "animal=dog")
+    with sqlite3.connect(state_dir / "db" / "cache.db") as con:
+        assert con.execute("UPDATE Cache SET value = ? WHERE key = ?",
+                           (b"\x80\x05garbage", f"step:{run_a}:each")).rowcount == 1
+    con.close()
+    for args in ((run_a, run_b), (run_a, run_a)):
+        result = cli("diff", *args, "--format", "json")
+        assert result.returncode == 0 and "Traceback" not in result.stderr
+        VALIDATOR.validate(json.loads(result.stdout))
+        assert result.stderr.splitlines() == [
+            f"warning: step record each of run {run_a} is damaged (it does not decode: "
+            "UnpicklingError: pickle data was truncated); compared as not started"]
+    steps = {s["id"]: s for s in json.loads(cli("diff", run_a, run_b, "--format",
+                                                "json").stdout)["steps"]}
+    assert steps["each"]["status"] == {"a": "pending", "b": "succeeded"}
+    assert steps["each[0]"]["status"]["a"] is None  # its items are not known in A

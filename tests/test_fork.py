@@ -291,6 +291,8 @@ def test_the_flagship_forks_with_another_tone(tmp_path: Path) -> None:
         (["-i", "tone"], "is not key=value", "-i"),
         (["-i", "colour=red"], "colour", ""),
         (["--file", "missing.yaml"], "not found", "--file"),
+        (["--executor", "nonsense"], "--executor 'nonsense'", "--executor dask"),
+        (["--env", "nope"], "unknown environment 'nope'", ""),
     ],
 )
 def test_bad_fork_requests_are_usage_errors(
@@ -301,6 +303,10 @@ def test_bad_fork_requests_are_usage_errors(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and hint in result.stderr
     assert len(json.loads(project.cli("runs", "--json").stdout)) == 1  # nothing was made
+    if args[0] in ("--executor", "--file"):  # replay takes these too, and refuses alike
+        result = project.cli("replay", parent, *args)
+        assert result.returncode == 2 and message in result.stderr
+        assert len(json.loads(project.cli("runs", "--json").stdout)) == 1
 
 
 def test_fork_of_an_unknown_run_or_a_child_run(project: CliProject) -> None:
@@ -335,3 +341,196 @@ def test_a_redacted_output_runs_again_in_the_fork(project: CliProject) -> None:
     ran(project)
     project.events("fork", parent, env=env)
     assert ran(project) == ["leak"]
+
+
+SEEDED = """\
+    apiVersion: storyflow/v1
+    name: seeded
+    seed: 1
+    agents:
+      teller: {uses: builtin/grammar, with: {grammar: {origin: [WORDS]}}}
+    steps:
+      pick:
+        agent: teller
+      polish:
+        loop:
+          max_iterations: 2
+          steps:
+            again: {agent: teller}
+    outputs:
+      pick: "{{ steps.pick.output }}"
+      again: "{{ steps.polish.output.again }}"
+    """.replace("WORDS", ", ".join(f"w{i}" for i in range(100)))
+
+
+def test_a_seed_changed_in_the_file_runs_every_step_again(project: CliProject) -> None:
+    # The seed is no part of a fingerprint: a fork must see that the parent ran under
+    # another one even when the change is in the file, not a --set.
+    path = project.write("seeded.yaml", SEEDED)
+    parent = run_id_of(project.events("run", "seeded.yaml"))
+    path.write_text(path.read_text().replace("seed: 1", "seed: 8"))
+    result = project.cli("fork", parent, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    fork_id = json.loads(project.cli("runs", "--json").stdout)[0]["run_id"]
+    fresh = project.events("run", "seeded.yaml")[-1]["outputs"]
+    assert project.show(fork_id)["outputs"] == fresh  # as a run with seed 8 tells it
+    assert "kept: 0 steps" in result.stderr and "(seed changed)" in result.stderr
+    assert "the workflow file changed since the parent ran" in result.stderr
+
+
+def test_copies_of_a_kept_loop_carry_no_usage(project: CliProject) -> None:
+    from llm_server import FakeLLM
+
+    with FakeLLM() as server:
+        project.write("llm.yaml", f"""\
+            apiVersion: storyflow/v1
+            name: spent
+            inputs:
+              tone: {{type: string, default: calm}}
+            agents:
+              writer: {{uses: llm, with: {{base_url: "{server.url}", model: m}}}}
+            steps:
+              polish:
+                loop:
+                  max_iterations: 2
+                  steps:
+                    line: {{agent: writer, prompt: "A line, take {{{{ loop.iteration }}}}"}}
+              mood:
+                uses: template
+                with: {{template: "{{{{ inputs.tone }}}}"}}
+            """)
+        parent = run_id_of(project.events("run", "llm.yaml", "--no-cache"))
+        assert len(server.requests) == 2
+        spent = steps_of(project.show(parent))
+        assert spent["polish#1.line"]["usage"]["tokens"] > 0
+        fork_id = run_id_of(project.events("fork", parent, "-i", "tone=dark"))
+        assert len(server.requests) == 2
+    steps = steps_of(project.show(fork_id))
+    assert steps["polish#1.line"]["forked_from"] == parent
+    # What a kept step spent, the parent spent: no copy carries usage, nested or not.
+    assert "usage" not in steps["polish"] and "usage" not in steps["polish#1.line"]
+    assert "usage" not in steps["polish#2.line"]
+    diff = project.cli("diff", parent, fork_id, "--format", "json")
+    assert diff.returncode == 0, diff.stderr
+
+
+def test_fork_of_a_run_still_held_by_another_process(project: CliProject) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    gated = project.write("gated.yaml", FLOW.replace("name: forky", "name: gated").replace(
+        "{me: title,", "{callable: \"fa:gated\", me: title,"))
+    (project.root / "fa.py").write_text((project.root / "fa.py").read_text() + '''
+
+import pathlib
+import time
+
+
+def gated(me, text=""):
+    gate = os.environ.get("SF_GATE")
+    if gate:
+        pathlib.Path(gate + ".waiting").touch()
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+    return step(me, text)
+''')
+    gate = project.root / "gate"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "storyflow", "run", str(gated), "--json"], cwd=project.root,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=cli_env(project.state, {"SF_EXEC_LOG": str(project.log), "SF_GATE": str(gate)}))
+    try:
+        assert proc.stdout is not None
+        parent = json.loads(proc.stdout.readline())["run_id"]
+        deadline = time.monotonic() + 30
+        while not (project.root / "gate.waiting").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        ran(project)
+        result = project.cli("fork", parent, "--no-progress")
+        assert result.returncode == 0, result.stderr
+        assert f"note: run {parent} is still running" in result.stderr
+        assert "run: title (did not finish in the parent)" in result.stderr
+        assert ran(project) == ["title"]
+    finally:
+        gate.touch()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert project.show(parent)["status"] == "succeeded"
+
+
+def test_a_fork_of_an_llm_run_can_drop_its_environment(tmp_path: Path) -> None:
+    # The flagship's agents are grammar writers; `--env llm` makes them chat models.
+    # A fork of an llm run with `--env ''` runs the file as written: offline again.
+    from llm_server import FakeLLM
+    from test_llm_env import answer
+
+    shutil.copytree(REPO / "workflows", tmp_path / "workflows")
+    p = CliProject(tmp_path, "unused", "")
+    with FakeLLM(answer) as server:
+        env = {"STORYFLOW_LLM_BASE_URL": server.url, "OPENAI_API_KEY": "sk-fork-env-key"}
+        parent = run_id_of(p.events("run", "workflows/short-story.yaml", "--env", "llm",
+                                    env=env))
+        asked = len(server.requests)
+        result = p.cli("fork", parent, "--env", "", "--no-progress", env=env)
+        assert result.returncode == 0, result.stderr
+        assert len(server.requests) == asked  # every agent is a grammar writer again
+    assert "environment: (none) (was llm)" in result.stderr
+    assert "(definition changed)" in result.stderr
+    fork_id = json.loads(p.cli("runs", "--json").stdout)[0]["run_id"]
+    doc = p.show(fork_id)
+    assert doc["status"] == "succeeded" and doc.get("environment") is None
+    fresh = run_id_of(p.events("run", "workflows/short-story.yaml"))
+    assert (p.state / "runs" / fork_id / "story.md").read_bytes() == (
+        p.state / "runs" / fresh / "story.md").read_bytes()
+
+
+def test_a_fork_of_a_fork_finds_the_child_run_through_the_lineage(
+    project: CliProject,
+) -> None:
+    project.write("child.yaml", """\
+        apiVersion: storyflow/v1
+        name: child
+        inputs:
+          tone: {type: string}
+        agents:
+          py: {uses: python, with: {callable: "fa:step"}}
+        steps:
+          setting:
+            agent: py
+            with: {me: setting, text: fixed}
+          voice:
+            agent: py
+            with: {me: voice, text: "{{ inputs.tone }}"}
+        outputs:
+          text: "{{ steps.setting.output }} {{ steps.voice.output }}"
+        """)
+    project.write("parent.yaml", """\
+        apiVersion: storyflow/v1
+        name: parent
+        inputs:
+          tone: {type: string, default: calm}
+          premise: {type: string, default: a map}
+        steps:
+          chapter:
+            uses: workflow
+            with: {path: child.yaml, inputs: {tone: "{{ inputs.tone }}"}}
+          side:
+            uses: python
+            with: {callable: "fa:step", me: side, text: "{{ inputs.premise }}"}
+        outputs:
+          text: "{{ steps.chapter.output.text }}"
+        """)
+    first = run_id_of(project.events("run", "parent.yaml"))
+    second = run_id_of(project.events("fork", first, "-i", "premise=a key"))
+    assert steps_of(project.show(second))["chapter"]["forked_from"] == first  # no child
+    ran(project)
+    third = run_id_of(project.events("fork", second, "-i", "tone=grim"))
+    # The kept chapter's child is the first run's: the new child forks it.
+    assert ran(project) == ["voice"]
+    child = project.show(f"{third}.chapter")
+    assert child["forked_from"] == f"{first}.chapter"
+    assert steps_of(child)["setting"]["forked_from"] == f"{first}.chapter"

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jsonschema
 import pytest
 
 from storyflow.store import RunRecord, StepRecord, Store
+from storyflow.store._gc import GC_LEASE_KEY
 from storyflow.store._store import RUN_INDEX_KEY, lease_key
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
@@ -339,7 +340,9 @@ def test_kill_9_during_a_removal_leaves_the_run_whole(cli: Cli, state_dir: Path)
         if proc.stdout is not None:
             proc.stdout.close()
     with Store(state_dir) as store:
-        assert {k: store._cache.get(k) for k in keys(store)} == before  # records whole
+        after = {k: store._cache.get(k) for k in keys(store)}
+        assert after.pop(GC_LEASE_KEY)["pid"] == proc.pid  # a dead gc's: taken over next
+        assert after == before  # records whole
     listed = cli("runs")  # its folder waits in the trash: the run is not "lost"
     assert listed.returncode == 0 and listed.stderr == "", listed.stderr
     assert (state_dir / "trash" / "20250101-000000-kkkkkk" / "story.md").is_file()
@@ -419,6 +422,7 @@ def test_gc_finishes_what_a_crashed_gc_left_in_the_trash(cli: Cli, state_dir: Pa
         (("--older-than", "30"), "error: --older-than '30' is not an age", "like 90m, 12h"),
         (("--older-than", "3 days"), "error: --older-than '3 days' is not an age", "30d or 2w"),
         (("--older-than", "-1d"), "error: --older-than '-1d' is not an age", "unit"),
+        (("--older-than", "\u0663d"), "error: --older-than '\u0663d' is not an age", "unit"),
     ],
 )
 def test_gc_needs_one_rule_and_a_real_age(
@@ -451,3 +455,193 @@ def test_a_fresh_store_has_nothing_to_remove(cli: Cli) -> None:
     done = cli("gc", "--older-than", "1d")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "removed 0 runs, 0 step records, 0 cache entries, 0 B\n"
+
+
+# --- found by using the command ---------------------------------------------------------
+
+
+def test_a_cache_entry_a_kept_run_came_from_stays(cli: Cli, state_dir: Path) -> None:
+    with Store(state_dir) as store:
+        add_run(store, "20250101-000000-mmmmmm", "w", days_old=40)  # wrote the entries
+        kept = add_run(store, "20250102-000000-mmmmmm", "w", days_old=1)
+        store.put_steps(kept.run_id, [
+            StepRecord(id="s0", status="cached", fingerprint="fp-used", output="cached"),
+            StepRecord(id="s1", status="failed", fingerprint="fp-failed", output=None)])
+        for fp in ("fp-used", "fp-failed", "fp-unused", "call-used"):
+            store.cache_put(fp, "cached", "20250101-000000-mmmmmm")
+
+    dry = cli("gc", "--older-than", "30d", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["totals"]["cache_entries"] == 3
+    done = cli("gc", "--older-than", "30d", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    GC_SCHEMA.validate(doc)
+    assert [r["run_id"] for r in doc["runs"]] == ["20250101-000000-mmmmmm"]
+    assert doc["totals"]["cache_entries"] == 3
+    with Store(state_dir) as store:
+        assert store.cache_get("fp-used") == (True, "cached")  # s0 came from it
+        for gone in ("fp-failed", "fp-unused", "call-used"):  # a call names no step
+            assert store.cache_get(gone) == (False, None)
+
+
+def test_a_run_with_sub_workflow_runs_taken_while_gc_runs_stays(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from storyflow.store import _gc
+
+    with Store(state_dir) as store:
+        add_run(store, "20250101-000000-nnnnnn", "w", days_old=40)
+        add_run(store, "20250101-000000-nnnnnn.sub", "c", days_old=40,
+                parent="20250101-000000-nnnnnn")  # listed before its parent
+        add_run(store, "20250102-000000-nnnnnn", "w", days_old=1)
+        monkeypatch.setattr(_gc, "_live", lambda *_: None)  # looked dead when checked...
+        with store.acquire_lease("20250101-000000-nnnnnn"):  # ... but is held at removal
+            report = store.gc(keep=0)
+        assert report.runs == []
+        assert ("20250101-000000-nnnnnn", "live") in [(s.run_id, s.reason)
+                                                      for s in report.spared]
+        assert len(run_ids(store)) == 3
+    assert folders(state_dir) == ["20250101-000000-nnnnnn", "20250101-000000-nnnnnn.sub",
+                                  "20250102-000000-nnnnnn"]
+
+
+def test_a_folder_made_while_gc_moved_the_old_one_keeps_both(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume took the run, and wrote its new folder, after gc moved the old one to
+    the trash: gc gives the run up and puts what it moved back beside the new files."""
+    from contextlib import contextmanager
+
+    from storyflow.store import _gc
+
+    rid = "20250101-000000-oooooo"
+    with Store(state_dir) as store:
+        add_run(store, rid, "w", days_old=40)
+        add_run(store, "20250102-000000-oooooo", "w", days_old=1)
+        real = _gc.atomic
+        lease = []
+
+        @contextmanager
+        def resumed_meanwhile(cache: object) -> Iterator[None]:
+            if not lease:
+                lease.append(store.acquire_lease(rid))
+                (state_dir / "runs" / rid).mkdir()
+                (state_dir / "runs" / rid / "events.jsonl").write_text("resumed\n")
+            with real(cache):
+                yield
+
+        monkeypatch.setattr(_gc, "_live", lambda *_: None)
+        monkeypatch.setattr(_gc, "atomic", resumed_meanwhile)
+        try:
+            report = store.gc(keep=0)
+        finally:
+            lease[0].release()
+        assert report.runs == [] and set(run_ids(store)) == {rid, "20250102-000000-oooooo"}
+    folder = state_dir / "runs" / rid
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "events.jsonl", "events.jsonl.before-gc", "story.md"]
+    assert (folder / "events.jsonl").read_text() == "resumed\n"
+    assert not (state_dir / "trash").exists()
+
+
+def test_only_one_gc_removes_at_a_time(cli: Cli, state_dir: Path) -> None:
+    from storyflow.store._lease import acquire
+
+    with Store(state_dir) as store:
+        for n in range(3):
+            add_run(store, f"2025010{n}-000000-pppppp", "w", days_old=40 - n)
+        lease = acquire(store._cache, GC_LEASE_KEY, "gc", ttl_s=600, clock=time.time,
+                        root=state_dir)
+        try:
+            done = cli("gc", "--keep", "0")
+            assert done.returncode == 1 and "Traceback" not in done.stderr
+            assert done.stderr.splitlines()[0] == (
+                f"error: another storyflow gc (process {os.getpid()} on "
+                f"{socket.gethostname()}) is removing runs from the store at {state_dir}")
+            assert len(run_ids(store)) == 3
+            dry = cli("gc", "--keep", "0", "--dry-run")  # reads only: no need to wait
+            assert dry.returncode == 0 and "would remove 2 runs" in dry.stdout
+        finally:
+            lease.release()
+    done = cli("gc", "--keep", "0")
+    assert done.returncode == 0, done.stderr
+    with Store(state_dir) as store:
+        assert run_ids(store) == ["20250102-000000-pppppp"]
+        assert GC_LEASE_KEY not in store._cache  # released
+
+
+def test_two_gcs_at_once_leave_a_whole_store(cli: Cli, state_dir: Path) -> None:
+    with Store(state_dir) as store:
+        for n in range(150):
+            rid = f"20250101-{n:06d}-qqqqqq"
+            add_run(store, rid, "w", days_old=200 - n, steps=5)
+            add_run(store, rid + ".sub", "c", days_old=100 - n, parent=rid, steps=3)
+    procs = [subprocess.Popen([sys.executable, "-m", "storyflow", "gc", "--keep", "0"],
+                              env={**os.environ, "STORYFLOW_STATE_DIR": str(state_dir)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    for proc, (_, stderr) in zip(procs, outs, strict=True):
+        assert "Traceback" not in stderr
+        assert proc.returncode == 0 or "another storyflow gc" in stderr, stderr
+    listed = cli("runs")
+    assert listed.returncode == 0 and listed.stderr == ""  # nothing lost, nothing damaged
+    with Store(state_dir) as store:
+        assert sorted(run_ids(store)) == ["20250101-000149-qqqqqq",
+                                          "20250101-000149-qqqqqq.sub"]
+    assert folders(state_dir) == ["20250101-000149-qqqqqq", "20250101-000149-qqqqqq.sub"]
+    assert not (state_dir / "trash").exists()
+
+
+def test_damaged_run_records_are_named_and_left_alone(cli: Cli, state_dir: Path) -> None:
+    import sqlite3
+
+    with Store(state_dir) as store:
+        add_run(store, "20250101-000000-rrrrrr", "w", days_old=40)
+        add_run(store, "20250102-000000-rrrrrr", "w", days_old=39)
+        add_run(store, "20250103-000000-rrrrrr", "w", days_old=1)
+    with sqlite3.connect(state_dir / "db" / "cache.db") as con:
+        con.execute("UPDATE Cache SET value = ? WHERE key = ?",
+                    (b"\x80\x05garbage", "run:20250102-000000-rrrrrr"))
+    con.close()
+    done = cli("gc", "--older-than", "30d", "--json")
+    assert done.returncode == 0, done.stderr
+    GC_SCHEMA.validate(json.loads(done.stdout))
+    assert done.stderr.splitlines()[0].startswith(
+        "warning: run 20250102-000000-rrrrrr: damaged record (it does not decode")
+    assert done.stderr.splitlines()[0].endswith("; gc leaves it alone")
+    assert folders(state_dir) == ["20250102-000000-rrrrrr", "20250103-000000-rrrrrr"]
+
+
+def test_gc_keeps_a_run_another_storyflow_process_runs(
+    cli: Cli, state_dir: Path, tmp_path: Path
+) -> None:
+    from conftest import cli_env
+
+    path = tmp_path / "nap.yaml"
+    path.write_text("apiVersion: storyflow/v1\nname: nap\nsteps:\n"
+                    '  nap: {uses: command, with: {run: [sleep, "30"], output: text}}\n',
+                    encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, "-m", "storyflow", "run", path, "--no-progress"],
+                            env=cli_env(state_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            time.sleep(0.05)
+            with Store(state_dir) as store:
+                live = store.list_runs()
+                if live and store.holder(live[0].run_id) is not None:
+                    break
+        (live_run,) = live
+        with Store(state_dir) as store:  # a newer run of the workflow: the live one is not
+            add_run(store, "29990101-000000-ssssss", "nap", days_old=-1)  # the newest
+        done = cli("gc", "--keep", "0")
+        assert done.returncode == 0, done.stderr
+        assert f"kept {live_run.run_id} (nap): held by process {proc.pid} on " in done.stdout
+        with Store(state_dir) as store:
+            assert live_run.run_id in run_ids(store)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert (state_dir / "runs" / live_run.run_id / "events.jsonl").is_file()

@@ -355,16 +355,18 @@ def test_the_step_timeout_still_cancels_a_stream(server: FakeLLM) -> None:
 # --- structured output, the cache, budgets ----------------------------------------------------
 
 
-def test_structured_output_is_repaired_over_a_stream(server: FakeLLM) -> None:
-    server.push(ok('{"title": 3}', usage=(20, 5)), ok('{"title": "Tide"}', usage=(40, 6)))
+@pytest.mark.parametrize("wrong", ['{"title": 3}', '{"title": 3}\n'])
+def test_structured_output_is_repaired_over_a_stream(server: FakeLLM, wrong: str) -> None:
+    server.push(ok(wrong, usage=(20, 5)), ok('{"title": "Tide"}', usage=(40, 6)))
     out = ask(with_(server), schema=SCHEMA)
     assert out.error is None and out.output == {"title": "Tide"}
-    assert out.text == '{"title": 3}{"title": "Tide"}'  # the repair streams too
+    # The repair streams too, after a blank line: not glued to the reply it corrects.
+    assert out.text == '{"title": 3}\n\n{"title": "Tide"}'
     assert [u["input_tokens"] for u in out.usage] == [20, 40]
     assert out.steps == ["reserve", "meter", "release"] * 2
     first, second = (r.body for r in server.requests)
     assert first["response_format"] == {"type": "json_object"} and second["stream"] is True
-    assert second["messages"][-2] == {"role": "assistant", "content": '{"title": 3}'}
+    assert second["messages"][-2] == {"role": "assistant", "content": wrong}
 
 
 @pytest.mark.parametrize("first_streams", [True, False])
@@ -397,6 +399,8 @@ def test_a_refused_reservation_sends_nothing(server: FakeLLM) -> None:
     [
         ({"stream": "maybe"}, "`with.stream` must be true or false"),
         ({"idle_timeout": 0}, "`with.idle_timeout` must be a number"),
+        ({"idle_timeout": float("nan")}, "`with.idle_timeout` must be a number"),
+        ({"timeout": "nan"}, "`with.timeout` must be a number"),
         ({"params": {"stream_options": {"include_usage": False}}},
          "`with.params.stream_options` is not allowed"),
     ],
@@ -409,16 +413,23 @@ def test_bad_stream_settings_are_permanent(extra: dict[str, Any], message: str) 
 # --- the event reader on its own -------------------------------------------------------------
 
 
-def test_events_read_the_same_however_the_bytes_are_split() -> None:
-    body = _body("Tide ", "and ", "lamp — ", "ünïcode")
+@pytest.mark.parametrize("form", ["lf", "crlf", "cr", "bom, comments, data: alone"])
+def test_events_read_the_same_however_the_bytes_are_split(form: str) -> None:
+    """Split anywhere — a UTF-8 character, a CRLF — with any of SSE's line ends, a byte
+    order mark, comments and empty events (keep-alives)."""
+    body = _body("Tide ", "and ", "lamp — ", "ünïcode 🌊")
+    if form.startswith("bom"):
+        body = b"\xef\xbb\xbf: ok\n\ndata:\n\n" + body.replace(b"\n\ndata: [DONE]",
+                                                               b"\n\ndata: \n\ndata: [DONE]")
+    body = body.replace(b"\n", {"crlf": b"\r\n", "cr": b"\r"}.get(form, b"\n"))
     for size in (1, 2, 3, 7, 64, len(body)):
         texts: list[str] = []
         events = Events(texts.append, "http://x")
         for i in range(0, len(body), size):
             events.feed(body[i : i + size])
-        assert events.result() == ("Tide and lamp — ünïcode", "stop",
+        assert events.result() == ("Tide and lamp — ünïcode 🌊", "stop",
                                    {"prompt_tokens": 9, "completion_tokens": 4})
-        assert texts == ["Tide ", "and ", "lamp — ", "ünïcode"]
+        assert texts == ["Tide ", "and ", "lamp — ", "ünïcode 🌊"]
 
 
 def test_an_event_of_several_data_lines_is_one_chunk() -> None:

@@ -97,6 +97,10 @@ def test_a_format1_store_reads_the_same_after_migration(cli: Cli, format1_state:
     expected = json.loads(gzip.decompress(FORMAT1_EXPECTED.read_bytes()))
     before = raw_records(format1_state)
     assert before[FORMAT_KEY] == 1
+    there = sorted({v["workflow_path"] for k, v in before.items()
+                    if k.startswith("run:") and Path(v["workflow_path"]).exists()})
+    if there:  # 0.1.0 printed without them (`report` reads the file when it is there)
+        pytest.skip(f"the fixture's runs expect their workflow files gone: {there[0]} is not")
 
     def run(*args: str) -> str:
         done = cli(*args)
@@ -400,3 +404,70 @@ def test_kill_9_at_any_moment_of_a_migration_leaves_one_format(
     check_all_or_nothing(state, before)
     Store(state).close()
     assert check_all_or_nothing(state, before) == 2
+
+
+def test_gc_of_a_migrated_store_keeps_the_cache_entry_a_kept_run_came_from(
+    cli: Cli, format1_state: Path
+) -> None:
+    """The second `failing` run's first step was answered from the cache entry the
+    first one wrote: gc removes the first run, not the entry."""
+    (entry,) = [k for k in raw_records(format1_state) if k.startswith("cache:")]
+    assert raw_records(format1_state)[entry]["run_id"] == "20261204-161300-25bf83"
+    done = cli("gc", "--keep", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert [r["run_id"] for r in doc["runs"]] == [
+        "20261204-161300-25bf83", "20261204-161300-c76767", "20261204-161259-1c138b"]
+    assert doc["totals"]["cache_entries"] == 0
+    assert entry in raw_records(format1_state)
+    doctor = cli("doctor", "--json")
+    assert doctor.returncode == 0, doctor.stdout
+    assert {c["check"]: c["status"] for c in json.loads(doctor.stdout)}["store"] == "ok"
+
+
+FAILING = """\
+apiVersion: storyflow/v1
+name: failing
+description: A tiny workflow whose command step fails for good, after a cached step.
+steps:
+  hello:
+    uses: command
+    cache: true
+    with: {run: [echo, hello], output: text}
+  boom:
+    uses: command
+    retry: {attempts: 2, delay: 0s}
+    with: {run: "echo {{ steps.hello.output }} >&2; exit 3", output: text}
+"""
+
+
+def test_a_migrated_run_resumes_forks_and_replays(
+    cli: Cli, format1_state: Path, tmp_path: Path
+) -> None:
+    """The failed `failing` run, its workflow file back (at another path: the recorded
+    one is under a temporary folder that is gone)."""
+    run_id = "20261204-161303-e2fdfe"
+    path = tmp_path / "failing.yaml"
+    path.write_text(FAILING, encoding="utf-8")
+    with Store(format1_state) as store:  # migrates
+        rec = store.get_run(run_id)
+        assert rec is not None and rec.forked_from is None
+        rec.workflow_path = str(path)
+        store.put_run(rec)
+
+    def run(*args: str, code: int = 1) -> subprocess.CompletedProcess[str]:
+        done = cli(*args, "--no-progress")
+        assert done.returncode == code, done.stderr
+        assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+        return done
+
+    replayed = run("replay", run_id).stderr
+    assert f"run {run_id} has no answer to give back" in replayed  # 0.1.0 kept none
+    assert "every call runs live" in replayed
+    assert "kept: 1 step" in run("resume", run_id).stderr  # hello, from the cache
+    forked = run("fork", run_id, "--from", "boom").stderr
+    assert f"forking run {run_id} (failing) as run " in forked
+    with Store(format1_state) as store:
+        runs = store.list_runs(workflow="failing")
+        assert {r.forked_from for r in runs} == {None, run_id}
+        assert {(r.fork or {}).get("kind") for r in runs if r.fork} == {"fork", "replay"}

@@ -5,14 +5,17 @@ word every 40 ms): the followed text shows on `run --follow`'s output and on `lo
 --follow` from a second process while the step is still running; `step.delta` events
 are in the event log, coalesced, and in `--json` output only with `--stream-events`;
 `cancel` from another process stops a streaming run (130) and `resume` re-runs only
-what was cut short.
+what was cut short. A secret the model echoes never reaches the text or the log, however
+the deltas cut it; `logs --follow` ends when the run's process is gone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -20,9 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import CLI_TIMEOUT_S, CliProject, cli_env
-from llm_server import FakeLLM, ok
+from llm_server import FakeLLM, Reply, Request, ok
+from storyflow.engine import deltas as deltas_module
+from storyflow.engine.commit import Journal
+from storyflow.store import redact
 
 WORDS = " ".join(f"w{i}" for i in range(60))
 FLOW = """\
@@ -168,9 +176,89 @@ def test_cancel_stops_a_streaming_run_and_resume_reruns_only_it(
     assert events[-1]["outputs"]["text"] == WORDS
 
 
+def test_logs_follow_ends_when_the_runs_process_is_gone(
+    project: CliProject, server: FakeLLM
+) -> None:
+    run = start(project, server, "run", "flow.yaml", "--no-progress", "--follow", "write",
+                "--run-id", "gone1")
+    read_until(run, b"w3 ")
+    run.send_signal(signal.SIGKILL)  # no chance to close its record: it still says running
+    finish(run)
+    logs = start(project, server, "logs", "gone1", "--step", "write", "--follow")
+    try:
+        out, err = logs.communicate(timeout=15)  # it used to wait for ever
+    finally:
+        logs.kill()
+        logs.communicate()
+    assert logs.returncode == 0, err
+    assert b"w0 w1 w2 w3 " in out and out.endswith(b"\n")  # the cut text's line is ended
+    assert b"the process running it is gone" in err and b"storyflow resume gone1" in err
+
+
+def test_logs_step_names_a_step_of_the_run(project: CliProject, server: FakeLLM) -> None:
+    assert project.cli("run", "flow.yaml", "--run-id", "r1", env=env_for(project, server)
+                       ).returncode == 0
+    result = project.cli("logs", "r1", "--step", "wrte")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "run r1 has no step 'wrte'" in result.stderr and "'write'" in result.stderr
+
+
 def test_follow_names_a_step_of_the_workflow(project: CliProject, server: FakeLLM) -> None:
     result = project.cli("run", "flow.yaml", "--follow", "wrte",
                          env={"STORYFLOW_LLM_BASE_URL": server.url})
     assert result.returncode == 2
     assert "--follow: unknown step 'wrte'" in result.stderr and "write" in result.stderr
     assert json.loads(project.cli("runs", "--json").stdout) == []  # nothing was started
+
+
+# -- secrets in streamed text ------------------------------------------------------------------
+
+KEY = "sk-test-SECRET-abc123"
+OTHER = "tok_ABCDEFGH"
+PIECES = ["sk-", "sk-test-", "SECRET", "-abc", "123", "tok_", "ABCD", "EFGH", "s", "t", " ",
+          "\u00e9", "\U0001f600", "x"]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(PIECES), max_size=4).map("".join),
+                          st.booleans()), max_size=25))
+def test_deltas_never_split_a_secret_between_events(chunks: list[tuple[str, bool]]) -> None:
+    """Whatever the chunks and wherever the coalescing timer fires, the events' text is
+    the whole text redacted: no secret passes in pieces, and the held end comes out last."""
+    texts: list[str] = []
+    journal = Journal(None, "r", lambda e: texts.append(e["text"]),  # type: ignore[arg-type]
+                      lambda: 0.0, [KEY, OTHER])
+
+    async def stream() -> None:
+        deltas = deltas_module.Deltas(journal, "write", 1)
+        for text, timer_fires in chunks:
+            deltas(text)
+            if timer_fires:
+                deltas.flush()  # as the timer would, EVERY_S later
+        deltas.close()
+
+    asyncio.run(stream())
+    whole = "".join(text for text, _ in chunks)
+    assert "".join(texts) == redact(whole, [KEY, OTHER])
+    assert all(texts) and KEY not in "".join(texts) and OTHER not in "".join(texts)
+
+
+def test_a_secret_the_model_echoes_is_redacted_from_the_streamed_text(
+    project: CliProject, server: FakeLLM
+) -> None:
+    def echo(request: Request) -> Reply:  # the key it was sent, a few characters a chunk
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        return ok(f"key {key}, " * 12, chunk_unit="chars", chunk_size=3, chunk_delay_s=0.01)
+
+    server.default = echo
+    project.write("flow.yaml", FLOW.replace("{model: m}", "{model: m}, secrets: [OPENAI_API_KEY]"))
+    env = {**env_for(project, server), "OPENAI_API_KEY": KEY}
+    result = project.cli("run", "flow.yaml", "--no-progress", "--follow", "write",
+                         "--run-id", "sec1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "key ***, " * 12 in result.stdout
+    log = (project.state / "runs" / "sec1" / "events.jsonl").read_text()
+    deltas = [e for e in map(json.loads, log.splitlines()) if e["type"] == "step.delta"]
+    assert len(deltas) > 1
+    assert "".join(e["text"] for e in deltas) == "key ***, " * 12
+    assert "SECRET" not in log and "SECRET" not in result.stdout

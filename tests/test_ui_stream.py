@@ -198,6 +198,15 @@ def test_plain_a_retry_starts_the_text_over() -> None:
     )
 
 
+def test_plain_never_writes_the_models_control_characters() -> None:
+    """Streamed text is the model's: its escape sequences, CRs and bells stay off the
+    terminal (and out of CI logs); tabs and newlines are text."""
+    events = [delta("plot", "\x1b[2J\x1b[31mRed\x1b[0m\r\n", 1, 1.0),
+              delta("plot", "\x07\x1b", 2, 1.1),  # nothing left: no header, no line
+              delta("plot", "a\tb\u009b", 3, 1.2)]
+    assert plain(events, "plot") == "00:01.0 ✎ plot writes:\n[2J[31mRed[0m\na\tb\n"
+
+
 def test_plain_loop_body_steps_and_ascii() -> None:
     class Ascii(io.StringIO):
         @property

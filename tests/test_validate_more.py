@@ -457,3 +457,19 @@ def test_foreign_keys_through_the_command(cli: Any, write_workflow: Any) -> None
         "`allow_failure:` (Dagu's `continueOn:`)",
     ]
     assert "hint: timeout: 30m (a duration with its unit: 30s, 10m, 1h)" in result.stderr
+
+
+def test_an_artifact_cannot_overwrite_the_event_log(cli: Any, write_workflow: Any) -> None:
+    path = write_workflow(
+        """\
+        apiVersion: storyflow/v1
+        name: x
+        steps:
+          a: {uses: template, with: {template: hi}}
+        artifacts:
+          events.jsonl: "{{ steps.a.output }}"
+        """
+    )
+    result = cli("validate", path)
+    assert result.returncode == 2
+    assert "artifact 'events.jsonl' would overwrite the run's event log" in result.stderr

@@ -25,7 +25,8 @@ def diff(
     step: str | None = typer.Option(
         None, "--step",
         help="Only this step instance, with a map's items and a loop's iterations "
-        "(LOOP.STEP: that step in every iteration), listed in full; artifacts are left out.",
+        "(LOOP.STEP: that step in every iteration; LOOP#2: one iteration), listed in full; "
+        "artifacts are left out.",
     ),
     fmt: str = typer.Option("text", "--format", help="text, json or html."),
     output: Path | None = typer.Option(
@@ -55,7 +56,7 @@ def diff(
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}", hint="use " + ", ".join(FORMATS))
-    damaged: dict[str, Any] = {}
+    damaged: dict[tuple[str, str], Any] = {}
     with Store(state_dir()) as store:
         sides = []
         for ref in (run_a, run_b):
@@ -69,10 +70,11 @@ def diff(
                 f"neither run has a step {step!r}",
                 hint=did_you_mean(step, {*a.ids, *b.ids}, what="steps"),
             )
+        runs = store.root / "runs"  # not `run_dir`: a read makes no folder
         artifacts = () if step is not None else compare.compare_folders(
-            store.run_dir(a.record.run_id), store.run_dir(b.record.run_id))
-    for where, damage in damaged.items():
-        err(f"warning: {damage.describe()} ({where}); compared as not started")
+            runs / a.record.run_id, runs / b.record.run_id)
+    for damage in damaged.values():
+        err(f"warning: {damage.describe()}; compared as not started")
     result = compare.build_diff(a, b, artifacts=artifacts, step=step)
     if fmt == "json":
         text = json.dumps(compare.to_document(result), indent=2, ensure_ascii=False) + "\n"
@@ -93,11 +95,13 @@ def diff(
         raise typer.Exit(1)
 
 
-def _instances(store: Any, record: Any, damaged: dict[str, Any]) -> tuple[list[str], Any]:
-    """Every step instance of the run, read once; damaged records named in ``damaged``."""
+def _instances(store: Any, record: Any, damaged: dict[tuple[str, str], Any]
+               ) -> tuple[list[str], Any]:
+    """Every step instance of the run, read once; damaged records named in ``damaged``
+    (by run and instance: a run compared with itself is warned about once)."""
     from storyflow.store import instance_records
 
     lost: dict[str, Any] = {}
     ids, steps = instance_records(store, record, lost)
-    damaged.update({f"run {record.run_id}, step {k}": v for k, v in lost.items()})
+    damaged.update({(record.run_id, k): v for k, v in lost.items()})
     return ids, steps

@@ -11,7 +11,7 @@ from storyflow.commands.app import G, app, err, guarded, pick_run, state_dir
 from storyflow.commands.executing import check_follow, execute, leave
 from storyflow.commands.run_cmds import RUN_ID
 from storyflow.commands.spec_cmds import known_kinds
-from storyflow.errors import UsageError
+from storyflow.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 _EXECUTOR_HELP = ("Where steps run: local, dask (a temporary local cluster) or a Dask "
                   "scheduler address like tcp://HOST:8786.")
@@ -31,7 +31,10 @@ def fork(
         [], "-i", "--input", help="Change an input: key=value (repeatable)."
     ),
     sets: list[str] = typer.Option([], "--set", help="Override a value: path=value (repeatable)."),
-    env: str | None = typer.Option(None, "--env", help="Apply the file's environments.NAME."),
+    env: str | None = typer.Option(
+        None, "--env", help="Apply the file's environments.NAME instead of the parent's "
+        "(--env '' for none: the file as written)."
+    ),
     file: Path | None = typer.Option(
         None, "--file", help="Run this workflow file instead of the parent's."
     ),
@@ -55,6 +58,8 @@ def fork(
     RUN itself is never modified.
     """
     from storyflow.engine.forking import fork_plan
+    from storyflow.engine.runs import view
+    from storyflow.events import RunStatus
     from storyflow.spec import template_engine
     from storyflow.store import Store
 
@@ -63,9 +68,9 @@ def fork(
         _refuse_child(parent, "fork")
         new_id = _new_id(store, run_id)
         path = Path(file).resolve() if file is not None else Path(parent.workflow_path)
-        environment = env if env is not None else parent.environment
+        environment = (env or None) if env is not None else parent.environment
         all_sets = [*parent.sets, *sets]
-        wf, compiled = _load(store, path, environment, all_sets)
+        wf, compiled = _load(store, path, environment, all_sets, executor_opt)
         check_follow(follow, compiled)
         for step in from_steps:
             _known_step(step, compiled)
@@ -89,9 +94,14 @@ def fork(
                          parent, lineage, executor_opt)
         if not json_mode:
             err(f"forking run {parent.run_id} ({parent.workflow}) as run {new_id}")
-            news = _news(changed, values, sets, path, parent)
+            edited = (str(path) == parent.workflow_path and not same
+                      and (before is None or before.source_hash != parent.source_hash))
+            news = _news(changed, values, sets, path, parent, edited, environment)
             if news:
                 err(f"  {news}")
+            if view(store, parent).status == RunStatus.RUNNING.value:
+                err(f"  note: run {parent.run_id} is still running: the fork keeps only "
+                    "what it has finished so far")
             for line in plan.lines():
                 err(f"  {line}")
         code = _execute(store, wf, compiled, record, json_mode, no_progress, max_parallel,
@@ -142,7 +152,7 @@ def replay(
         _refuse_child(source, "replay")
         new_id = _new_id(store, run_id)
         path = Path(file).resolve() if file is not None else Path(source.workflow_path)
-        wf, compiled = _load(store, path, source.environment, source.sets)
+        wf, compiled = _load(store, path, source.environment, source.sets, executor_opt)
         check_follow(follow, compiled)
         values = _inputs(wf, source, [])
         book = replay_book(store, source, strict=strict)
@@ -153,11 +163,12 @@ def replay(
                          compiled, source, lineage, executor_opt)
         if not json_mode:
             err(f"replaying run {source.run_id} ({source.workflow}) as run {new_id}: "
-                f"{len(book.answers)} recorded answers"
+                f"{book.size} recorded answer{'s' if book.size != 1 else ''}"
                 + (" (--strict: a call without one fails)" if strict else ""))
-            if not book.recorded:
-                err(f"  note: run {source.run_id} has no recorded requests (it ran before "
-                    "storyflow kept them, or no step reached an agent): every call runs live")
+            if not book.size:
+                err(f"  note: run {source.run_id} has no answer to give back (it ran before "
+                    "storyflow recorded requests, or no step of it succeeded at an agent): "
+                    + ("every call misses" if strict else "every call runs live"))
         code = _execute(store, wf, compiled, record, json_mode, no_progress, max_parallel,
                         False, executor_opt, replay=book, follow=follow,
                         stream_events=stream_events)
@@ -166,6 +177,12 @@ def replay(
                 f"from run {source.run_id}, {book.live} live"
                 + (f", {book.missed} missed" if book.missed else "")
                 + f" · compare: storyflow diff {source.run_id} {new_id}")
+        if strict and book.missed and code == EXIT_OK:
+            # A fallback or allow_failure let the run succeed past a miss: CI still fails.
+            if not json_mode:
+                err(f"replay --strict: {book.missed} call{'s' if book.missed != 1 else ''} "
+                    "had no recorded answer (see the replay_miss failures): exit 1")
+            code = EXIT_FAILED
     leave(code)
 
 
@@ -205,7 +222,11 @@ def _new_id(store: Any, run_id: str | None) -> str:
     return run_id
 
 
-def _load(store: Any, path: Path, environment: str | None, sets: list[str]) -> Any:
+def _load(store: Any, path: Path, environment: str | None, sets: list[str],
+          executor_opt: str | None) -> Any:
+    """The workflow and its plan; a bad ``--executor`` is refused here too, before
+    the new run is recorded."""
+    from storyflow.engine import executors
     from storyflow.engine.plan import plan
     from storyflow.spec import load_workflow
 
@@ -215,6 +236,7 @@ def _load(store: Any, path: Path, environment: str | None, sets: list[str]) -> A
     wf = load_workflow(path, kinds=known_kinds(), environment=environment, sets=sets,
                        known_valid=store.known_valid, parsed=store.parsed_files)
     store.remember_valid(wf.source_hash)
+    executors.require_dask(executors.setting(wf.executor, executor_opt))
     return wf, plan(wf)
 
 
@@ -248,14 +270,19 @@ def _parent_workflow(store: Any, parent: Any) -> Any:
 
 
 def _news(changed: list[str], values: dict[str, Any], sets: list[str], path: Path,
-          parent: Any) -> str:
+          parent: Any, edited: bool, environment: str | None) -> str:
     parts = []
+    if environment != parent.environment:
+        parts.append(f"environment: {environment or '(none)'}"
+                     + (f" (was {parent.environment})" if parent.environment else ""))
     if changed:
         parts.append("inputs changed: " + ", ".join(f"{k}={values.get(k)!r}" for k in changed))
     if sets:
         parts.append("settings: " + ", ".join(sets))
     if str(path) != parent.workflow_path:
         parts.append(f"workflow file: {path}")
+    elif edited:
+        parts.append("the workflow file changed since the parent ran")
     return "; ".join(parts)
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import typer
 
-from storyflow.commands.app import app, guarded, state_dir
+from storyflow.commands.app import app, err, guarded, state_dir
 from storyflow.errors import UsageError
 
-_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])", re.ASCII)  # digits 0-9 only
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_HINT = "give a number and a unit (s, m, h, d, w), like 90m, 12h, 30d or 2w"
 
@@ -64,6 +64,10 @@ def gc(
     with Store(state_dir()) as store:
         report = store.gc(keep=keep, older_than_s=older_than_s, dry_run=dry_run)
         now = store.clock()
+    for damage in report.damaged:
+        err(f"warning: {damage}; gc leaves it alone")
+    if report.damaged:
+        err("  hint: `storyflow doctor` checks the store")
     if json_mode:
         typer.echo(json.dumps(gc_document(report, now), indent=2))
         return

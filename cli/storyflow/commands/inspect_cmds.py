@@ -90,15 +90,19 @@ def logs(
     """The run's event log: what happened to each step, the lines its code printed or
     logged (stdout, stderr, logging, context.log), and under a failed attempt of a python
     step the traceback of its code. With --step, the text an llm step streamed, as it was
-    written. --follow streams it live, as the run goes on."""
+    written. --follow streams it live, as the run goes on, and ends with it (or when the
+    process running it is gone)."""
     import sys
 
+    from storyflow.engine.runs import top_run
     from storyflow.store import Store, follow_events, read_events
     from storyflow.ui.progress import JsonSink, PlainSink, follows
 
     with Store(state_dir()) as store:
         record = pick_run(store, run_ref, last)
-        path = store.run_dir(record.run_id) / "events.jsonl"
+        if step is not None:
+            _check_step(store, record, step)
+        path = store.run_path(record.run_id) / "events.jsonl"
         # With --step the step's streamed text is printed as it was written (JSON: its
         # step.delta events); the whole log leaves the text out.
         sink = (JsonSink(sys.stdout, deltas=step is not None) if json_mode
@@ -116,20 +120,50 @@ def logs(
                 for ev in read_events(path):
                     if wanted(ev):
                         sink(ev)
+            sink.close()
             return
         last_check = [0.0]
+        gone = [False]
 
         def finished() -> bool:
+            """The run ended, or the process running it is gone (killed, crashed): its
+            record says ``running`` until `resume` or `cancel` closes it."""
             now = time.monotonic()
             if now - last_check[0] < 0.5:
                 return False
             last_check[0] = now
             current = store.get_run(record.run_id)
-            return current is None or current.status != "running"
+            if current is None or current.status != "running":
+                return True
+            holder = store.holder(top_run(store, current).run_id)
+            gone[0] = holder is not None and not holder.alive  # None: not yet taken
+            return gone[0]
 
-        while not path.exists() and not finished():
-            time.sleep(0.1)
-        if path.exists():
-            for ev in follow_events(path, stop=finished):
-                if wanted(ev):
-                    sink(ev)
+        try:
+            while not path.exists() and not finished():
+                time.sleep(0.1)
+            if path.exists():
+                for ev in follow_events(path, stop=finished):
+                    if wanted(ev):
+                        sink(ev)
+        finally:
+            sink.close()  # ends a text cut short (the run gone, or Ctrl-C) with its line
+        if gone[0]:
+            warn([(f"run {record.run_id} stopped: the process running it is gone "
+                   "(killed or crashed)", f"storyflow resume {record.run_id} continues it")])
+
+
+def _check_step(store: Any, record: Any, step: str) -> None:
+    """``--step`` names a step of the run: an instance it has, or a step inside one (a
+    loop's body). A live run may yet start a loop's body steps: not checked."""
+    from storyflow.engine.runs import view
+    from storyflow.spec.units import did_you_mean
+    from storyflow.store import instance_records
+    from storyflow.ui.progress import follows
+
+    ids, _ = instance_records(store, record, {})
+    if any(follows(step, iid) for iid in ids) or view(store, record).status == "running":
+        return
+    names = {seg.partition("#")[0].partition("[")[0] for iid in ids for seg in iid.split(".")}
+    raise UsageError(f"run {record.run_id} has no step {step!r}",
+                     hint=did_you_mean(step, names, what="steps"))

@@ -73,7 +73,7 @@ def _report_of(store: Any, record: Any, *, children: bool, seen: set[str], depth
 
     seen.add(record.run_id)
     ids, records = instance_records(store, record)
-    log = store.run_dir(record.run_id) / "events.jsonl"
+    log = store.run_path(record.run_id) / "events.jsonl"
     events = list(read_events(log)) if log.exists() else []
     unseen = {ev["step"] for ev in events if isinstance(ev.get("step"), str)} - set(records)
     records.update(store.get_steps(record.run_id, sorted(unseen)))

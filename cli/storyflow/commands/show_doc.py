@@ -274,7 +274,7 @@ def show_document(
         "error": record.error,
         "steps": out_steps,
         "outputs": record.outputs or {},
-        "run_dir": str(store.run_dir(record.run_id)),
+        "run_dir": str(store.run_path(record.run_id)),
     }
 
 

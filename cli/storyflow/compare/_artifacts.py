@@ -1,7 +1,8 @@
 """The files of two run folders, compared file by file.
 
 A run folder holds the run's event log (``events.jsonl``, left out: its ids and times
-always differ) and its artifacts. Hidden files (a name starting with ``.``, at any
+always differ; so is ``events.jsonl.before-gc``, the earlier log `gc` put back beside a
+newer one) and its artifacts. Hidden files (a name starting with ``.``, at any
 depth) and anything that is not a regular file (symlinks included) are left out.
 """
 
@@ -16,6 +17,7 @@ from storyflow.compare._model import ArtifactDiff, Pair
 from storyflow.compare._words import text_diff
 
 EVENT_LOG = "events.jsonl"
+_LOGS = frozenset({EVENT_LOG, EVENT_LOG + ".before-gc"})
 MAX_TEXT_BYTES = 1_000_000
 """A file larger than this is compared by content, but not shown or diffed."""
 
@@ -31,7 +33,7 @@ def artifact_files(folder: Path) -> dict[str, Path]:
         for name in files:
             path = base / name
             rel = path.relative_to(folder).as_posix()
-            if name.startswith(".") or rel == EVENT_LOG:
+            if name.startswith(".") or rel in _LOGS:
                 continue
             try:
                 if not stat.S_ISREG(path.lstat().st_mode):

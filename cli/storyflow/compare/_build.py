@@ -51,15 +51,17 @@ class RunRecords:
 
 def selects(step: str, instance_id: str) -> bool:
     """Whether ``--step STEP`` takes ``instance_id``: the instance itself, a map's
-    items (``draft[2]``), a loop's iterations (``polish#2.revise``); ``polish.revise``
-    takes that step of every iteration."""
-    if instance_id == step or instance_id.startswith((step + "[", step + "#")):
+    items (``draft[2]``), a loop's iterations (``polish#2.revise``), an iteration's
+    steps (``polish#2`` takes ``polish#2.revise``); ``polish.revise`` takes that step of
+    every iteration, at any depth (``outer.inner.x`` takes ``outer#1.inner#2.x``; a
+    loop named with its iteration, ``outer#1.inner.x``, only that one's)."""
+    if instance_id == step or instance_id.startswith((step + "[", step + "#", step + ".")):
         return True
-    loop, dot, body = step.partition(".")
-    if not dot or "#" in loop:
+    if "." not in step:
         return False
-    return re.fullmatch(rf"{re.escape(loop)}#\d+\.{re.escape(body)}([\[#.].*)?",
-                        instance_id) is not None
+    *loops, last = step.split(".")
+    pattern = "".join(re.escape(p) + ("" if "#" in p else r"#\d+") + r"\." for p in loops)
+    return re.fullmatch(pattern + re.escape(last) + r"([\[#.].*)?", instance_id) is not None
 
 
 def build_diff(a: RunRecords, b: RunRecords, *, artifacts: Sequence[ArtifactDiff] = (),
@@ -140,7 +142,8 @@ def _step(iid: str, ra: Any, rb: Any, in_a: bool, in_b: bool,
         change = "changed"
     ua, ub = _usage(ra), _usage(rb)
     return StepDiff(
-        id=iid, change=change, origin=origin, kind=_kind(ra or rb), status=status,
+        id=iid, change=change, origin=origin, kind=_kind(ra or rb),
+        kinds=Pair(_kind(ra), _kind(rb)), status=status,
         fingerprint=fingerprint, request=request, output=output, error=error,
         attempts=Pair(_attempts(ra, in_a), _attempts(rb, in_b)),
         duration_s=Pair(_duration(ra), _duration(rb)),
@@ -209,7 +212,7 @@ def _usage(rec: Any) -> tuple[int | None, float | None]:
 def _totals(steps: Sequence[StepDiff], side: str) -> Totals:
     """One side's figures: maps and loops are made of other instances, not counted twice."""
     present = [s for s in steps if getattr(s.status, side) is not None]
-    tasks = [s for s in present if s.kind == "task"]
+    tasks = [s for s in present if getattr(s.kinds, side) == "task"]
     costs = [(getattr(s.tokens, side), getattr(s.cost, side)) for s in tasks]
     return Totals(
         instances=len(present),

@@ -102,7 +102,11 @@ class StepDiff:
     """``kept`` (one run's fork copied the other's record, or both copied the same
     parent's), ``rerun`` (both ran it), ``only_a`` or ``only_b``."""
     kind: str
-    """``task``, or ``map`` / ``loop`` for a step made of other instances."""
+    """``task``, or ``map`` / ``loop`` for a step made of other instances (A's; B's
+    when only B has a record of it)."""
+    kinds: Pair[str]
+    """Each run's own kind of it: runs of different workflows may have a map in one
+    and a task of the same id in the other (totals count each run's tasks)."""
     status: Pair[str | None]
     fingerprint: str | None
     """``same``, ``different``, or None when a side has none."""

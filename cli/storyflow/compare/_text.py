@@ -41,6 +41,8 @@ BRIEF_CHANGES = 6
 BRIEF_LINES = 10
 """Lines under a step in the overview (not with --step)."""
 _MARK = {"added": "+", "removed": "-", "changed": "~"}
+_OK = ("succeeded", "cached")
+"""Statuses of a step that has an output (null is one)."""
 _LABEL = 13
 
 
@@ -189,8 +191,10 @@ def _all_details(step: StepDiff, width: int, full: bool) -> Iterator[str]:
     whole = out.changes[0] if len(out.changes) == 1 and not out.changes[0].path else None
     if whole is not None and (whole.a is None or whole.b is None):
         side, value = ("A", whole.a) if whole.b is None else ("B", whole.b)
-        yield f"output only in {side}: {short(value, width - 20)}"
-        return
+        if (step.status.b if side == "A" else step.status.a) not in _OK:
+            yield f"output only in {side}: {short(value, width - 20)}"
+            return
+        # else: the other run's step succeeded with the output null, a value: a change
     if out.text is not None:
         yield from _wrapped("output: ", inline(out.text, None if full else BRIEF_CHARS), width)
         return

@@ -35,7 +35,7 @@ from storyflow.engine.breaker import Admission, Breaker
 from storyflow.engine.deltas import Deltas
 from storyflow.engine.executors import agent_for
 from storyflow.engine.inputs import Inputs, Server
-from storyflow.engine.replay import request_of
+from storyflow.engine.replay import NESTED_KINDS, request_of
 from storyflow.engine.usage import Usage
 from storyflow.errors import (
     AnswerNeeded,
@@ -43,6 +43,7 @@ from storyflow.errors import (
     CircuitOpen,
     InvalidOutput,
     PermanentError,
+    ReplayMiss,
     StepFailure,
     StepTimeout,
 )
@@ -300,7 +301,7 @@ class Attempts:
             timeout_s=server.timeout_s,
             output_schema=step.output_schema,
             seed=s.seed,
-            log=self._logger(inst),
+            log=self._logger(inst, deltas),
             meter=metering.meter,
             reserve=metering.reserve,
             cache=s.call_cache,
@@ -310,7 +311,7 @@ class Attempts:
         replay = s.options.replay
         s.journal.flush()  # durable before the agent runs
         try:
-            if replay is not None:
+            if replay is not None and server.uses not in NESTED_KINDS:
                 assert inst.request is not None
                 found, output = replay.answer(inst.id, inst.request, s.secret_values)
                 if not found:
@@ -323,7 +324,8 @@ class Attempts:
             raise
         except StepFailure as exc:
             exc = metering.over or exc  # a reply landed over a budget, whatever followed
-            if isinstance(exc, BudgetExceeded):  # the budget's refusal, not the agent's
+            # The budget's refusal or a replay's miss: not the agent's failure.
+            if isinstance(exc, BudgetExceeded | ReplayMiss):
                 if breaker is not None:
                     breaker.abandoned(admission, s.options.monotonic())
             elif breaker is not None and breaker.failed(admission, s.options.monotonic()):
@@ -345,14 +347,16 @@ class Attempts:
         inst.ended_at = s.options.clock()
         return None
 
-    def _logger(self, inst: Instance) -> Callable[[str], None]:
+    def _logger(self, inst: Instance, deltas: Deltas) -> Callable[[str], None]:
         """The ``log`` of one attempt: each line a ``step.log`` event, from any thread
-        (a sync python callable runs in a worker thread)."""
+        (a sync python callable runs in a worker thread) — after the text the attempt
+        streamed so far, so a line lands where it was said."""
         s = self.s
         loop = asyncio.get_running_loop()
         step_id, attempt = inst.id, inst.attempts
 
         def emit(message: str) -> None:
+            deltas.flush()
             s.journal.emit(EventType.STEP_LOG, step=step_id, attempt=attempt, message=message)
             s.journal.schedule_flush()
 

@@ -6,9 +6,11 @@ what arrived since the last one; ``tokens``: chunks so far in this attempt) at m
 per `EVERY_S` per attempt — a 10,000-token chapter is a few hundred events, not 10,000
 — and what is left when the attempt ends, before the step's own end event.
 
-Secret values are redacted from events by the journal; a secret split between two
-events would escape that, so with secrets to redact the last ``len(longest) - 1``
-characters wait for the next event (or the attempt's end).
+Secret values are redacted from events by the journal, one event at a time: a secret
+split between two events would pass it in two halves. So with secrets to redact, the
+buffered text is redacted whole here, and its end, when it could be the start of a
+secret (`open_tail`), waits for the next event — or the attempt's end, when it is sent
+as it is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from storyflow.events import EventType
+from storyflow.store import redact
 
 if TYPE_CHECKING:
     from storyflow.engine.commit import Journal
@@ -28,7 +31,7 @@ EVERY_S = 0.1
 class Deltas:
     """``call.delta`` of one attempt: chunks in, coalesced ``step.delta`` events out."""
 
-    __slots__ = ("attempt", "chunks", "handle", "hold", "journal", "parts", "step")
+    __slots__ = ("attempt", "chunks", "handle", "journal", "parts", "secrets", "step")
 
     def __init__(self, journal: Journal, step: str, attempt: int) -> None:
         self.journal = journal
@@ -37,8 +40,7 @@ class Deltas:
         self.parts: list[str] = []
         self.chunks = 0
         self.handle: asyncio.TimerHandle | None = None
-        secrets = journal.secret_values
-        self.hold = max(map(len, secrets)) - 1 if secrets else 0
+        self.secrets = journal.secret_values
 
     def __call__(self, text: str) -> None:
         self.chunks += 1
@@ -48,22 +50,45 @@ class Deltas:
 
     def _emit(self, *, last: bool = False) -> None:
         self.handle = None
-        if not self.parts:
-            return
         text = "".join(self.parts)
         self.parts.clear()
-        if self.hold and not last:
-            text, kept = text[: -self.hold], text[-self.hold:]
-            if kept:
-                self.parts.append(kept)
-            if not text:
-                return
+        if not text:
+            return
+        if self.secrets:
+            text = redact(text, self.secrets)
+            held = 0 if last else open_tail(text, self.secrets)
+            if held:
+                self.parts.append(text[-held:])
+                text = text[:-held]
+                if not text:
+                    return
         self.journal.emit(EventType.STEP_DELTA, step=self.step, attempt=self.attempt,
                           text=text, tokens=self.chunks)
         self.journal.schedule_flush()
+
+    def flush(self) -> None:
+        """Emit what came so far now, without waiting for the timer (an end that may
+        begin a secret still waits): before a line that must come after the text."""
+        if self.handle is not None:
+            self.handle.cancel()
+        self._emit()
 
     def close(self) -> None:
         """The attempt ended: emit what is left."""
         if self.handle is not None:
             self.handle.cancel()
         self._emit(last=True)
+
+
+def open_tail(text: str, secrets: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins one of ``secrets`` without
+    being all of it: what must wait for more text to tell whether a secret goes on."""
+    n, held = len(text), 0
+    for secret in secrets:
+        i = text.find(secret[0], max(n - len(secret) + 1, 0)) if secret else -1
+        while 0 <= i and n - i > held:
+            if secret.startswith(text[i:]):
+                held = n - i
+                break
+            i = text.find(secret[0], i + 1)
+    return held

@@ -19,13 +19,13 @@ known yet, so the plan printed first is a forecast per top-level step, with the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storyflow.engine.plan import Plan
 from storyflow.engine.runs import ResumePlan, resume_plan
 from storyflow.spec.model import Step, Workflow
-from storyflow.store import RunRecord, Store
+from storyflow.store import RunRecord, StepRecord, Store
 
 _OK = ("succeeded", "cached")
 
@@ -92,11 +92,11 @@ def fork_plan(
     ``before``: the parent's workflow as it loads with the parent's settings (None when
     it cannot be loaded): its config and seed tell which settings changed."""
     from_steps = list(from_steps)
-    reseeded = before is not None and before.seed != wf.seed
-    roots = [*from_steps]
-    if reseeded:
-        roots.extend(compiled.order)
-    base = resume_plan(store, parent, compiled, roots, warn=lambda _: None)
+    base = resume_plan(store, parent, compiled, from_steps, warn=lambda _: None)
+    reseeded = _reseeded(base.previous.values(), before, wf)
+    if reseeded:  # every step runs again
+        base = replace(base, forced=frozenset(compiled.order), kept=[],
+                       todo=list(compiled.order))
     changed_inputs = {k for k in set(inputs) | set(parent.inputs)
                       if inputs.get(k) != parent.inputs.get(k)}
     changed_config = set() if before is None else {
@@ -141,6 +141,18 @@ def fork_plan(
         else:
             plan.kept.append(sid)
     return plan
+
+
+def _reseeded(records: Iterable[StepRecord], before: Workflow | None, wf: Workflow) -> bool:
+    """Whether the fork runs under another seed than the parent did. The seed each
+    call of the parent was made with is on its recorded request — the parent's file may
+    have changed since (``before`` is loaded from today's file); a parent from before
+    requests were recorded is judged by ``before``."""
+    seeds = {rec.request.get("seed") for rec in records
+             if rec.request is not None and "seed" in rec.request}
+    if seeds:
+        return seeds != {wf.seed}
+    return before is not None and before.seed != wf.seed
 
 
 def _reads(step: Step, wf: Workflow, templates: Any) -> set[tuple[str, str | None]]:

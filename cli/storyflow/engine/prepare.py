@@ -4,10 +4,12 @@ All of it is synchronous, done by the scheduler as it takes a ready instance: th
 step's inputs are rendered and fingerprinted; a step that succeeded with the same
 fingerprint in an earlier process of the run is *kept* (resume) — no task and no store
 write, its record is already there — unless it is forced or its stored output was
-redacted. A fork keeps the same way against its parent's records, and copies each kept
-record into the new run (``forked_from``). A ``cache`` step found in the output cache
-is *cached*. A step whose inputs cannot be rendered (or whose ``when`` cannot be
-evaluated) fails without an attempt.
+redacted. A fork keeps the same way against its parent's records — only what was made
+under the fork's seed — and copies each kept record into the new run (``forked_from``).
+A ``cache`` step found in the output cache is *cached*; its record keeps the request
+it stands for, so a replay can answer it once the cache entry is gone. A step whose
+inputs cannot be rendered (or whose ``when`` cannot be evaluated) fails without an
+attempt.
 
 A `Preparer` holds only what that takes: the inputs, the executor that decides which
 agent object serves a kind, the journal, the output cache and the earlier records.
@@ -25,6 +27,7 @@ from storyflow.engine.executors import Executor, agent_for
 from storyflow.engine.inputs import Inputs
 from storyflow.engine.instance import OK
 from storyflow.engine.plan import digest
+from storyflow.engine.replay import request_of
 from storyflow.errors import StepFailure
 from storyflow.events import EventType, StepStatus
 from storyflow.store import descendants
@@ -76,6 +79,8 @@ class Preparer:
             found, output = self.store.cache_get(inst.fingerprint)
             if found:
                 inst.output = output
+                # The call it stands for: a replay of this run answers it from here.
+                inst.request = request_of(step.uses, inputs, step.output_schema, self._seed)
                 inst.ended_at = self.clock()
                 self.journal.move(inst, "cache")
                 self.journal.emit(EventType.STEP_CACHED, step=inst.id, attempt=inst.attempts)
@@ -97,6 +102,15 @@ class Preparer:
             or prev.meta.get("redacted")
         ):
             return None
+        copies: list[StepRecord] = []
+        if self.origin is not None:
+            # A fork keeps only what was made under its own seed (the seed is no part
+            # of a fingerprint: a resume keeps what it made under an earlier one).
+            if inst.node.step.loop is not None:
+                copies = descendants(self.store, self.origin, prev)
+            if any(rec.request is not None and rec.request.get("seed") != self._seed
+                   for rec in (prev, *copies)):
+                return None
         inst.output, inst.attempts = prev.output, prev.attempts
         inst.started_at, inst.ended_at = prev.started_at, prev.ended_at
         inst.agent, inst.degraded = prev.agent, prev.degraded
@@ -109,14 +123,19 @@ class Preparer:
         # what it spent was spent by the parent, so the copy carries no usage.
         inst.forked_from, inst.request = self.origin, prev.request
         self.journal.checkpoint(inst)
-        if inst.node.step.loop is not None:  # a loop is kept whole: its iterations too
-            copies = descendants(self.store, self.origin, prev)
+        if copies:  # a loop is kept whole: its iterations too, with no usage either
             for rec in copies:
                 rec.forked_from = self.origin
+                rec.meta.pop("usage", None)
             self.journal.copy(copies)
         self.journal.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts,
                           forked_from=self.origin)
         return prev
+
+    @property
+    def _seed(self) -> Any:
+        """The run's seed (every request records it)."""
+        return self.inputs.scope.base["run"]["seed"]
 
     def fail_before_start(self, inst: Instance, exc: StepFailure) -> None:
         """Settle ``inst`` as failed without an attempt."""

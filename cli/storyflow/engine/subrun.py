@@ -17,7 +17,8 @@ Each model call of the child also reserves and reports through the parent's step
 and run count what the child uses as it uses it; a child that fails as
 ``budget_exceeded`` fails the step so too. A child that pauses for an answer pauses
 the parent step with the child's questions (``resume PARENT --answer STEP=...``
-reaches the child).
+reaches the child). In a replay the child answers its calls from the recorded run's
+child of the same step, so a change inside the child file is replayed too.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import asyncio
 import re
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storyflow.agents.base import Call
 from storyflow.engine.runner import CURRENT, Options, Runner
@@ -35,12 +36,16 @@ from storyflow.errors import (
     BudgetExceeded,
     InputError,
     PermanentError,
+    ReplayMiss,
     StepFailure,
     TransientError,
     WorkflowError,
 )
 from storyflow.events import ErrorClass, EventType, RunStatus
 from storyflow.store import EventLog, RunRecord
+
+if TYPE_CHECKING:
+    from storyflow.engine.replay import ReplayBook
 
 MAX_DEPTH = 8
 INHERITED_SETS = frozenset({"config", "budget", "defaults", "seed"})
@@ -60,6 +65,23 @@ def child_run_id(parent_run_id: str, step_instance: str) -> str:
     """``PARENT.step``: ``batch[3]`` → ``PARENT.batch-3``,
     ``polish#2.revise`` → ``PARENT.polish-2.revise``."""
     return f"{parent_run_id}.{_UNSAFE.sub('-', step_instance).strip('-')}"
+
+
+def source_child(store: Any, run_id: str, step_instance: str) -> RunRecord | None:
+    """The child run step instance ``step_instance`` of run ``run_id`` made; for a step
+    that run kept from a fork's parent, the child that parent's step made (all the
+    way back). None when there is none."""
+    seen: set[str] = set()
+    while run_id not in seen:
+        seen.add(run_id)
+        child: RunRecord | None = store.get_run(child_run_id(run_id, step_instance))
+        if child is not None:
+            return child
+        rec = store.get_steps(run_id, [step_instance]).get(step_instance)
+        if rec is None or rec.forked_from is None:
+            return None
+        run_id = rec.forked_from
+    return None
 
 
 class WorkflowAgent:
@@ -114,6 +136,11 @@ class WorkflowAgent:
             raise PermanentError(f"child workflow {rel}: {exc.message}", hint=exc.hint) from exc
         store.remember_valid(wf.source_hash)
         compiled = plan(wf)
+        book = None
+        if parent.opt.replay is not None:
+            found, book, output = _replay(parent, call)
+            if found:
+                return output
         rid = child_run_id(parent.run.run_id, call.step_id)
         record = store.get_run(rid)
         origin: str | None = None
@@ -134,7 +161,7 @@ class WorkflowAgent:
         else:
             previous, forced, previous_status = {}, frozenset(), None
             # In a fork, the child forks the parent run's child of the same step.
-            source = (store.get_run(child_run_id(parent.opt.origin, call.step_id))
+            source = (source_child(store, parent.opt.origin, call.step_id)
                       if parent.opt.origin is not None else None)
             if source is not None:
                 rp = resume_plan(store, source, compiled, warn=lambda _: None)
@@ -185,6 +212,7 @@ class WorkflowAgent:
             ancestry=(*po.ancestry, here),
             no_cache=po.no_cache,
             executor=po.executor,
+            replay=book,
         )
         log = EventLog(store.run_dir(rid) / "events.jsonl")
         child = Runner(wf, compiled, store, record, log.write, options)
@@ -227,7 +255,29 @@ class WorkflowAgent:
                 f"`storyflow show {rid}` names the budget; raise it and resume this run: "
                 f"storyflow resume {parent.run.run_id} --set budget.tokens=N "
                 "(budget.* reaches child runs)"))
+        if error.get("class") == ErrorClass.REPLAY_MISS.value:
+            raise ReplayMiss(message, hint=hint)
         raise PermanentError(message, hint=hint)
+
+
+def _replay(parent: Runner, call: Call) -> tuple[bool, ReplayBook | None, Any]:
+    """In a replay: the book the child run answers from — the recorded run's child of
+    the same step — as ``(False, book, None)``. Without such a child (another step
+    made it, or it is gone) the step is answered whole when the recorded run made the
+    same call: ``(True, None, output)``; else it runs live, ``(False, None, None)``,
+    or fails as ``replay_miss`` when strict."""
+    from storyflow.engine.replay import request_of
+    from storyflow.store import instance_records
+
+    book = parent.opt.replay
+    assert book is not None
+    source = source_child(parent.store, book.source, call.step_id)
+    if source is not None:
+        _, records = instance_records(parent.store, source)
+        return False, book.nested(source.run_id, records.values()), None
+    request = request_of("workflow", call.inputs, call.output_schema, call.seed)
+    found, output = book.answer(call.step_id, request, parent.secret_values)
+    return found, None, output
 
 
 async def _execute(child: Runner) -> Any:
@@ -235,4 +285,5 @@ async def _execute(child: Runner) -> Any:
     return await child.execute()
 
 
-__all__ = ["INHERITED_SETS", "StepFailure", "WorkflowAgent", "child_run_id", "child_sets"]
+__all__ = ["INHERITED_SETS", "StepFailure", "WorkflowAgent", "child_run_id", "child_sets",
+           "source_child"]

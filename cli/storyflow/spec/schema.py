@@ -66,7 +66,8 @@ def inlined(schema: dict[str, Any]) -> dict[str, Any]:
         ref = node.get("$ref")
         name = ref[len("#/$defs/"):] if isinstance(ref, str) and ref.startswith(
             "#/$defs/") else None
-        if name in defs and name not in open_ and set(node) - {"$ref"} <= _ANNOTATIONS:
+        if name is not None and name in defs and name not in open_ \
+                and set(node) - {"$ref"} <= _ANNOTATIONS:
             target = walk(defs[name], open_ | {name})
             if isinstance(target, dict):
                 extra = {k: v for k, v in node.items() if k != "$ref"}

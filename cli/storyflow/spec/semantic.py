@@ -246,6 +246,10 @@ class _Checker:
         if name.startswith(("/", "~")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
             self.error(("artifacts", name), f"artifact path {name!r} leaves the run folder",
                        ARTIFACT_HINT, at_key=True)
+        elif parts[0].startswith("events.jsonl"):
+            self.error(("artifacts", name), f"artifact {name!r} would overwrite the run's "
+                       "event log", "name the artifact otherwise, like story.md",
+                       at_key=True)
         elif max(len(part.encode()) for part in parts) > 255 or len(name.encode()) > 1024:
             self.error(("artifacts", name), "artifact path too long for a file system: a name "
                        "may have 255 bytes, the whole path 1,024", ARTIFACT_HINT, at_key=True)

@@ -9,7 +9,11 @@ Never removed: a run a live process holds (or a ``running`` run so new that its
 process has not taken its lease yet), a run a kept run was forked or replayed from
 (``forked_from``, transitively: a kept fork keeps its whole lineage), and the newest run
 of each workflow. A run whose process is gone is not live. Damaged records, runs whose
-record is lost and sub-workflow runs whose top-level run is gone are left alone.
+record is lost and sub-workflow runs whose top-level run is gone are left alone. An
+output-cache entry a kept run's step came from (``cached``, its fingerprint) stays too.
+
+One `gc` at a time removes runs from a store: it holds the store's gc lease
+(`GC_LEASE_KEY`, a lease like a run's); another one meanwhile is refused.
 
 Each run is removed in three moves, so that a crash at any point leaves its records
 whole or gone — never half of them, and never a folder in ``runs/`` without a record
@@ -28,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from storyflow.errors import RunHeldError, StoreError
 from storyflow.store._damage import index_ok
 from storyflow.store._fence import Fence, read_value
-from storyflow.store._lease import LEASE_TTL_S
+from storyflow.store._lease import LEASE_TTL_S, Lease, acquire, read_holder
 from storyflow.store._migrate import atomic, keys_with_prefix, stored_bytes
 from storyflow.store._records import RunRecord
 from storyflow.store._store import RUN_INDEX_KEY, Store, lease_key, run_key
@@ -39,6 +44,12 @@ TRASH = "trash"
 """The folder of the state directory where run folders wait for their records to go."""
 _CACHE_BATCH = 500
 """Cache entries removed per transaction."""
+GC_LEASE_KEY = "meta:gc"
+"""The lease a `gc` removing runs holds: ``{"pid", "host", "token", "heartbeat"}``."""
+GC_LEASE_TTL_S = 600.0
+"""A gc on another host that has not renewed its lease for this long is dead (on this
+host, whether its process exists decides)."""
+_OK = ("succeeded", "cached")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,8 @@ class GcReport:
     """What those entries took."""
     recovered: list[str] = field(default_factory=list)
     """Run folders a crashed `gc` left in the trash, put back or deleted now."""
+    damaged: list[str] = field(default_factory=list)
+    """Run records that do not read back, left alone: what each one is (`Damage`)."""
 
     @property
     def step_records(self) -> int:
@@ -112,12 +125,41 @@ def collect(
 ) -> GcReport:
     """Remove (or with ``dry_run`` only list) the runs the rule picks — the newest
     ``keep`` top-level runs stay, or those changed within ``older_than_s`` seconds —
-    except those that must stay, then the cache entries no run refers to."""
+    except those that must stay, then the cache entries no run refers to. Removing
+    holds the store's gc lease: `StoreError` while another gc holds it."""
+    if dry_run:
+        return _collect(store, keep=keep, older_than_s=older_than_s, lease=None)
+    try:
+        lease = acquire(store._cache, GC_LEASE_KEY, "gc", ttl_s=GC_LEASE_TTL_S,
+                        clock=store.clock, root=store.root)
+    except RunHeldError:
+        holder = read_holder(store._cache, GC_LEASE_KEY, now=store.clock(),
+                             ttl_s=GC_LEASE_TTL_S, root=store.root)
+        who = "" if holder is None else f" (process {holder.pid} on {holder.host})"
+        raise StoreError(
+            f"another storyflow gc{who} is removing runs from the store at {store.root}",
+            hint="wait for it to finish, then run gc again if there is more to remove",
+        ) from None
+    try:
+        with lease:
+            return _collect(store, keep=keep, older_than_s=older_than_s, lease=lease)
+    except RunHeldError as exc:  # stalled past its lease, and another gc took over
+        raise StoreError(f"gc stopped: {exc.message}",
+                         hint="what it removed so far is whole; run gc again") from exc
+
+
+def _collect(
+    store: Store, *, keep: int | None, older_than_s: float | None, lease: Lease | None
+) -> GcReport:
+    """`collect`'s work; a dry run without ``lease``."""
+    dry_run = lease is None
     report = GcReport(dry_run=dry_run)
     if not dry_run:
         report.recovered = _recover_trash(store)
     now = store.clock()
-    records = store.read_runs().records  # newest first; damaged records are left alone
+    listing = store.read_runs()
+    records = listing.records  # newest first; damaged records are left alone
+    report.damaged = [d.describe() for d in listing.damaged]
     by_id = {r.run_id: r for r in records}
     families: dict[str, list[RunRecord]] = {}
     for rec in records:
@@ -132,11 +174,15 @@ def collect(
             continue
         family = families[top.run_id]
         gone = _measure(store, top, family)
-        if not dry_run and not _remove(store, [r.run_id for r in family]):
-            spared[top.run_id] = Spared(top.run_id, top.workflow, "live",
-                                        "a process took it while gc ran")
-            _keep_lineage([top.run_id], spared, picked, families, by_id)
-            continue
+        if lease is not None:  # removing, not a dry run
+            lease.heartbeat()
+            # The top-level run first: `_remove` checks its lease (children have none).
+            ids = [top.run_id, *(r.run_id for r in family if r.run_id != top.run_id)]
+            if not _remove(store, ids):
+                spared[top.run_id] = Spared(top.run_id, top.workflow, "live",
+                                            "a process took it while gc ran")
+                _keep_lineage([top.run_id], spared, picked, families, by_id)
+                continue
         report.runs.append(gone)
     report.spared = list(spared.values())
     removed = {rid for r in report.runs for rid in (r.run_id, *r.children)}
@@ -282,12 +328,12 @@ def _remove(store: Store, run_ids: list[str]) -> bool:
     moved: list[str] = []
     with Fence(store.root, f"remove run {run_ids[0]}"):
         trash.mkdir(mode=0o700, exist_ok=True)
-        for run_id in reversed(run_ids):  # sub-workflow runs first
-            if (runs / run_id).is_dir():
-                shutil.rmtree(trash / run_id, ignore_errors=True)  # an older leftover
-                os.rename(runs / run_id, trash / run_id)
-                moved.append(run_id)
         try:
+            for run_id in reversed(run_ids):  # sub-workflow runs first
+                if (runs / run_id).is_dir():
+                    shutil.rmtree(trash / run_id, ignore_errors=True)  # an older leftover
+                    os.rename(runs / run_id, trash / run_id)
+                    moved.append(run_id)
             with atomic(cache):
                 holder = store.holder(run_ids[0])
                 if holder is not None and holder.alive:
@@ -302,8 +348,8 @@ def _remove(store: Store, run_ids: list[str]) -> bool:
                     gone = set(run_ids)
                     cache.set(RUN_INDEX_KEY, [e for e in index if e[1] not in gone])
         except BaseException as exc:
-            for run_id in moved:  # the records stay: so do the folders
-                os.rename(trash / run_id, runs / run_id)
+            for run_id in moved:  # the records stay: so do the folders (a resume that
+                _put_back(trash / run_id, runs / run_id)  # took the run may have made one)
             if isinstance(exc, _TakenMeanwhile):
                 return False
             raise
@@ -344,28 +390,52 @@ def _put_back(entry: Path, home: Path) -> None:
 
 def _drop_unreferenced(store: Store, removed: set[str], dry_run: bool) -> tuple[int, int]:
     """Remove the cache entries whose run has no record (with ``dry_run``, once
-    ``removed`` is gone); how many, and what they took. Damaged entries are left: the
-    cache replaces them when next used."""
+    ``removed`` is gone) and that no remaining run's step came from; how many went (or
+    would), and what they took. Damaged entries are left: the cache replaces them when
+    next used."""
     cache = store._cache
     with Fence(store.root, "read the output cache"):
         existing = {key[len("run:"):] for key in keys_with_prefix(cache, "run:")} - removed
-        doomed: list[str] = []
+        orphans: list[str] = []
         for key in keys_with_prefix(cache, "cache:"):
             entry: Any = read_value(cache, key)
             if isinstance(entry, dict) and isinstance(entry.get("run_id"), str) and (
                 entry["run_id"] not in existing
             ):
-                doomed.append(key)
-        size = sum(stored_bytes(cache, key, exact=True) for key in doomed)
-    if not dry_run:
-        with Fence(store.root, "remove unreferenced cache entries"):
-            for start in range(0, len(doomed), _CACHE_BATCH):
-                with atomic(cache):  # each entry looked at again: a run may have replaced it
-                    for key in doomed[start:start + _CACHE_BATCH]:
-                        entry = read_value(cache, key)
-                        owner = entry.get("run_id") if isinstance(entry, dict) else None
-                        if isinstance(owner, str) and (
-                            owner in removed or run_key(owner) not in cache
-                        ):
-                            cache.delete(key)
-    return len(doomed), size
+                orphans.append(key)
+        used = _used_outputs(cache, existing, {k[len("cache:"):] for k in orphans})
+        doomed = [k for k in orphans if k[len("cache:"):] not in used]
+        sizes = {key: stored_bytes(cache, key, exact=True) for key in doomed}
+    if dry_run:
+        return len(doomed), sum(sizes.values())
+    count = size = 0
+    with Fence(store.root, "remove unreferenced cache entries"):
+        for start in range(0, len(doomed), _CACHE_BATCH):
+            with atomic(cache):  # each entry looked at again: a run may have replaced it
+                for key in doomed[start:start + _CACHE_BATCH]:
+                    entry = read_value(cache, key)
+                    owner = entry.get("run_id") if isinstance(entry, dict) else None
+                    if isinstance(owner, str) and (
+                        owner in removed or run_key(owner) not in cache
+                    ):
+                        cache.delete(key)
+                        count, size = count + 1, size + sizes[key]
+    return count, size
+
+
+def _used_outputs(cache: Any, runs: set[str], fingerprints: set[str]) -> set[str]:
+    """Those of ``fingerprints`` (output-cache keys) that a step of one of ``runs``
+    succeeded with or was answered from (``cached``): the entry holds its output. Call
+    cache keys (``call-*``) are named by no step record: their run alone refers to them."""
+    wanted = {f for f in fingerprints if not f.startswith("call-")}
+    found: set[str] = set()
+    if not wanted:
+        return found
+    for key in keys_with_prefix(cache, "step:"):
+        if key[len("step:"):].partition(":")[0] not in runs:
+            continue
+        rec = read_value(cache, key)
+        fingerprint = rec.get("fingerprint") if isinstance(rec, dict) else None
+        if isinstance(fingerprint, str) and fingerprint in wanted and rec.get("status") in _OK:
+            found.add(fingerprint)
+    return found

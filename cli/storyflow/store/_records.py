@@ -136,7 +136,8 @@ class StepRecord:
     request: dict[str, Any] | None = None
     """The rendered request of its latest attempt (secrets redacted): ``{"uses",
     "inputs", "output_schema", "seed"}`` — what `storyflow replay` matches and `show --step`
-    prints. None for maps, loops and steps that never reached an agent."""
+    prints (a ``cache: true`` step answered by the cache: the request it stands for).
+    None for maps, loops and steps that never reached an agent."""
     forked_from: str | None = None
     """The run it was copied from, when a fork kept it instead of running it."""
     meta: dict[str, Any] = field(default_factory=dict)

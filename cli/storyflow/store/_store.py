@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 #   valid:<source_hash>              1: this exact workflow source passed the schema
 #   parsed:<path>                    {"hash", "sum", "blob"}: a valid file's parsed data
 #                                    (both read and written by _parsed.py)
+#   meta:gc                          the lease of the `storyflow gc` removing runs (_gc.py)
 # Run ids never contain ":", so the step key splits unambiguously. Beside db/, the state
 # directory holds runs/<run_id>/ (event log, artifacts) and, while `gc` removes a run,
 # trash/<run_id>/ (_gc.py).
@@ -162,6 +163,10 @@ class Store(Closing):
     def close(self) -> None:
         """Close the database connection. The store is unusable afterwards."""
         self._cache.close()
+
+    def run_path(self, run_id: str) -> Path:
+        """Where the run's folder is, created or not: for commands that only read."""
+        return self.root / "runs" / run_id
 
     def run_dir(self, run_id: str) -> Path:
         """The run's folder (event log, artifacts), created 0700 on first use."""

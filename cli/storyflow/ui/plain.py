@@ -23,7 +23,7 @@ from storyflow.ui.lines import (
     summary_line,
     traceback_lines,
 )
-from storyflow.ui.stream import follows
+from storyflow.ui.stream import CONTROLS, follows
 
 __all__ = ["JsonSink", "PlainSink"]
 
@@ -73,7 +73,8 @@ class PlainSink:
 
     Streamed replies (``step.delta``) print nothing, except those of the instances that
     ``follow`` names (see `storyflow.ui.stream.follows`): their text is written as it
-    comes, after a line ``✎ draft[2] writes:``. A line due in the middle of it (another
+    comes (without control characters: the model's escape sequences never reach the
+    terminal), after a line ``✎ draft[2] writes:``. A line due in the middle of it (another
     event, the end of the step) first ends the text's line; the header comes again, then
     ``(continued)``, when the text goes on after another line or another instance's text.
     """
@@ -151,9 +152,13 @@ class PlainSink:
         self._stream.flush()
 
     def _delta(self, event: Event) -> None:
-        """Write a followed instance's text as it comes, after its header."""
+        """Write a followed instance's text as it comes, after its header; control
+        characters (an escape sequence's ESC, a CR) removed."""
         iid, text, attempt = event.get("step"), event.get("text"), event.get("attempt")
-        if not (isinstance(iid, str) and isinstance(text, str) and text):
+        if not (isinstance(iid, str) and isinstance(text, str)):
+            return
+        text = text.translate(CONTROLS)
+        if not text:
             return
         if iid != self._writing or self._texts.get(iid, attempt) != attempt:
             if not follows(self._follow or "", iid):

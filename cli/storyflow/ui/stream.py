@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from rich.measure import Measurement
 
 __all__ = [
+    "CONTROLS",
     "LINE_CHARS",
     "PANEL_LINES",
     "TAIL_CHARS",
@@ -49,8 +50,11 @@ _PRINTED = {"step.succeeded": "", "step.failed": "failed", "step.cancelled": "ca
 """Ends of an attempt that print a followed instance's text above the view (→ a note)."""
 _ENDS = frozenset({*SETTLED, *_PRINTED, "step.started", "step.retrying", "step.waiting"})
 """Events after which an instance's streamed text is over (a new attempt starts anew)."""
-_CONTROLS = {c: None for c in (*range(32), *range(127, 160)) if c != 10} | {9: " "}
-"""Control characters (escape sequences included) are not drawn; a tab is a space."""
+CONTROLS = {c: None for c in (*range(32), *range(127, 160)) if c not in (9, 10)}
+"""Control characters but tab and newline, removed from streamed text before it is
+written anywhere: the model's ESC, CR or BEL would drive the terminal (`str.translate`)."""
+_CONTROLS = CONTROLS | {9: " "}
+"""What the live view draws of streamed text: no controls, a tab as a space."""
 
 
 def follows(step: str, instance: str) -> bool:

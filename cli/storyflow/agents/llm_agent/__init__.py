@@ -24,7 +24,8 @@ How failures are classified (httpx is fenced in `_http`; its errors stop there):
 
 Replies stream (``with.stream``, default true): the request asks for Server-Sent
 Events with a usage chunk at the end (``stream_options.include_usage``), and each piece
-of text goes to ``call.delta`` as it arrives, repairs' too (`_stream`). A stream whose
+of text goes to ``call.delta`` as it arrives (`_stream`) — a repair's reply too, after
+a blank line, so that it does not read as the end of the reply it corrects. A stream whose
 server sent no usage is metered from its text (`text_tokens`: UTF-8 bytes at 4 a token)
 and flagged ``"estimated": true``. A server that rejects ``stream`` (HTTP 400) is asked
 again without it; one that ignores it and answers one JSON body is taken at its word;
@@ -231,6 +232,10 @@ class LlmAgent:
                 f"asking for a correction ({attempt}/{req.repairs})")
             messages = [*messages, {"role": "assistant", "content": reply.content},
                         {"role": "user", "content": repair_prompt(problem)}]
+            if reply.streamed and reply.content:  # the correction streams after a blank line
+                ends = len(reply.content) - len(reply.content.rstrip("\n"))
+                if ends < 2:
+                    call.delta("\n" * (2 - ends))
             reply = await self._complete(req, messages, call, log)
             used_in, used_out = _add(used_in, reply.input_tokens), _add(used_out,
                                                                         reply.output_tokens)

@@ -255,9 +255,9 @@ def _number(inputs: Mapping[str, Any], name: str, *, integer: bool = False,
     elif integer and isinstance(value, float) and value.is_integer():
         number = int(value)
     kinds = (int,) if integer else (int, float)
-    if isinstance(number, bool) or not isinstance(number, kinds) or (
+    if isinstance(number, bool) or not isinstance(number, kinds) or number != number or (
         minimum is not None and number < minimum
-    ):
+    ):  # NaN (≠ itself) passes every bound: a NaN timeout expires at once
         what = "an integer" if integer else "a number"
         bound = f" ≥ {minimum:g}" if minimum is not None else ""
         raise PermanentError(f"`with.{name}` must be {what}{bound}, not {value!r}")

@@ -29,6 +29,7 @@ from storyflow.agents.llm_agent._request import as_text
 from storyflow.errors import InvalidOutput, TransientError
 
 _EXCERPT_CHARS = 300
+_BOM = b"\xef\xbb\xbf"
 _decode = json.JSONDecoder().raw_decode
 """`json.loads` without its whitespace scans (a chunk is stripped): a third faster."""
 
@@ -70,14 +71,22 @@ class Events:
                 data[-2:] == b"\n\n" and data.count(b"\n") == 2:  # one whole event: most reads
             self._event(data[6:-2].strip())
             return
-        lines = (self._rest + data if self._rest else data).split(b"\n")
-        self._rest = lines.pop()
+        data = self._rest + data if self._rest else data  # begins a line
+        cr = b""
+        if b"\r" in data:  # CRLF, or a CR alone, ends a line too
+            if data[-1:] == b"\r":  # maybe half a CRLF: the next read tells
+                data, cr = data[:-1], b"\r"
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if data[:3] == _BOM:  # may begin the stream
+            data = data[3:]
+        lines = data.split(b"\n")
+        self._rest = lines.pop() + cr
         for line in lines:
             if line[:5] == b"data:":
-                payload = line[5:].strip()  # the space after the colon, and a \r
+                payload = line[5:].strip()  # the space after the colon
                 pending = self._pending
                 self._pending = payload if pending is None else pending + b"\n" + payload
-            elif not line or line == b"\r":  # a blank line ends the event
+            elif not line:  # a blank line ends the event
                 if self._pending is not None:
                     payload, self._pending = self._pending, None
                     self._event(payload)
@@ -102,6 +111,8 @@ class Events:
     def _event(self, data: bytes) -> None:
         if data == b"[DONE]":
             self.done = True
+            return
+        if not data:  # ``data:`` alone: a keep-alive
             return
         text = None
         try:
