@@ -7,14 +7,12 @@ from typing import Any
 
 import typer
 
+from storyflow.commands import run_options as opt
 from storyflow.commands.app import G, app, err, guarded, pick_run, state_dir
 from storyflow.commands.executing import check_follow, execute, leave
 from storyflow.commands.run_cmds import RUN_ID
 from storyflow.commands.spec_cmds import known_kinds
 from storyflow.errors import EXIT_FAILED, EXIT_OK, UsageError
-
-_EXECUTOR_HELP = ("Where steps run: local, dask (a temporary local cluster) or a Dask "
-                  "scheduler address like tcp://HOST:8786.")
 
 
 @app.command()
@@ -39,17 +37,13 @@ def fork(
         None, "--file", help="Run this workflow file instead of the parent's."
     ),
     run_id: str | None = typer.Option(None, "--run-id", help="Use this run id for the fork."),
-    max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
-    json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
-    follow: str | None = typer.Option(
-        None, "--follow", help="Show this step's streamed text in full as it is written."
-    ),
-    stream_events: bool = typer.Option(
-        False, "--stream-events", help="With --json: also the step.delta events (streamed text)."
-    ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
-    executor_opt: str | None = typer.Option(None, "--executor", help=_EXECUTOR_HELP),
+    max_parallel: int = opt.MAX_PARALLEL,
+    json_mode: bool = opt.JSON,
+    follow: str | None = opt.FOLLOW,
+    stream_events: bool = opt.STREAM_EVENTS,
+    no_progress: bool = opt.NO_PROGRESS,
+    no_cache: bool = opt.NO_CACHE,
+    executor_opt: str | None = opt.EXECUTOR,
 ) -> None:
     """Start a new run from RUN that keeps every step the change does not reach.
 
@@ -128,16 +122,12 @@ def replay(
         "of running it live.",
     ),
     run_id: str | None = typer.Option(None, "--run-id", help="Use this run id for the replay."),
-    max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
-    json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
-    follow: str | None = typer.Option(
-        None, "--follow", help="Show this step's streamed text in full as it is written."
-    ),
-    stream_events: bool = typer.Option(
-        False, "--stream-events", help="With --json: also the step.delta events (streamed text)."
-    ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
-    executor_opt: str | None = typer.Option(None, "--executor", help=_EXECUTOR_HELP),
+    max_parallel: int = opt.MAX_PARALLEL,
+    json_mode: bool = opt.JSON,
+    follow: str | None = opt.FOLLOW,
+    stream_events: bool = opt.STREAM_EVENTS,
+    no_progress: bool = opt.NO_PROGRESS,
+    executor_opt: str | None = opt.EXECUTOR,
 ) -> None:
     """Run the workflow again, answering each agent call from RUN's record.
 

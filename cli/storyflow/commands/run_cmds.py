@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from storyflow.commands import run_options as opt
 from storyflow.commands.answers import parse_answers
 from storyflow.commands.app import app, err, guarded, pick_run, state_dir
 from storyflow.commands.executing import check_follow, execute, leave
@@ -33,25 +34,16 @@ def run(
     run_id: str | None = typer.Option(
         None, "--run-id", help="Use this run id instead of a new one."
     ),
-    max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
+    max_parallel: int = opt.MAX_PARALLEL,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate and show the plan; run nothing."
     ),
-    json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
-    follow: str | None = typer.Option(
-        None, "--follow", help="Show this step's streamed text in full as it is written."
-    ),
-    stream_events: bool = typer.Option(
-        False, "--stream-events", help="With --json: also the step.delta events (streamed text)."
-    ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
-    executor_opt: str | None = typer.Option(
-        None,
-        "--executor",
-        help="Where steps run: local, dask (a temporary local cluster) or a Dask "
-        "scheduler address like tcp://HOST:8786.",
-    ),
+    json_mode: bool = opt.JSON,
+    follow: str | None = opt.FOLLOW,
+    stream_events: bool = opt.STREAM_EVENTS,
+    no_progress: bool = opt.NO_PROGRESS,
+    no_cache: bool = opt.NO_CACHE,
+    executor_opt: str | None = opt.EXECUTOR,
 ) -> None:
     """Validate, compile and run a workflow."""
     from storyflow.engine import executors
@@ -144,25 +136,16 @@ def resume(
         "--answer",
         help="Answer a waiting human step: STEP=JSON, STEP=text or STEP=@file (repeatable).",
     ),
-    max_parallel: int = typer.Option(8, "--max-parallel", min=1, help="Steps running at once."),
+    max_parallel: int = opt.MAX_PARALLEL,
     sets: list[str] = typer.Option(
         [], "--set", help="Override a value from now on, e.g. budget.tokens=N (repeatable)."
     ),
-    json_mode: bool = typer.Option(False, "--json", help="One JSON event per line on stdout."),
-    follow: str | None = typer.Option(
-        None, "--follow", help="Show this step's streamed text in full as it is written."
-    ),
-    stream_events: bool = typer.Option(
-        False, "--stream-events", help="With --json: also the step.delta events (streamed text)."
-    ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Plain lines, no live display."),
-    no_cache: bool = typer.Option(False, "--no-cache", help="Bypass the LLM call cache."),
-    executor_opt: str | None = typer.Option(
-        None,
-        "--executor",
-        help="Where steps run: local, dask (a temporary local cluster) or a Dask "
-        "scheduler address like tcp://HOST:8786.",
-    ),
+    json_mode: bool = opt.JSON,
+    follow: str | None = opt.FOLLOW,
+    stream_events: bool = opt.STREAM_EVENTS,
+    no_progress: bool = opt.NO_PROGRESS,
+    no_cache: bool = opt.NO_CACHE,
+    executor_opt: str | None = opt.EXECUTOR,
 ) -> None:
     """Continue a failed, interrupted or waiting run from its checkpoint."""
     from storyflow.store import Store
