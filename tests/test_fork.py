@@ -62,6 +62,26 @@ steps:
 """
 
 
+CHILD = """\
+apiVersion: storyflow/v1
+name: child
+inputs:
+  tone: {type: string}
+agents:
+  py: {uses: python, with: {callable: "fa:step"}}
+steps:
+  setting:
+    agent: py
+    with: {me: setting, text: fixed}
+  voice:
+    agent: py
+    with: {me: voice, text: "{{ inputs.tone }}"}
+outputs:
+  text: "{{ steps.setting.output }} {{ steps.voice.output }}"
+"""
+"""A sub-workflow whose `setting` reads nothing and whose `voice` reads the tone."""
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> CliProject:
     p = CliProject(tmp_path, "fa", AGENTS)
@@ -229,23 +249,7 @@ def test_maps_and_loops_fork_by_instance(project: CliProject) -> None:
 
 
 def test_a_sub_workflow_step_forks_its_child_run(project: CliProject) -> None:
-    project.write("child.yaml", """\
-        apiVersion: storyflow/v1
-        name: child
-        inputs:
-          tone: {type: string}
-        agents:
-          py: {uses: python, with: {callable: "fa:step"}}
-        steps:
-          setting:
-            agent: py
-            with: {me: setting, text: fixed}
-          voice:
-            agent: py
-            with: {me: voice, text: "{{ inputs.tone }}"}
-        outputs:
-          text: "{{ steps.setting.output }} {{ steps.voice.output }}"
-        """)
+    project.write("child.yaml", CHILD)
     project.write("parent.yaml", """\
         apiVersion: storyflow/v1
         name: parent
@@ -491,23 +495,7 @@ def test_a_fork_of_an_llm_run_can_drop_its_environment(tmp_path: Path) -> None:
 def test_a_fork_of_a_fork_finds_the_child_run_through_the_lineage(
     project: CliProject,
 ) -> None:
-    project.write("child.yaml", """\
-        apiVersion: storyflow/v1
-        name: child
-        inputs:
-          tone: {type: string}
-        agents:
-          py: {uses: python, with: {callable: "fa:step"}}
-        steps:
-          setting:
-            agent: py
-            with: {me: setting, text: fixed}
-          voice:
-            agent: py
-            with: {me: voice, text: "{{ inputs.tone }}"}
-        outputs:
-          text: "{{ steps.setting.output }} {{ steps.voice.output }}"
-        """)
+    project.write("child.yaml", CHILD)
     project.write("parent.yaml", """\
         apiVersion: storyflow/v1
         name: parent
