@@ -1,64 +1,51 @@
 """The ``llm`` agent under load: 1,000 calls to a local server answering after 50 ms.
 
 L1  1,000 calls straight through `LlmAgent.run`, 100 at a time (asyncio.gather behind a
-    semaphore), once per connection-pool setting (ideal 0.5 s)
+    semaphore; ideal 0.5 s, goal ≤ 0.8 s)
 L2  a whole `storyflow run` of a 1,000-item ``for_each`` map with ``uses: llm``, a pool
-    ``{concurrency: 100}`` and ``--max-parallel 100`` (goal ≤ 1.2 s), next to the same
-    map of python steps that sleep 50 ms: the engine's share of it
+    ``{concurrency: 100}`` and ``--max-parallel 100`` (goal ≤ 1.2 s), next to its floor (a
+    plain aiohttp client process making the same calls, bench/floors.py) and the same map
+    of python steps that sleep 50 ms: the engine's share of it
 S   the client's CPU (`time.process_time`) for 1,000 calls of a 2,000-character
     (~500-token) reply, 100 at a time: streamed in 10 chunks of ~50 tokens vs one JSON
     body (goal: streaming ≤ 1.10x), the chunks 5 ms apart (each its own TCP read, as a
-    model writes them) and all at once (one read); next to it the floor, httpx alone
-    reading the same stream with ``aiter_raw`` and parsing nothing
+    model writes them) and all at once (one read); next to it two floors, aiohttp alone
+    reading the same stream with ``iter_any`` and parsing nothing, and raw asyncio streams
+    (a hand-written request, the bytes read to ``Content-Length`` or the chunked
+    terminator): what streaming costs the transport itself, no HTTP client in between
 
 The server (tests/llm_server.py) runs in its own process, so it does not compete with
-the client for the GIL.
+the client for the GIL. L1 and L2 stream their one-word replies (the agent's default).
 
-Figures on the 2-CPU dev container, shared with other test runs (Python 3.11, httpx
-0.28.1, httpcore 1.0.9; median of 3):
-  L1  1 client, httpx default Limits (100 connections, 20 kept alive)   9.2 s
-  L1  1 client, max_keepalive_connections=100                          9.2 s
-  L1  25 clients x 4 connections (llm_agent's CLIENTS, LIMITS)         1.1-1.4 s
-  L2  storyflow run, 1,000 x llm, x100                                 2.7 s
-      the same map of 50 ms python sleeps                              1.2 s
-One client of 100 connections is CPU-bound in httpcore's pool, which scans every
-connection for each request it queues or releases (encode/httpcore#1035): keeping all
-100 alive or only 20 makes no difference next to that. Split into small pools the
-client needs ~1 ms of CPU per call (httpx + httpcore + anyio + h11, flat), so L2 is
-the engine's 1.2 s plus ~1 s of HTTP client work on one core; the 1.2 s goal is out of
-reach with httpx here. Without `sniffio` installed, httpcore's failing
-``import sniffio`` on every request adds another ~0.5 ms per call (L1 1.6 s).
+Figures on the 2-CPU dev container, shared with other work (Python 3.11, aiohttp 3.14.5;
+medians of 3, S of 5; L2 over four sets of runs):
+  L1  1 aiohttp session x 100 connections           0.64-0.72 s
+  L2  storyflow run, 1,000 x llm, x100              1.13-1.28 s   (floor 0.80-0.84 s)
+      the same map of 50 ms python sleeps           0.90-0.94 s
+  S                          plain    streamed  ratio
+    chunks 5 ms apart  agent    0.172 s  0.351 s   2.04x
+                       aiohttp  0.131 s  0.253 s   1.92x
+                       raw      0.036 s  0.158 s   4.43x
+    chunks together    agent    0.191 s  0.257 s   1.34x
+                       aiohttp  0.137 s  0.144 s   1.05x
+                       raw      0.035 s  0.092 s   2.62x
+A plain call costs the agent ~0.17-0.19 ms of CPU, aiohttp alone ~0.13 ms. L2 is the
+engine's ~0.9 s plus that CPU and importing aiohttp (~0.12 s, a third of it the two SSL
+contexts aiohttp makes at import): at the goal, not under it with room.
 
-Since the agent streams by default, L1 and L2 stream their one-word replies: L1 0.95 s,
-L2 1.9 s (python sleeps 0.95 s) with httpx 0.29.0 as installed now. S, median of 5:
-                                   plain    streamed  ratio
-  chunks 5 ms apart    agent       0.741 s  1.308 s   1.77x
-                       httpx alone 0.665 s  1.195 s   1.80x
-  chunks all at once   agent       0.695 s  0.892 s   1.28x
-                       httpx alone 0.639 s  0.761 s   1.19x
-The goal of ≤ 1.10x is out of reach with httpx: reading the stream and parsing nothing
-already costs 1.2-1.8x a plain call, for each HTTP chunk goes through h11, httpcore and
-httpx's iterators (~10 µs), and each TCP read through anyio and the event loop (~35 µs,
-when the chunks come apart, as a model writes them). The agent's own share — the SSE
-reader, the idle watch, deltas — is 40-75 µs a call, +5-11% of a plain call. Holding
-reads back to let chunks gather (sleep 20 ms between reads) cost more than it saved.
+The ≤ 1.10x goal for S is out of reach, and not for the HTTP client: the raw floor's
+ratio is the worst (2.6x, 4.4x), for its plain call costs ~35 µs. Streaming adds fixed
+costs that no client removes — a TCP read and an event-loop wake-up per chunk when they
+come apart (raw: +122 µs a call, ~12 µs a read; aiohttp the same), +57 µs (raw) and
++7 µs (aiohttp, whose plain row includes the JSON parse) with them together — and the
+agent adds its own ~58 µs a call (SSE parse, idle watch, deltas). The cheaper a plain
+call gets, the more these weigh in the ratio.
 
-Measured again (median of 5; the container busier the second time):
-                                   plain    streamed  ratio   agent's own share
-  chunks 5 ms apart                0.726 s  1.250 s   1.72x   37 µs (+5%)
-                                   0.821 s  1.283 s   1.56x   11 µs (+1%)
-  chunks all at once               0.711 s  0.868 s   1.22x   44 µs (+6%)
-                                   0.797 s  1.005 s   1.26x   67 µs (+8%)
-The agent's share is the SSE parse, ~3 µs a chunk of 385 bytes, nearly all of it the
-chunk's JSON. Tried, not kept:
-- iterating ``Response.stream`` instead of ``aiter_raw`` (one generator layer and a
-  chunker fewer a chunk): no difference beyond the noise (1.75x vs 1.78x, 1.31x vs 1.28x);
-- an httpcore network backend on asyncio streams in place of anyio's, whose every read
-  opens a cancel scope and pauses and resumes the socket's reading: 17-23% less CPU, but
-  for plain and streamed calls alike (plain 0.765 → 0.635 s, streamed 1.345 → 1.053 s
-  apart; 0.797 → 0.611 s, 0.959 → 0.807 s together), so the ratio stays (1.66x, 1.32x);
-  it would also replace anyio's TLS, happy eyeballs and close handling under every call,
-  and it needs httpx's private ``AsyncHTTPTransport._pool`` to be plugged in.
+Why aiohttp and not httpx: measured the same way, httpx + httpcore + anyio + h11 spend
+~0.7 ms of CPU per plain call (S: agent 0.78-0.80 s, httpx alone 0.72 s), and one
+httpcore pool of 100 connections is quadratic (L1 9 s; 25 pools of 4: 1.15 s): the agent
+on httpx made L1 1.15 s and L2 1.84 s (floor 1.58 s). aiohttp's C HTTP parser and
+constant-time pool take a call to ~0.17 ms in one session.
 
 Usage: python bench/bench_llm.py [--quick | --stream]   (--quick: L1 only; --stream: S only)
 """
@@ -76,12 +63,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cli"))
 from storyflow.agents.base import Call  # noqa: E402
-from storyflow.agents.llm_agent import CLIENTS, LIMITS, LlmAgent  # noqa: E402
+from storyflow.agents.llm_agent import CONNECTIONS, LlmAgent  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from floors import llm_floor  # noqa: E402
@@ -107,9 +94,9 @@ def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
     return proc, proc.stdout.readline().strip()
 
 
-async def direct(url: str, limits: httpx.Limits, clients: int) -> float:
+async def direct(url: str) -> float:
     """Seconds for CALLS agent calls at CONCURRENCY, after one warm-up call."""
-    agent = LlmAgent(limits=limits, clients=clients)
+    agent = LlmAgent()
     gate = asyncio.Semaphore(CONCURRENCY)
     usage: list[dict[str, Any]] = []
 
@@ -132,19 +119,67 @@ async def direct(url: str, limits: httpx.Limits, clients: int) -> float:
     return wall
 
 
-MODES = ("agent", "agent streamed", "httpx", "httpx streamed")
-"""What `cpu` measures: the agent, plain and streamed; httpx alone, posting and reading
-the body whole, and reading the stream (``aiter_raw``) without parsing it."""
+MODES = ("agent", "agent streamed", "aiohttp", "aiohttp streamed", "raw", "raw streamed")
+"""What `cpu` measures: the agent, plain and streamed; aiohttp alone, posting and reading
+the body whole (and its JSON), and reading the stream (``iter_any``) without parsing it;
+raw asyncio streams, a hand-written request and the bytes read to the end of the body
+(``Content-Length``, or the chunked terminator), parsing nothing."""
+
+
+class Raw:
+    """Keep-alive connections on asyncio streams, one per call in flight."""
+
+    def __init__(self, url: str) -> None:
+        rest = url.split("://", 1)[1]
+        self.host, _, port = rest.split("/", 1)[0].partition(":")
+        self.port = int(port)
+        self.path = "/" + rest.split("/", 1)[1] + "/chat/completions"
+        self.free: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened: list[asyncio.StreamWriter] = []
+
+    async def call(self, body: bytes, stream: bool) -> int:
+        if self.free:
+            reader, writer = self.free.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+            self.opened.append(writer)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (
+                         self.path.encode(), self.host.encode(), self.port, len(body), body))
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        if stream:
+            total, tail = 0, b""
+            while not tail.endswith(b"0\r\n\r\n"):
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError("closed mid-body")
+                total, tail = total + len(data), (tail + data)[-5:]
+        else:
+            at = head.lower().index(b"content-length:") + 15
+            total = len(await reader.readexactly(int(head[at:head.index(b"\r\n", at)])))
+        self.free.append((reader, writer))
+        return total
+
+    async def aclose(self) -> None:
+        for writer in self.opened:
+            writer.close()
+            await writer.wait_closed()
 
 
 async def cpu(url: str, mode: str) -> float:
     """Client CPU seconds of CALLS calls at CONCURRENCY in ``mode`` (of `MODES`), after a
     warm-up of CONCURRENCY calls."""
     agent = LlmAgent()
-    clients = [httpx.AsyncClient(limits=LIMITS) for _ in range(CLIENTS)]
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        limit=CONNECTIONS, keepalive_timeout=30), headers={"Content-Type": "application/json"})
+    raw = Raw(url)
     gate = asyncio.Semaphore(CONCURRENCY)
     chunks: list[str] = []
     stream = mode.endswith("streamed")
+    chat = f"{url}/chat/completions"
+    plain_timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30, sock_read=30)
+    stream_timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30)
 
     async def one(i: int) -> int:
         prompt = f"item {i}"
@@ -156,15 +191,18 @@ async def cpu(url: str, mode: str) -> float:
                             workflow_dir=ROOT, run_dir=ROOT, secrets={}, timeout_s=30,
                             delta=chunks.append)
                 return len(await agent.run(call))
-            client, chat = clients[i % CLIENTS], f"{url}/chat/completions"
             body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+            if stream:
+                body.update(stream=True, stream_options={"include_usage": True})
+            data = json.dumps(body).encode()
+            if mode.startswith("raw"):
+                return await raw.call(data, stream) and REPLY_CHARS
             if not stream:
-                resp = await client.post(chat, json=body, timeout=30)
-                return len(resp.json()["choices"][0]["message"]["content"])
-            body.update(stream=True, stream_options={"include_usage": True})
-            async with client.stream("POST", chat, json=body,
-                                     timeout=httpx.Timeout(30, read=None)) as resp:
-                return sum([len(b) async for b in resp.aiter_raw()]) and REPLY_CHARS
+                async with session.post(chat, data=data, timeout=plain_timeout) as resp:
+                    reply = json.loads(await resp.read())
+                return len(reply["choices"][0]["message"]["content"])
+            async with session.post(chat, data=data, timeout=stream_timeout) as resp:
+                return sum([len(b) async for b in resp.content.iter_any()]) and REPLY_CHARS
 
     try:
         await asyncio.gather(*(one(i) for i in range(CONCURRENCY)))
@@ -173,8 +211,8 @@ async def cpu(url: str, mode: str) -> float:
         spent = time.process_time() - start
     finally:
         await agent.aclose()
-        for client in clients:
-            await client.aclose()
+        await session.close()
+        await raw.aclose()
     assert lengths == [REPLY_CHARS] * CALLS, lengths[:3]
     if mode == "agent streamed":
         assert len(chunks) == (CALLS + CONCURRENCY) * REPLY_CHARS // CHUNK_CHARS
@@ -200,11 +238,13 @@ def streaming() -> None:
         for mode in MODES:
             print(f"   {mode:15} {runs(spent[mode])}")
         agent = med["agent streamed"] / med["agent"]
-        floor = med["httpx streamed"] / med["httpx"]
-        ours = (med["agent streamed"] - med["agent"]) - (med["httpx streamed"] - med["httpx"])
-        print(f"   streamed/plain: agent {agent:.2f}x (goal <= 1.10x), httpx alone {floor:.2f}x; "
-              f"the agent's own share {ours / CALLS * 1e6:.0f} us a call "
-              f"({ours / med['agent'] * 100:+.0f}% of a plain call)")
+        floor = med["aiohttp streamed"] / med["aiohttp"]
+        raw = med["raw streamed"] / med["raw"]
+        ours = (med["agent streamed"] - med["agent"]) - (med["aiohttp streamed"] - med["aiohttp"])
+        print(f"   streamed/plain: agent {agent:.2f}x (goal <= 1.10x), aiohttp alone "
+              f"{floor:.2f}x, raw asyncio streams {raw:.2f}x; the agent's own share "
+              f"{ours / CALLS * 1e6:.0f} us a call ({ours / med['agent'] * 100:+.0f}% of a "
+              "plain call)")
 
 
 NAP = """
@@ -257,18 +297,11 @@ def main() -> None:
         return
     proc, url = start_server()
     try:
-        settings = {
-            "1 client, httpx default Limits (100, 20 kept alive)": (httpx.Limits(), 1),
-            "1 client, max_keepalive_connections=100": (
-                httpx.Limits(max_connections=100, max_keepalive_connections=100), 1),
-            f"{CLIENTS} clients x {LIMITS.max_connections} (the agent's default)": (
-                LIMITS, CLIENTS),
-        }
         ideal = CALLS / CONCURRENCY * DELAY_S
-        for name, (limits, clients) in settings.items():
-            walls = [asyncio.run(direct(url, limits, clients)) for _ in range(3)]
-            print(f"L1 {CALLS} calls x{CONCURRENCY}, {name}: {runs(walls)}; "
-                  f"{statistics.median(walls) / ideal:.2f}× the wire's pace ({ideal:g} s)")
+        walls = [asyncio.run(direct(url)) for _ in range(3)]
+        print(f"L1 {CALLS} calls x{CONCURRENCY}, 1 aiohttp session x {CONNECTIONS} connections: "
+              f"{runs(walls)}  (goal <= 0.8 s); {statistics.median(walls) / ideal:.2f}× the "
+              f"wire's pace ({ideal:g} s)")
         if not quick:
             with tempfile.TemporaryDirectory() as tmp:
                 llm = Path(tmp) / "llm"
@@ -278,7 +311,7 @@ def main() -> None:
                 walls = [whole_run(wf) for _ in range(3)]
                 wire = llm_floor(url, CALLS, CONCURRENCY)
                 print(f"L2 storyflow run, {CALLS} x llm, x{CONCURRENCY}: {runs(walls)}  "
-                      f"(goal <= 1.2 s); floor, a plain httpx client process making the "
+                      f"(goal <= 1.2 s); floor, a plain aiohttp client process making the "
                       f"same calls: {wire:.3f} s; ratio {statistics.median(walls) / wire:.2f}×")
                 floor = Path(tmp) / "floor"
                 floor.mkdir()

@@ -7,9 +7,10 @@ W1 floor   a python process that opens a diskcache store with storyflow's settin
            no parsing, no templates, no state machine, no events.
 W2 floor   the same, for 1,000 asyncio tasks sleeping 50 ms, 100 at a time, each
            committing its record when it ends.
-L floor    a plain httpx client process making the same chat-completions calls to the
-           same fake server, 100 at a time (25 clients of 4 connections, as the agent
-           pools them), reading each JSON reply: the wire's pace plus the HTTP client.
+L floor    a plain aiohttp client process making the same chat-completions calls to the
+           same fake server, 100 at a time (one session of 100 kept-alive connections,
+           as the agent pools them), reading each JSON reply: the wire's pace plus the
+           HTTP client.
 
 Each floor is a whole process, timed like the figure it is compared with (wall clock,
 from exec to exit), so both pay the interpreter's start.
@@ -63,24 +64,23 @@ c.close()
 """
 
 L_FLOOR = """
-import asyncio, sys
-import httpx
+import asyncio, json, sys
+import aiohttp
 url, n, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 async def main():
-    # Small pools of 4 connections, as the agent keeps them: one pool of 100 is
-    # quadratic in httpcore (see bench_llm.py) and would make a floor no one should pay.
-    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-    clients = [httpx.AsyncClient(limits=limits, timeout=30) for _ in range(width // 4)]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=width, keepalive_timeout=30),
+        timeout=aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30, sock_read=30))
     gate = asyncio.Semaphore(width)
     async def call(i):
         async with gate:
-            r = await clients[i % len(clients)].post(url + "/chat/completions", json={
-                "model": "m", "messages": [{"role": "user", "content": f"call {i}"}]})
-            return r.json()["choices"][0]["message"]["content"]
+            body = {"model": "m", "messages": [{"role": "user", "content": f"call {i}"}]}
+            async with session.post(url + "/chat/completions", data=json.dumps(body).encode(),
+                                    headers={"Content-Type": "application/json"}) as r:
+                return json.loads(await r.read())["choices"][0]["message"]["content"]
     await asyncio.gather(*(call(i) for i in range(n)))
-    for c in clients:
-        await c.aclose()
+    await session.close()
 
 asyncio.run(main())
 """
@@ -106,7 +106,7 @@ def w2_floor(steps: int, width: int, nap_s: float, repeat: int = 3) -> float:
 
 
 def llm_floor(base_url: str, calls: int, width: int, repeat: int = 3) -> float:
-    """Seconds of a plain httpx client process making ``calls`` calls ``width`` at once."""
+    """Seconds of a plain aiohttp client process making ``calls`` calls ``width`` at once."""
     return _timed(L_FLOOR, base_url, str(calls), str(width), repeat=repeat)
 
 

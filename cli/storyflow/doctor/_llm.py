@@ -4,7 +4,7 @@ The endpoint is asked ``GET {base_url}/models`` the way the agent would reach it
 same base URL (``with.base_url``, else ``$STORYFLOW_LLM_BASE_URL``, else OpenAI's) and
 the same key (the declared secret ``with.api_key_secret`` names, else
 ``OPENAI_API_KEY``; no Authorization header without one). The request uses the
-standard library: httpx belongs to `storyflow.agents.llm_agent`, and one GET needs no
+standard library: aiohttp belongs to `storyflow.agents.llm_agent`, and one GET needs no
 connection pool. Each distinct endpoint is asked once per run of the doctor.
 """
 

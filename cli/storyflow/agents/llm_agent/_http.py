@@ -1,12 +1,13 @@
-"""The fence around httpx: pooled clients, one POST (streamed or not), its failures classified.
+"""The fence around aiohttp: pooled sessions, one POST (streamed or not), its failures classified.
 
-httpx is imported here and nowhere else in storyflow; its exceptions, non-2xx answers and
-broken envelopes leave this module as storyflow's failures (chained with ``from``), never
-as httpx's own. How they are classified is drawn in the package docstring.
+aiohttp (and yarl, its URLs) is imported here and nowhere else in storyflow; its
+exceptions, non-2xx answers and broken envelopes leave this module as storyflow's
+failures (chained with ``from``), never as aiohttp's own. How they are classified is
+drawn in the package docstring.
 
-A streamed POST (``client.stream``) has no httpx read timeout: a `Watch` gives the reply
-``timeout`` seconds to begin and ``idle_timeout`` seconds between chunks once it has, at
-the cost of a clock read per chunk where a timeout per read would arm a timer.
+A streamed POST has no aiohttp read timeout: a `Watch` gives the reply ``timeout``
+seconds to begin and ``idle_timeout`` seconds between chunks once it has, at the cost of
+a clock read per chunk where a timeout per read would arm a timer.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from __future__ import annotations
 import email.utils
 import functools
 import json
+import os
 import ssl
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
 
-import httpx
+import aiohttp
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
 from storyflow.agents.llm_agent._stream import Events, Expired, Watch
@@ -32,12 +36,15 @@ from storyflow.errors import (
     TransientError,
 )
 
-CLIENTS = 25
-"""Most clients (connection pools) per (event loop, base URL): 100 connections in all."""
-LIMITS = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=30)
-"""Each client's pool, every connection kept alive (httpx's default Limits keep 20 of 100,
-so a burst of 100 calls reconnects 80 times)."""
+CONNECTIONS = 100
+"""Most connections per (event loop, base URL), each kept alive `KEEPALIVE_S` idle."""
+KEEPALIVE_S = 30.0
 _EXCERPT_CHARS = 300
+_PROXY_ENV = ("http_proxy", "https_proxy")
+"""Without one of these (any case) set, no proxy: the lookup is skipped."""
+_JSON = {"Content-Type": "application/json"}
+_BAD_URL = (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))
+"""What aiohttp raises for a URL it cannot call (a scheme not http(s): aiohttp ≥ 3.10)."""
 
 
 @dataclass(slots=True)
@@ -54,47 +61,106 @@ class Reply:
     server answered a request to stream without streaming)."""
 
 
-class ClientFactory:
-    """Makes one agent's clients, all sharing one SSL context (loaded on first use)."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A non-2xx answer, read whole, for the caller to classify (`status_error`)."""
 
-    def __init__(self, limits: httpx.Limits) -> None:
-        self._limits = limits
+    status: int
+    reason: str
+    headers: Mapping[str, str]
+    """Case-insensitive."""
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class Client:
+    """One aiohttp session to one base URL, and the proxy (if any) it goes through."""
+
+    __slots__ = ("proxy", "proxy_auth", "session")
+
+    def __init__(self, session: aiohttp.ClientSession, proxy: URL | None,
+                 proxy_auth: aiohttp.BasicAuth | None) -> None:
+        self.session = session
+        self.proxy = proxy
+        self.proxy_auth = proxy_auth
+
+    @property
+    def is_closed(self) -> bool:
+        return self.session.closed
+
+
+class ClientFactory:
+    """Makes one agent's sessions, all sharing one SSL context (loaded on first use)."""
+
+    def __init__(self) -> None:
         self._ssl: ssl.SSLContext | None = None
 
-    def __call__(self) -> httpx.AsyncClient:
-        if self._ssl is None:  # loading the CA bundle takes ~30 ms: once per agent
-            self._ssl = httpx.create_ssl_context()
-        return httpx.AsyncClient(limits=self._limits, verify=self._ssl)
+    def __call__(self, base_url: str, connections: int) -> Client:
+        """A session of ``connections`` to ``base_url``; made in the loop it serves."""
+        tls: ssl.SSLContext | bool = True  # unused by http:// connections
+        if base_url.startswith("https:"):
+            if self._ssl is None:  # loading the CA bundle takes ~30 ms: once per agent
+                self._ssl = _ssl_context()
+            tls = self._ssl
+        proxy, proxy_auth = _env_proxy(base_url)
+        connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=KEEPALIVE_S,
+                                         ssl=tls)
+        return Client(aiohttp.ClientSession(connector=connector, headers=_JSON), proxy,
+                      proxy_auth)
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """The CAs an https call trusts: ``$SSL_CERT_FILE``, ``$SSL_CERT_DIR``, else certifi's
+    bundle when it is installed, else the system's."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+def _env_proxy(base_url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy of ``$HTTP(S)_PROXY`` for ``base_url`` unless ``$NO_PROXY`` exempts it,
+    looked up once per session: aiohttp's ``trust_env`` would look it up on every request
+    (and ``~/.netrc`` in a thread, whose entry for the server clashes with the key)."""
+    if not any(name.lower() in _PROXY_ENV for name in os.environ):
+        return None, None
+    try:
+        return get_env_proxy_for_url(URL(base_url))
+    except (LookupError, ValueError):
+        return None, None
 
 
 class Pool:
-    """The clients of one base URL in one loop; a call takes the least busy one."""
+    """The connections of one base URL in one loop: one session, made on the first call.
 
-    def __init__(self, make: Callable[[], httpx.AsyncClient], size: int, most: int) -> None:
+    One connector of 100 connections spends no more CPU per call than 25 of 4 (L1 0.72 s
+    either way, bench/bench_llm.py): aiohttp's pool takes and gives back a connection in
+    constant time, where httpcore's scanned all of them."""
+
+    __slots__ = ("_make", "clients")
+
+    def __init__(self, make: Callable[[], Client]) -> None:
         self._make = make
-        self._size = size
-        self._most = most
-        self.clients: list[httpx.AsyncClient] = []
-        self._busy: list[int] = []
+        self.clients: list[Client] = []
+        """Its session, once made."""
 
-    def take(self) -> int:
-        """Index of the client to use; give it back with `give`."""
-        busy = self._busy
-        i = min(range(len(busy)), key=busy.__getitem__) if busy else -1
-        if i < 0 or (busy[i] >= self._size and len(busy) < self._most):
-            self.clients.append(self._make())
-            busy.append(0)
-            i = len(busy) - 1
-        busy[i] += 1
-        return i
-
-    def give(self, i: int) -> None:
-        self._busy[i] -= 1
+    def client(self) -> Client:
+        clients = self.clients
+        if not clients:
+            clients.append(self._make())
+        return clients[0]
 
     async def aclose(self) -> None:
-        self._busy.clear()
         while self.clients:
-            await self.clients.pop().aclose()
+            await self.clients.pop().session.close()
 
 
 @dataclass(slots=True)
@@ -115,39 +181,43 @@ async def close_at_shutdown(pools: dict[str, Pool]) -> AsyncGenerator[None, None
 
 
 async def post(pool: Pool, req: Request, body: dict[str, Any],
-               on_text: Callable[[str], None] | None = None) -> Reply | httpx.Response:
+               on_text: Callable[[str], None] | None = None) -> Reply | Answer:
     """POST ``body`` to the chat-completions URL: the `Reply`, or the server's non-2xx
-    answer (read) for the caller to classify — `status_error`, or a retry without what
-    the server does not support. With ``"stream": true`` in ``body`` the reply is read as
+    `Answer` for the caller to classify — `status_error`, or a retry without what the
+    server does not support. With ``"stream": true`` in ``body`` the reply is read as
     its events arrive, each piece of text handed to ``on_text``. A failure to get an
     answer is translated."""
     url = f"{req.base_url}/chat/completions"
     headers = {"Authorization": f"Bearer {req.key}"} if req.key else None
-    i = pool.take()
+    client = pool.client()
     try:
         if body.get("stream"):
-            return await _streamed(pool.clients[i], url, req, body, headers, on_text)
-        resp = await pool.clients[i].post(url, json=body, headers=headers, timeout=req.timeout_s)
-        return envelope(resp, req) if resp.is_success else resp
-    except httpx.TimeoutException as exc:
+            return await _streamed(client, url, req, body, headers, on_text)
+        async with client.session.post(
+                url, data=json.dumps(body).encode(), headers=headers, allow_redirects=False,
+                timeout=_timeout(req.timeout_s), proxy=client.proxy,
+                proxy_auth=client.proxy_auth) as resp:
+            data = await resp.read()
+        return envelope(data, resp.reason, req) if 200 <= resp.status < 300 else \
+            _answer(resp, data)
+    except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one
         raise TransientError(
             f"no reply from {url} within {req.timeout_s:g}s ({type(exc).__name__})",
             hint="raise `with.timeout` or the step's timeout for slow models",
         ) from exc
-    except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-        raise PermanentError(f"cannot call {url}: {exc}", hint="check `base_url`") from exc
-    except (httpx.TransportError, httpx.DecodingError) as exc:
+    except _BAD_URL as exc:  # aiohttp's own words are the URL: say why, when it knows
+        why = exc.__cause__ or "not a valid http(s) URL"
+        raise PermanentError(f"cannot call {url}: {why}", hint="check `base_url`") from exc
+    except (aiohttp.ClientError, OSError) as exc:
         raise TransientError(
             f"cannot reach the LLM server at {req.base_url}: {type(exc).__name__}: {exc}",
             hint=f"is the server running? check `base_url` (or ${BASE_URL_ENV})",
         ) from exc
-    finally:
-        pool.give(i)
 
 
-async def _streamed(client: httpx.AsyncClient, url: str, req: Request, body: dict[str, Any],
+async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any],
                     headers: dict[str, str] | None,
-                    on_text: Callable[[str], None] | None) -> Reply | httpx.Response:
+                    on_text: Callable[[str], None] | None) -> Reply | Answer:
     """The streamed POST. Transport failures before the stream begins are left to `post`;
     once it has, a cut or a silence leaves no reply — unless the reply was complete
     (``[DONE]`` or a ``finish_reason``) and only the end of the body went missing."""
@@ -155,25 +225,25 @@ async def _streamed(client: httpx.AsyncClient, url: str, req: Request, body: dic
     watch = Watch(req.timeout_s, req.idle_timeout_s)
     try:
         with watch:
-            async with client.stream("POST", url, json=body, headers=headers,
-                                     timeout=_stream_timeout(req.timeout_s)) as resp:
+            async with client.session.post(
+                    url, data=json.dumps(body).encode(), headers=headers,
+                    allow_redirects=False, timeout=_stream_timeout(req.timeout_s),
+                    proxy=client.proxy, proxy_auth=client.proxy_auth) as resp:
                 watch.begin()
-                if not resp.is_success or resp.headers.get("content-type", "").startswith(
+                ok = 200 <= resp.status < 300
+                if not ok or resp.headers.get("Content-Type", "").startswith(
                         "application/json"):  # an error, or a server that does not stream
-                    await resp.aread()
-                    return envelope(resp, req) if resp.is_success else resp
+                    data = await resp.read()
+                    return envelope(data, resp.reason, req) if ok else _answer(resp, data)
                 events = Events(on_text or _ignore, req.base_url)
                 beat, feed = watch.beat, events.feed
-                # aiter_raw unless compressed: aiter_bytes adds a decoder and a chunker a read
-                chunks = resp.aiter_bytes() if "content-encoding" in resp.headers \
-                    else resp.aiter_raw()
-                async for data in chunks:
+                async for data in resp.content.iter_any():  # decompressed, if it was
                     beat()
                     feed(data)
     except Expired as exc:
         if events is None or not events.complete:
             raise _expired(exc, url, req, events) from None
-    except (httpx.TransportError, httpx.DecodingError) as exc:
+    except (aiohttp.ClientError, OSError) as exc:
         if events is None:
             raise
         if not events.complete:
@@ -187,10 +257,23 @@ async def _streamed(client: httpx.AsyncClient, url: str, req: Request, body: dic
 
 
 @functools.lru_cache(maxsize=16)
-def _stream_timeout(seconds: float) -> httpx.Timeout:
-    """httpx's limits for a stream: ``seconds`` to connect and send, no read limit (the
-    `Watch` keeps those)."""
-    return httpx.Timeout(seconds, read=None)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """aiohttp's limits for a plain POST: ``seconds`` to connect (a pooled connection
+    included) and between reads, none on the whole."""
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_connect=seconds,
+                                 sock_read=seconds)
+
+
+@functools.lru_cache(maxsize=16)
+def _stream_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    """aiohttp's limits for a stream: ``seconds`` to connect, no read limit (the `Watch`
+    keeps those)."""
+    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_connect=seconds,
+                                 sock_read=None)
+
+
+def _answer(resp: aiohttp.ClientResponse, body: bytes) -> Answer:
+    return Answer(resp.status, resp.reason or "", resp.headers, body)
 
 
 def _expired(exc: Expired, url: str, req: Request, events: Events | None) -> StepFailure:
@@ -212,12 +295,12 @@ def _ignore(text: str) -> None:
     """The default ``on_text``: drops the text."""
 
 
-def status_error(resp: httpx.Response, req: Request, now: float) -> StepFailure:
+def status_error(answer: Answer, req: Request, now: float) -> StepFailure:
     """The failure a non-2xx answer stands for."""
-    status = resp.status_code
-    message = f"the LLM server answered HTTP {status}: {_excerpt(resp)}"
+    status = answer.status
+    message = f"the LLM server answered HTTP {status}: {_excerpt(answer.body, answer.reason)}"
     if status in (408, 429) or status >= 500:
-        return TransientError(message, retry_after_s=_retry_after_s(resp.headers, now))
+        return TransientError(message, retry_after_s=_retry_after_s(answer.headers, now))
     hint = None
     if status in (401, 403):
         hint = (f"check the API key in secret {req.key_secret}" if req.key else
@@ -227,10 +310,10 @@ def status_error(resp: httpx.Response, req: Request, now: float) -> StepFailure:
     return PermanentError(message, hint=hint)
 
 
-def envelope(resp: httpx.Response, req: Request) -> Reply:
-    """The reply in a 2xx JSON body; a broken one is transient."""
+def envelope(body: bytes, reason: str | None, req: Request) -> Reply:
+    """The reply in a 2xx JSON ``body``; a broken one is transient."""
     try:
-        data = resp.json()
+        data = json.loads(body)
         choice = data["choices"][0]
         message = choice["message"]
         content = message.get("content")
@@ -238,7 +321,7 @@ def envelope(resp: httpx.Response, req: Request) -> Reply:
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise TransientError(
             f"the LLM server at {req.base_url} sent a reply that is not a chat completion: "
-            f"{_excerpt(resp)}",
+            f"{_excerpt(body, reason)}",
         ) from exc
     if not isinstance(content, str):
         refusal = message.get("refusal")
@@ -251,9 +334,9 @@ def envelope(resp: httpx.Response, req: Request) -> Reply:
                  _tokens(usage.get("completion_tokens")))
 
 
-def _excerpt(resp: httpx.Response) -> str:
+def _excerpt(body: bytes, reason: str | None) -> str:
     """The server's error message, short and on one line."""
-    text = resp.text
+    text = body.decode("utf-8", "replace")
     try:
         data = json.loads(text)
     except ValueError:
@@ -263,11 +346,11 @@ def _excerpt(resp: httpx.Response) -> str:
         if isinstance(error, dict):
             error = error.get("message") or error.get("detail") or error
         text = error if isinstance(error, str) else json.dumps(error, ensure_ascii=False)
-    text = " ".join(text.split()) or resp.reason_phrase or "(empty body)"
+    text = " ".join(text.split()) or reason or "(empty body)"
     return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 1] + "…"
 
 
-def _retry_after_s(headers: httpx.Headers, now: float) -> float | None:
+def _retry_after_s(headers: Mapping[str, str], now: float) -> float | None:
     """``Retry-After`` (seconds or an HTTP date), or OpenAI's ``retry-after-ms``."""
     ms = headers.get("retry-after-ms")
     if ms is not None:

@@ -7,14 +7,14 @@ one ``data: {chat.completion.chunk}`` event per piece of the reply (the text in
 then ``data: [DONE]``. `Events` is fed the body's bytes and hands each piece of text on
 at once; `Watch` turns a reply that never begins, or goes silent, into `Expired`.
 
-No httpx here: `_http` feeds it the body's bytes and translates transport failures. Nor
-httpx-sse: it would save the ~40 lines of `Events.feed`, a new dependency for that, and it
-reads ``aiter_lines`` — text decoding and line splitting in three more generator layers,
-~60 µs a call more than ``aiter_raw`` for a 10-chunk reply (bench/bench_llm.py's S
-workload, where a whole plain call costs ~700 µs) — then makes a ``ServerSentEvent`` per
-event, where this splits bytes and decodes only the chunk's JSON. It also raises its own
-error for a ``Content-Type`` that is not ``text/event-stream``: the very answer this
-agent must take as a plain completion (a server that ignores ``stream``).
+No aiohttp here: `_http` feeds it the body's bytes and translates transport failures. Nor
+an SSE library: one would save the ~40 lines of `Events.feed`, a new dependency for that.
+The SSE readers measured (httpx-sse) read text lines — decoding and line splitting in
+more generator layers, ~60 µs a call more than the raw bytes for a 10-chunk reply
+(bench/bench_llm.py's S workload) — then make an event object per event, where this
+splits bytes and decodes only the chunk's JSON; and they raise their own error for a
+``Content-Type`` that is not ``text/event-stream``: the very answer this agent must take
+as a plain completion (a server that ignores ``stream``).
 """
 
 from __future__ import annotations
