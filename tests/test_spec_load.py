@@ -1140,3 +1140,21 @@ def test_byte_order_mark_and_crlf_line_ends(write_workflow: Any) -> None:
     assert (p.line, p.col, p.message) == (5, 40, "unknown step 'c'")
     fixed = write_workflow(text.replace("steps.c", "steps.a").encode("utf-8"), "fixed.yaml")
     assert load_workflow(fixed).step("b").deps == ("a",)
+
+
+def test_the_loader_resolves_scalars_as_ruamel_does() -> None:
+    """storyflow's loader picks the YAML version's resolver once per load, where ruamel
+    looks it up for each scalar: the data must be the same, YAML 1.2 and 1.1 alike."""
+    from ruamel.yaml import YAML
+
+    from storyflow.spec.yaml_source._parse import safe_load
+
+    scalars = ["1", "-2", "0o17", "017", "0x1f", "1.5", "1e3", ".inf", "-.Inf", ".nan", "yes",
+               "No", "on", "true", "False", "~", "null", "", "2024-01-02",
+               "2024-01-02T03:04:05Z", "1_000", "0b101", "12:30:00", "'7'", "text"]
+    body = "".join(f"k{i}: {s}\n" for i, s in enumerate(scalars)) + "list: [1, yes, ~, 0o7]\n"
+    for text in (body, "%YAML 1.1\n---\n" + body):
+        ours, error = safe_load(text, allow_duplicates=False)
+        assert error is None
+        theirs = YAML(typ="safe").load(text)
+        assert repr(ours) == repr(theirs)  # repr: NaN is not equal to itself

@@ -1,4 +1,5 @@
-"""YAML text → plain data, with line:col recovered on demand. The only ruamel importer.
+"""YAML text → plain data, with line:col recovered on demand. The only ruamel importer
+(this package: `_parse` reads the text and refuses what would crash or explode).
 
 Loading is the hot path of `validate` and `run`, so a valid file is read once with
 the C-accelerated safe loader. Positions cost a second pass over the node tree
@@ -13,9 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from storyflow.errors import InputError, Problem
-from storyflow.spec.limits import MAX_DEPTH, TooDeep, depth_hint, too_deep
+from storyflow.spec.limits import MAX_DEPTH, TooDeep, depth_hint
+from storyflow.spec.yaml_source._parse import (
+    PathKey,
+    alias_trouble,
+    json_path,
+    safe_load,
+    safe_yaml,
+)
 
-PathKey = tuple[str | int, ...]
+__all__ = ["PathKey", "Pos", "Source", "json_path", "load", "load_data_file", "parse_scalar",
+           "text_hash"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +88,6 @@ class Source:
         )
 
 
-def json_path(path: PathKey) -> str:
-    out = "$"
-    for part in path:
-        if isinstance(part, int) and not isinstance(part, bool):
-            out += f"[{part}]"
-        elif not isinstance(part, str):
-            out += f"[{part!r}]"  # a null, boolean or float key: YAML allows them
-        elif part.replace("_", "a").replace("-", "a").isalnum():
-            out += f".{part}"
-        else:
-            out += f"[{part!r}]"
-    return out
-
-
 def _nearest(path: PathKey, first: dict[PathKey, Pos], second: dict[PathKey, Pos]) -> Pos:
     p = tuple(path)
     if p not in first and p not in second and any(not isinstance(k, str | int) for k in p):
@@ -152,7 +147,7 @@ def load(
             src.data = hit
             src.cached = True
             return src
-    src.data, error = _safe_load(text, allow_duplicates=False)
+    src.data, error = safe_load(text, allow_duplicates=False)
     if error is None:
         _reject_recursion(src)
         return src
@@ -169,7 +164,7 @@ def load(
                     hint="remove one of them; YAML keeps only the last",
                 )
             )
-        src.data, _ = _safe_load(text, allow_duplicates=True)
+        src.data, _ = safe_load(text, allow_duplicates=True)
         _reject_recursion(src)
         return src
     if isinstance(error, TooDeep):
@@ -180,146 +175,17 @@ def load(
     return src
 
 
-MAX_EXPANDED_NODES = 1_000_000
-"""Values a file may hold once its aliases are expanded (a "billion laughs" guard)."""
-
-
 def _reject_recursion(src: Source) -> None:
     """Reject data no check can walk: an alias inside its own anchor (``a: &x [*x]``),
     aliases nested so deep that the data expands past `MAX_EXPANDED_NODES`, or nesting
     past `MAX_DEPTH` once aliases stand for what they name."""
     if "&" not in src.text:
         return  # no anchor, so no alias: nothing can repeat (the common, fast case)
-    found = _alias_trouble(src.data, "this file")
+    found = alias_trouble(src.data, "this file")
     if found is not None:
         where, message, hint = found
         src.data = None
         src.problems.append(src.problem(where, message, hint=hint))
-
-
-def _alias_trouble(data: Any, what: str) -> tuple[PathKey, str, str] | None:
-    """Where the aliases of ``data`` make it unusable: (path, message, hint), else None."""
-    found = _recursion(data)
-    if found is not None:
-        where, recursive = found
-        if recursive:
-            return (where, "a YAML alias refers to a mapping or list that contains it",
-                    "an alias (*name) cannot be used inside its own anchor (&name)")
-        return (where, f"YAML aliases expand {what} past {MAX_EXPANDED_NODES:,} values",
-                "use fewer nested aliases (*name)")
-    deep = too_deep(data)  # an alias nests what it names: the text's depth can grow
-    if deep is not None:
-        return (deep, f"YAML aliases nest {what} deeper than {MAX_DEPTH} levels",
-                depth_hint("a workflow file" if what == "this file" else "a data file"))
-    return None
-
-
-def _recursion(data: Any) -> tuple[PathKey, bool] | None:
-    """Where the data contains itself (path, True) or expands too far (path, False).
-
-    Iterative; each shared container (an alias used many times) is walked once and
-    its expanded size remembered.
-    """
-    size: dict[int, int] = {}
-    open_: set[int] = set()
-    stack: list[tuple[Any, PathKey, bool]] = [(data, (), False)]
-    while stack:
-        node, path, leaving = stack.pop()
-        if not isinstance(node, dict | list):
-            continue
-        ident = id(node)
-        if leaving:
-            open_.discard(ident)
-            children = node.values() if isinstance(node, dict) else node
-            total = 1 + sum(size.get(id(c), 1) for c in children)
-            if total > MAX_EXPANDED_NODES:
-                return path, False
-            size[ident] = total
-            continue
-        if ident in open_:
-            return path, True
-        if ident in size:
-            continue
-        open_.add(ident)
-        stack.append((node, path, True))
-        items = node.items() if isinstance(node, dict) else enumerate(node)
-        for key, value in items:
-            stack.append((value, (*path, key), False))
-    return None
-
-
-def _safe_load(text: str, *, allow_duplicates: bool) -> tuple[Any, Exception | None]:
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-
-    deep = _too_deep_at(text)  # before composing: ruamel's composer recurses
-    if deep is not None:
-        return None, deep
-    yaml = YAML(typ="safe")
-    yaml.allow_duplicate_keys = allow_duplicates
-    try:
-        return yaml.load(text), None
-    except YAMLError as exc:
-        return None, exc
-    except (ValueError, TypeError, RecursionError) as exc:  # oddities ruamel lets through
-        return None, exc
-
-
-def _too_deep_at(text: str) -> TooDeep | None:
-    """Where ``text`` first nests past `MAX_DEPTH`, from the parser's events (the parser is
-    iterative; composing the node tree is not). A syntax error is left to the load."""
-    # Each list or mapping opens with its own indicator: fewer of them, no need to parse.
-    if sum(text.count(c) for c in "[{-:?") <= MAX_DEPTH:
-        return None
-    found = _scan_depth(text, paths=False)
-    return _scan_depth(text, paths=True) if found is not None else None
-
-
-def _scan_depth(text: str, *, paths: bool) -> TooDeep | None:
-    """One pass over the parser's events; with ``paths``, keeping the path of each node
-    (slower: only to name the place once the first pass found one)."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
-    from ruamel.yaml.events import (
-        MappingEndEvent,
-        MappingStartEvent,
-        NodeEvent,
-        SequenceEndEvent,
-        SequenceStartEvent,
-    )
-
-    depth = 0
-    # per open collection: [its key in its parent, is a mapping, next is a key, last key/index]
-    frames: list[list[Any]] = []
-    try:
-        for event in YAML(typ="safe").parse(text):
-            kind = type(event)
-            elem: Any = None
-            if paths and frames and isinstance(event, NodeEvent):
-                top = frames[-1]
-                if not top[1]:
-                    top[3] += 1
-                    elem = top[3]
-                elif top[2]:  # a key: remember it, it names the next node
-                    top[3] = getattr(event, "value", "?")
-                    top[2] = False
-                else:
-                    elem, top[2] = top[3], True
-            if kind is MappingStartEvent or kind is SequenceStartEvent:
-                depth += 1
-                if depth > MAX_DEPTH:
-                    mark = event.start_mark
-                    where = tuple(f[0] for f in frames[1:]) + ((elem,) if frames else ())
-                    return TooDeep(mark.line + 1, mark.column + 1, json_path(where))
-                if paths:
-                    frames.append([elem, kind is MappingStartEvent, True, -1])
-            elif kind is MappingEndEvent or kind is SequenceEndEvent:
-                depth -= 1
-                if paths:
-                    frames.pop()
-    except (YAMLError, ValueError, TypeError):
-        return None
-    return None
 
 
 def _syntax_problem(name: str, exc: Exception, text: str | None = None) -> Problem:
@@ -353,14 +219,13 @@ def _index_positions(
     text: str,
 ) -> tuple[dict[PathKey, Pos], dict[PathKey, Pos], list[tuple[PathKey, Pos, Pos]]]:
     """Walk the node tree: key positions, value positions and duplicate keys."""
-    from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
     keys: dict[PathKey, Pos] = {}
     values: dict[PathKey, Pos] = {}
     duplicates: list[tuple[PathKey, Pos, Pos]] = []
     try:
-        root = YAML(typ="safe").compose(text)
+        root = safe_yaml().compose(text)
     except (YAMLError, ValueError, TypeError, RecursionError):
         return keys, values, duplicates
     if root is None:
@@ -410,13 +275,13 @@ def parse_scalar(text: str, what: str = "a command-line value") -> Any:
     """Parse a command-line value as a YAML scalar or flow collection ("3" → 3, "[a, b]");
     text that does not parse is the text itself. Raises `InputError` for nesting past
     `MAX_DEPTH` (``what`` names the value)."""
-    data, error = _safe_load(text, allow_duplicates=False)
+    data, error = safe_load(text, allow_duplicates=False)
     if isinstance(error, TooDeep):
         raise InputError(f"{what}: lists and mappings nested deeper than {MAX_DEPTH} levels "
                          f"(column {error.col})", hint=depth_hint("a value"))
     if error is not None:
         return text
-    if "&" in text and _alias_trouble(data, what) is not None:
+    if "&" in text and alias_trouble(data, what) is not None:
         return text  # read literally, as text that does not parse is
     return data
 
@@ -429,12 +294,12 @@ def load_data_file(path: Path) -> Any:
         raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not valid UTF-8") from exc
-    data, error = _safe_load(text, allow_duplicates=False)
+    data, error = safe_load(text, allow_duplicates=False)
     if error is not None:
         p = (error.problem(str(path), "a data file") if isinstance(error, TooDeep)
              else _syntax_problem(str(path), error, text))
         raise ValueError(f"{p.file}:{p.line}:{p.col}: {p.message}") from error
-    trouble = _alias_trouble(data, str(path)) if "&" in text else None
+    trouble = alias_trouble(data, str(path)) if "&" in text else None
     if trouble is not None:
         raise ValueError(f"{path}: {trouble[1]} (at {json_path(trouble[0])})")
     return data
