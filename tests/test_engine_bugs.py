@@ -57,3 +57,34 @@ def test_a_bug_inside_an_attempt_fails_that_step_and_the_run_ends(
     assert steps["after"].status == "skipped"
     failed = [e for e in events if e["type"] == "step.failed"]
     assert [e["step"] for e in failed] == ["b"]
+
+
+def test_a_finished_step_lets_its_task_go(tmp_path: Path) -> None:
+    """A done task keeps its coroutine (~0.7 KB): held per step, 10,000 steps kept ~7 MB
+    alive to the end of the run."""
+    import gc
+    import weakref
+
+    lines = ["apiVersion: storyflow/v1", "name: many", "steps:"]
+    lines += [f'  s{i}: {{uses: template, with: {{template: "{i}"}}}}' for i in range(30)]
+    path = tmp_path / "wf.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    wf = load_workflow(path, kinds=kinds())
+    compiled = plan(wf)
+    seen: list[weakref.ref[Any]] = []
+    real = Runner._launch
+
+    def launch(self: Runner, inst: Any, prepared: Any) -> None:
+        real(self, inst, prepared)
+        seen.append(weakref.ref(inst.task))
+
+    with Store(tmp_path / "state") as store:
+        record = new_run_record(store, wf, compiled)
+        runner = Runner(wf, compiled, store, record, lambda e: None, Options())
+        runner._launch = launch.__get__(runner)  # type: ignore[method-assign]
+        result = asyncio.run(runner.execute())
+        gc.collect()
+        assert result.status is RunStatus.SUCCEEDED
+        assert len(seen) == 30
+        assert all(inst.task is None for inst in runner.insts.values())
+        assert [ref for ref in seen if ref() is not None] == []
