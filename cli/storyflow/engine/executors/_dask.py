@@ -1,19 +1,13 @@
 """The Dask executor: attempts run on the workers of a ``dask.distributed`` cluster.
 
-The only module that imports ``distributed``. Both sides live here:
-
-- the coordinator's (`DaskExecutor`, `RemoteAgent`): connect to a scheduler or start a
-  temporary `LocalCluster`, check that every worker runs this storyflow, ship the
-  workflow's folder to the workers (`WorkflowFolder`, a Dask worker plugin), submit one
-  task per attempt and translate what comes back;
-- the workers' (`run_attempt`, `cancel_attempt`, `worker_info`, `import_check`):
-  functions the workers import by name from their own storyflow install.
-
-An attempt travels as a `Payload`: its inputs and output as JSON text, its secrets in a
-field no ``repr`` shows (Dask logs a failed task's arguments by their ``repr``; the
-task key names only the run, the step instance and the attempt). ``run_attempt``
-never raises: a failure comes back as data, so nothing of the attempt reaches a
-worker's log.
+The only module that imports ``distributed``. The coordinator's side lives here
+(`DaskExecutor`, `RemoteAgent`): connect to a scheduler or start a temporary
+`LocalCluster`, check that every worker runs this storyflow (`worker_info`), ship the
+workflow's folder to the workers (`WorkflowFolder`, a Dask worker plugin), submit one
+task per attempt (`run_attempt`) and translate what comes back. What runs on the
+workers, and what travels to them (the attempt's `Payload`, the zipped folder), is
+`storyflow.engine.executors._dask_worker`'s; the workers import those functions by
+name from their own storyflow install.
 
 What Dask decides is Dask's: where a task runs, worker liveness, transport. A worker
 that dies mid-attempt reaches the coordinator as Dask's ``KilledWorker`` once the
@@ -28,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
-import io
 import json
 import logging
 import os
@@ -37,8 +29,6 @@ import platform
 import re
 import socket
 import uuid
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +38,14 @@ from distributed.diagnostics.plugin import WorkerPlugin
 import storyflow
 from storyflow.agents.base import Agent, Call
 from storyflow.engine.executors import Setting
+from storyflow.engine.executors._dask_worker import (
+    Payload,
+    attempt,
+    cancel_attempt,
+    import_check,
+    unpack_folder,
+    zip_folder,
+)
 from storyflow.errors import (
     InvalidOutput,
     PermanentError,
@@ -59,45 +57,8 @@ from storyflow.events import ErrorClass
 
 REMOTE_KINDS = frozenset({"python", "command", "builtin/grammar"})
 """Kinds whose attempts run on workers (``llm`` too with ``executor.llm: workers``)."""
-SKIPPED = frozenset({
-    ".git", ".hg", ".storyflow", ".venv", "venv", "__pycache__", "node_modules",
-    ".mypy_cache", ".pytest_cache", ".ruff_cache", ".tox",
-})
-"""Folders of a workflow's folder that are not shipped to workers."""
-MAX_FOLDER_BYTES = 64 * 1024 * 1024
-"""The most a workflow's folder may weigh, zipped, to be shipped to workers."""
 CANCEL_WAIT_S = 5.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_RUNNING: dict[str, asyncio.Task[Any]] = {}
-"""On a worker: the attempts running, by task key (for `cancel_attempt`)."""
-_FOLDERS: dict[str, Path] = {}
-"""On a worker: shipped workflow folders, by content digest."""
-
-
-# -- what travels ------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Payload:
-    """One attempt, as a worker receives it. Its ``repr`` names the step only."""
-
-    key: str
-    kind: str
-    run_id: str
-    step_id: str
-    attempt: int
-    inputs_json: str
-    folder: str
-    """The content digest of the workflow's folder (see `WorkflowFolder`)."""
-    run_dir: str
-    output_schema: dict[str, Any] | None
-    seed: int | None
-    cache: bool
-    """Whether the agent may store call-cache entries (sent back to the coordinator)."""
-    environ: dict[str, str]
-    """The coordinator's values of the variables the agent reads (`Call.environ`)."""
-    secrets: dict[str, str] = field(repr=False)
-
-    def __repr__(self) -> str:
-        return f"<storyflow attempt {self.step_id} #{self.attempt} ({self.kind})>"
 
 
 class WorkflowFolder(WorkerPlugin):
@@ -108,7 +69,7 @@ class WorkflowFolder(WorkerPlugin):
     Dask's own `UploadDirectory` reaches only workers with a nanny, unpacks by the
     folder's base name (two projects' ``workflows/`` would overwrite each other) and
     leaves the path to guess; this plugin, keyed by content, tells `run_attempt`
-    exactly where the folder is."""
+    exactly where the folder is (`_dask_worker.unpack_folder` does the unpacking)."""
 
     def __init__(self, digest: str, data: bytes) -> None:
         self.digest = digest
@@ -117,53 +78,13 @@ class WorkflowFolder(WorkerPlugin):
         self.idempotent = True  # registered once per content, whoever asks again
 
     def setup(self, worker: Any) -> None:
-        root = Path(worker.local_directory) / "storyflow-folders" / self.digest
-        if not root.is_dir():
-            tmp = root.with_name(f"{root.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-            with zipfile.ZipFile(io.BytesIO(self.data)) as z:
-                z.extractall(tmp)
-            try:
-                os.replace(tmp, root)
-            except OSError:  # another process of this machine unpacked it first
-                pass
-        _FOLDERS[self.digest] = root
+        unpack_folder(Path(worker.local_directory), self.digest, self.data)
 
 
-def zip_folder(folder: Path, private: tuple[Path, ...] = ()) -> tuple[str, bytes]:
-    """``(digest, zip bytes)`` of a workflow's folder, without state, caches and VCS, and
-    without the ``private`` folders (the state directory)."""
-    buf = io.BytesIO()
-    h = hashlib.sha256()
-    hidden = {p.resolve() for p in private}
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(
-                d for d in dirs
-                if d not in SKIPPED and (Path(root) / d).resolve() not in hidden
-            )
-            for name in sorted(files):
-                if name.endswith((".pyc", ".pyo")):
-                    continue
-                path = Path(root) / name
-                if not path.is_file():
-                    continue
-                rel = path.relative_to(folder).as_posix()
-                data = path.read_bytes()
-                h.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-                z.writestr(rel, data)
-                if buf.tell() > MAX_FOLDER_BYTES:
-                    raise PermanentError(
-                        f"the workflow folder {folder} is over "
-                        f"{MAX_FOLDER_BYTES // 2**20} MiB zipped: too big to ship to workers",
-                        hint="keep large data out of the workflow's folder and read it "
-                        "from storage every worker reaches",
-                    )
-    return h.hexdigest(), buf.getvalue()
-
-
-# -- the workers' side ---------------------------------------------------------------------
+# -- what the workers run by this module's name --------------------------------------------
 def worker_info() -> dict[str, Any]:
-    """What a worker runs: checked when a run connects."""
+    """What a worker runs: checked when a run connects. (Here, at the address every
+    storyflow version's workers know, so that a mismatched install is reported as one.)"""
     return {
         "storyflow": storyflow.__version__,
         "python": platform.python_version(),
@@ -172,110 +93,10 @@ def worker_info() -> dict[str, Any]:
     }
 
 
-def cancel_attempt(key: str) -> bool:
-    """Cancel the attempt ``key`` if it runs on this worker (run by ``Client.run``)."""
-    task = _RUNNING.get(key)
-    if task is None:
-        return False
-    task.get_loop().call_soon_threadsafe(task.cancel)
-    return True
-
-
-def import_check(digest: str, specs: list[str]) -> dict[str, str | None]:
-    """For ``doctor``: each python ``callable`` → None if it imports here, else why not."""
-    from storyflow.agents.python_agent import _resolve
-
-    folder = _FOLDERS.get(digest)
-    out: dict[str, str | None] = {}
-    for spec in specs:
-        if folder is None:
-            out[spec] = "the workflow folder has not reached this worker"
-            continue
-        try:
-            _resolve(folder, spec)
-            out[spec] = None
-        except StepFailure as exc:
-            out[spec] = exc.message
-    return out
-
-
-class _Recorder:
-    """The call cache on a worker: nothing is found there; what the agent stores is
-    sent back and stored by the coordinator."""
-
-    def __init__(self) -> None:
-        self.puts: list[tuple[str, Any]] = []
-
-    def get(self, key: str) -> tuple[bool, Any]:
-        return False, None
-
-    def put(self, key: str, value: Any) -> None:
-        self.puts.append((key, value))
-
-
 async def run_attempt(p: Payload) -> dict[str, Any]:
-    """Run one attempt on this worker; the outcome as data (never raises)."""
-    from storyflow.agents import registry
-
-    me = get_worker()
-    out: dict[str, Any] = {"worker": me.address, "host": socket.gethostname(),
-                           "pid": os.getpid(), "logs": [], "usage": [], "puts": []}
-    folder = _FOLDERS.get(p.folder)
-    if folder is None:
-        out["error"] = {"class": ErrorClass.TRANSIENT.value,
-                        "message": f"the workflow folder has not reached worker {me.address}"}
-        return out
-    recorder = _Recorder() if p.cache else None
-    call = Call(
-        run_id=p.run_id,
-        step_id=p.step_id,
-        attempt=p.attempt,
-        inputs=json.loads(p.inputs_json),
-        workflow_dir=folder,
-        run_dir=Path(p.run_dir),
-        secrets=dict(p.secrets),
-        timeout_s=None,  # the coordinator times the attempt, dispatch included
-        output_schema=p.output_schema,
-        log=out["logs"].append,
-        seed=p.seed,
-        meter=out["usage"].append,
-        cache=recorder,
-        environ=p.environ or None,
-    )
-    task = asyncio.ensure_future(registry.get(p.kind).run(call))
-    _RUNNING[p.key] = task
-    try:
-        output = await task
-        out["output"] = json.dumps(output, ensure_ascii=False, allow_nan=False)
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise  # the worker itself is closing
-        out["cancelled"] = True
-    except StepFailure as exc:
-        out["error"] = _error_of(exc)
-    except (TypeError, ValueError, RecursionError) as exc:
-        out["error"] = {"class": ErrorClass.INVALID_OUTPUT.value,
-                        "message": f"the output is not JSON-serialisable: {exc}"}
-    except Exception as exc:  # an agent bug fails the step, not the worker
-        out["error"] = {"class": ErrorClass.PERMANENT.value,
-                        "message": f"{type(exc).__name__}: {exc}"}
-    finally:
-        _RUNNING.pop(p.key, None)
-        if recorder is not None:
-            out["puts"] = recorder.puts
-    return out
-
-
-def _error_of(exc: StepFailure) -> dict[str, Any]:
-    error: dict[str, Any] = {"class": exc.error_class.value, "message": exc.message}
-    if exc.hint:
-        error["hint"] = exc.hint
-    if exc.retry_after_s is not None:
-        error["retry_after_s"] = exc.retry_after_s
-    if exc.traceback:
-        error["traceback"] = exc.traceback
-    return error
+    """Run one attempt on this worker; the outcome as data (never raises). The task
+    `RemoteAgent` submits: `_dask_worker.attempt`, told the worker's address."""
+    return await attempt(p, get_worker().address)
 
 
 CLIENT_SEND_INTERVAL_S = 0.002
