@@ -11,7 +11,9 @@ except the ``builtin/grammar`` agent's ``grammar``, ``start`` and ``vars``, igno
 that an environment may switch a grammar agent to this kind.
 
 The key comes only from the agent's declared secrets; without it no Authorization
-header is sent (local servers need none). It never reaches a log line or an error.
+header is sent (local servers need none). It never reaches a log line or an error. A
+key holding a line break (or another control character), or one beside a ``base_url``
+that carries user:password@ (sent as Basic auth), is a PermanentError before any call.
 
 How failures are classified (aiohttp is fenced in `_http`; its errors stop there):
 
@@ -47,8 +49,10 @@ reported to ``call.meter``. With ``call.cache`` and caching on (``cache:``, else
 the request, and served again without HTTP (no reservation, nothing spent).
 
 Connections are pooled per (event loop, base URL) and shared by every call: one aiohttp
-session of up to ``CONNECTIONS`` kept-alive connections. aiohttp, with its C HTTP parser,
-spends ~0.17 ms of CPU per call where httpx spends ~0.7 ms (bench/bench_llm.py). The
+session of up to ``CONNECTIONS`` kept-alive connections; a call's ``timeout`` starts once
+it has one, not while it waits for one. aiohttp, with its C HTTP parser, spends ~0.17 ms
+of CPU per call where httpx spends ~0.7 ms (bench/bench_llm.py). ``$HTTP_PROXY`` and
+``$HTTPS_PROXY`` (http:// or https:// proxies) and ``$NO_PROXY`` are honoured. The
 sessions close when their loop shuts down its async generators (``asyncio.run`` does)
 or on `LlmAgent.aclose`.
 
@@ -65,6 +69,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -99,7 +104,7 @@ from storyflow.agents.llm_agent._request import (
     text_tokens,
 )
 from storyflow.agents.llm_agent._structured import checked, repair_prompt, validator_of
-from storyflow.errors import InvalidOutput, StepFailure
+from storyflow.errors import InvalidOutput, PermanentError, StepFailure
 
 __all__ = [
     "BASE_URL_ENV",
@@ -242,6 +247,7 @@ class LlmAgent:
         server that rejects a feature (``response_format``, ``stream``, ``stream_options``)
         is asked again without it: the rejected call used nothing, so all go under one
         reservation."""
+        _sendable(req)
         release = await call.reserve(req.estimate(messages))  # BudgetExceeded: not sent
         try:
             pool = await self._pool(req.base_url)
@@ -323,6 +329,28 @@ def _add(a: int | None, b: int | None) -> int | None:
 
 
 # -- the key ---------------------------------------------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+"""What no header value may hold (aiohttp refuses to send it)."""
+
+
+def _sendable(req: Request) -> None:
+    """Refuse, before anything is sent, a key no header can carry, or a key beside the
+    user:password@ of ``base_url`` (aiohttp sends those as Basic auth: one header each)."""
+    if not req.key:
+        return
+    if _CONTROL.search(req.key):
+        raise PermanentError(
+            f"the API key in secret {req.key_secret} contains a line break or another "
+            "control character",
+            hint="remove it from the secret's value (a trailing newline of the file it was "
+            "read from?)")
+    if any("@" in netloc for netloc in req.base_url.split("/", 3)[2:3]):
+        raise PermanentError(
+            f"`base_url` carries a user name and the agent an API key (secret "
+            f"{req.key_secret}): a request has one Authorization header",
+            hint="remove user:password@ from `base_url`, or the secret from the agent")
+
+
 def _redact(text: str, key: str | None) -> str:
     return text.replace(key, "***") if key else text
 

@@ -2,8 +2,8 @@
 
 aiohttp (and yarl, its URLs) is imported here and nowhere else in storyflow; its
 exceptions, non-2xx answers and broken envelopes leave this module as storyflow's
-failures (chained with ``from``), never as aiohttp's own. How they are classified is
-drawn in the package docstring.
+failures (chained with ``from``), never as aiohttp's own, and on one line in its words
+(`_unreachable`, `_reason`). How they are classified is drawn in the package docstring.
 
 A streamed POST has no aiohttp read timeout: a `Watch` gives the reply ``timeout``
 seconds to begin and ``idle_timeout`` seconds between chunks once it has, at the cost of
@@ -12,18 +12,23 @@ a clock read per chunk where a timeout per read would arm a timer.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import email.utils
 import functools
 import json
+import math
 import os
+import re
+import socket
 import ssl
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
+from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
-from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
@@ -40,11 +45,12 @@ CONNECTIONS = 100
 """Most connections per (event loop, base URL), each kept alive `KEEPALIVE_S` idle."""
 KEEPALIVE_S = 30.0
 _EXCERPT_CHARS = 300
-_PROXY_ENV = ("http_proxy", "https_proxy")
+_PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy")
 """Without one of these (any case) set, no proxy: the lookup is skipped."""
 _JSON = {"Content-Type": "application/json"}
 _BAD_URL = (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))
 """What aiohttp raises for a URL it cannot call (a scheme not http(s): aiohttp ≥ 3.10)."""
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)")
 
 
 @dataclass(slots=True)
@@ -76,16 +82,16 @@ class Answer:
         return self.body.decode("utf-8", "replace")
 
 
+@dataclass(slots=True)
 class Client:
-    """One aiohttp session to one base URL, and the proxy (if any) it goes through."""
+    """One aiohttp session to one base URL, the proxy (if any) it goes through, and the
+    ``slots`` a call takes before its timeouts start: one per connection, so a call that
+    waits for one is not spending its ``timeout`` (aiohttp's would count the wait)."""
 
-    __slots__ = ("proxy", "proxy_auth", "session")
-
-    def __init__(self, session: aiohttp.ClientSession, proxy: URL | None,
-                 proxy_auth: aiohttp.BasicAuth | None) -> None:
-        self.session = session
-        self.proxy = proxy
-        self.proxy_auth = proxy_auth
+    session: aiohttp.ClientSession
+    proxy: URL | None
+    proxy_headers: dict[str, str] | None
+    slots: asyncio.Semaphore
 
     @property
     def is_closed(self) -> bool:
@@ -100,16 +106,19 @@ class ClientFactory:
 
     def __call__(self, base_url: str, connections: int) -> Client:
         """A session of ``connections`` to ``base_url``; made in the loop it serves."""
-        tls: ssl.SSLContext | bool = True  # unused by http:// connections
-        if base_url.startswith("https:"):
+        proxy, auth = _env_proxy(base_url)  # first: it may refuse the proxy
+        tls: ssl.SSLContext | bool = True  # unused by plain-HTTP connections
+        if base_url.startswith("https:") or (proxy is not None and proxy.scheme == "https"):
             if self._ssl is None:  # loading the CA bundle takes ~30 ms: once per agent
                 self._ssl = _ssl_context()
             tls = self._ssl
-        proxy, proxy_auth = _env_proxy(base_url)
+        headers = _JSON  # to an http:// server, the request itself goes to the proxy (aiohttp
+        if auth is not None and base_url.startswith("http:"):  # sends proxy_headers on CONNECT)
+            headers, auth = {**_JSON, **auth}, None
         connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=KEEPALIVE_S,
                                          ssl=tls)
-        return Client(aiohttp.ClientSession(connector=connector, headers=_JSON), proxy,
-                      proxy_auth)
+        return Client(aiohttp.ClientSession(connector=connector, headers=headers), proxy,
+                      auth, asyncio.Semaphore(connections))
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -126,16 +135,37 @@ def _ssl_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def _env_proxy(base_url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-    """The proxy of ``$HTTP(S)_PROXY`` for ``base_url`` unless ``$NO_PROXY`` exempts it,
-    looked up once per session: aiohttp's ``trust_env`` would look it up on every request
-    (and ``~/.netrc`` in a thread, whose entry for the server clashes with the key)."""
+def _env_proxy(base_url: str) -> tuple[URL | None, dict[str, str] | None]:
+    """The proxy of ``$HTTP(S)_PROXY`` (else ``$ALL_PROXY``) for ``base_url`` unless
+    ``$NO_PROXY`` exempts it
+    (http:// or https://; its user:password as ``Proxy-Authorization``), looked up once
+    per session. aiohttp's ``trust_env`` looks it up on every request (and ``~/.netrc`` in
+    a thread, whose entry for the server clashes with the key) and skips an https:// proxy
+    with a log line, going direct."""
     if not any(name.lower() in _PROXY_ENV for name in os.environ):
         return None, None
     try:
-        return get_env_proxy_for_url(URL(base_url))
-    except (LookupError, ValueError):
+        target = URL(base_url)
+    except ValueError:
+        return None, None  # the call says what is wrong with it
+    proxies = getproxies()
+    variable = target.scheme if target.scheme in proxies else "all"
+    given = proxies.get(variable)
+    if not given or (target.host is not None and proxy_bypass(target.host)):
         return None, None
+    try:
+        proxy = URL(given)
+        usable = proxy.scheme in ("http", "https") and bool(proxy.host)
+    except ValueError:
+        usable = False
+    if not usable:
+        raise PermanentError(f"${variable.upper()}_PROXY is not an http:// or https:// "
+                             "proxy URL", hint="e.g. http://proxy.example:3128; or exempt "
+                             "the server in $NO_PROXY")
+    if proxy.user is None:
+        return proxy, None
+    basic = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode()).decode()
+    return proxy.with_user(None), {"Proxy-Authorization": f"Basic {basic}"}
 
 
 class Pool:
@@ -191,13 +221,14 @@ async def post(pool: Pool, req: Request, body: dict[str, Any],
     headers = {"Authorization": f"Bearer {req.key}"} if req.key else None
     client = pool.client()
     try:
-        if body.get("stream"):
-            return await _streamed(client, url, req, body, headers, on_text)
-        async with client.session.post(
-                url, data=json.dumps(body).encode(), headers=headers, allow_redirects=False,
-                timeout=_timeout(req.timeout_s), proxy=client.proxy,
-                proxy_auth=client.proxy_auth) as resp:
-            data = await resp.read()
+        async with client.slots:
+            if body.get("stream"):
+                return await _streamed(client, url, req, body, headers, on_text)
+            async with client.session.post(
+                    url, data=json.dumps(body).encode(), headers=headers,
+                    allow_redirects=False, timeout=_timeout(req.timeout_s), proxy=client.proxy,
+                    proxy_headers=client.proxy_headers) as resp:
+                data = await resp.read()
         return envelope(data, resp.reason, req) if 200 <= resp.status < 300 else \
             _answer(resp, data)
     except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one
@@ -209,10 +240,7 @@ async def post(pool: Pool, req: Request, body: dict[str, Any],
         why = exc.__cause__ or "not a valid http(s) URL"
         raise PermanentError(f"cannot call {url}: {why}", hint="check `base_url`") from exc
     except (aiohttp.ClientError, OSError) as exc:
-        raise TransientError(
-            f"cannot reach the LLM server at {req.base_url}: {type(exc).__name__}: {exc}",
-            hint=f"is the server running? check `base_url` (or ${BASE_URL_ENV})",
-        ) from exc
+        raise _unreachable(exc, req, client) from exc
 
 
 async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any],
@@ -227,8 +255,8 @@ async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any]
         with watch:
             async with client.session.post(
                     url, data=json.dumps(body).encode(), headers=headers,
-                    allow_redirects=False, timeout=_stream_timeout(req.timeout_s),
-                    proxy=client.proxy, proxy_auth=client.proxy_auth) as resp:
+                    allow_redirects=False, timeout=_timeout(req.timeout_s, True),
+                    proxy=client.proxy, proxy_headers=client.proxy_headers) as resp:
                 watch.begin()
                 ok = 200 <= resp.status < 300
                 if not ok or resp.headers.get("Content-Type", "").startswith(
@@ -249,27 +277,73 @@ async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any]
         if not events.complete:
             raise TransientError(
                 f"the stream from the LLM server at {req.base_url} was cut after "
-                f"{events.chars} characters: {type(exc).__name__}: {exc}",
+                f"{events.chars} characters: {_reason(exc)}",
             ) from exc
     content, finish, usage = events.result()
     return Reply(content, finish, _tokens(usage.get("prompt_tokens")),
                  _tokens(usage.get("completion_tokens")), streamed=True)
 
 
-@functools.lru_cache(maxsize=16)
-def _timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """aiohttp's limits for a plain POST: ``seconds`` to connect (a pooled connection
-    included) and between reads, none on the whole."""
-    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_connect=seconds,
-                                 sock_read=seconds)
+def _unreachable(exc: BaseException, req: Request, client: Client) -> TransientError:
+    """A failure to get an answer, in storyflow's words on one line, with what to check."""
+    where, proxy = f"the LLM server at {req.base_url}", client.proxy
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return TransientError(f"the answer from {where} could not be read: {_reason(exc)}")
+    if type(exc) is aiohttp.ClientResponseError:  # what came could not be parsed
+        return TransientError(f"{where} did not answer in HTTP: {_reason(exc)}",
+                              hint="check `base_url`: it names an OpenAI-compatible server")
+    hint = f"is the server running? check `base_url` (or ${BASE_URL_ENV})"
+    at = (exc.host, exc.port) if isinstance(exc, aiohttp.ClientConnectorError) else None
+    if proxy is not None and (at == (proxy.host, proxy.port) or isinstance(
+            exc, aiohttp.ClientHttpProxyError)):
+        where = f"{where} through the proxy {proxy}"
+        hint = "check $HTTP_PROXY and $HTTPS_PROXY, or exempt the server in $NO_PROXY"
+    elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        hint = "if a private CA signed it, point $SSL_CERT_FILE at that CA's certificate"
+    elif isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        hint = "is it a plain-HTTP server? then `base_url` begins with http://"
+    reason = "it closed the connection without answering" if isinstance(
+        exc, aiohttp.ServerDisconnectedError) else _reason(exc)
+    return TransientError(f"cannot reach {where}: {reason}", hint=hint)
+
+
+def _reason(exc: BaseException) -> str:
+    """What a transport failure says, on one line, without aiohttp's framing."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert = exc.certificate_error
+        return f"its TLS certificate is not trusted ({getattr(cert, 'verify_message', cert)})"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        exc = exc.os_error
+    if isinstance(exc, ssl.SSLError):
+        what = exc.reason or _line(exc.strerror)
+        return f"the TLS handshake failed ({what.lower().replace('_', ' ')})"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve its host name ({_line(exc.strerror)})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"the proxy answered HTTP {exc.status}"
+    said = getattr(exc, "message", None) or getattr(exc.__cause__, "message", None)
+    if said:  # aiohttp's parser (not HTTP) or payload (cut, not decompressing) errors
+        return _line(said)
+    if isinstance(exc, OSError) and exc.errno and exc.errno > 0:
+        text = os.strerror(exc.errno)  # "Connection refused", not "Connect call failed"
+        return text[:1].lower() + text[1:]
+    return _line(exc) or type(exc).__name__  # not aiohttp's class names
+
+
+def _line(said: object) -> str:
+    text = " ".join(_SSL_SOURCE.sub("", str(said)).split())
+    return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 1] + "…"
 
 
 @functools.lru_cache(maxsize=16)
-def _stream_timeout(seconds: float) -> aiohttp.ClientTimeout:
-    """aiohttp's limits for a stream: ``seconds`` to connect, no read limit (the `Watch`
-    keeps those)."""
-    return aiohttp.ClientTimeout(total=None, connect=seconds, sock_connect=seconds,
-                                 sock_read=None)
+def _timeout(seconds: float, stream: bool = False) -> aiohttp.ClientTimeout:
+    """aiohttp's limits: ``seconds`` to connect and, unless it is a ``stream`` (the `Watch`
+    keeps those), between reads; none on the whole, nor for an infinite ``seconds``."""
+    limit = seconds if math.isfinite(seconds) else None  # aiohttp would round inf: a crash
+    return aiohttp.ClientTimeout(total=None, connect=limit, sock_connect=limit,
+                                 sock_read=None if stream else limit)
 
 
 def _answer(resp: aiohttp.ClientResponse, body: bytes) -> Answer:
