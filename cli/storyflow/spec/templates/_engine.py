@@ -2,69 +2,44 @@
 
 * A string that is exactly one ``{{ expr }}`` yields the expression's native value.
   When ``expr`` is a plain dotted path (``steps.plot.output.sections[0].title``) the
-  scope is walked directly, without Jinja; a miss falls back to Jinja so the result
-  and the error are the same either way.
+  scope is walked directly, without Jinja (``_plain``); a miss falls back to Jinja so
+  the result and the error are the same either way.
 * ``when``/``until``/``for_each`` are bare expressions (:meth:`Templates.evaluate`).
 * :meth:`Templates.problems` finds what would fail before anything renders: syntax,
   forbidden tags, unknown filters and tests, by parsing (never generating code).
 * :meth:`Templates.references` reads the names a template uses from its AST, for
   dependency inference and validation.
 
-Every jinja2 exception, and anything raised while rendering, becomes a
-:class:`TemplateError` chained with ``from``.
+This module imports no jinja2: the Jinja side (``_jinja``: the sandboxed environment,
+parsing, compiling, running) is imported and built the first time a string is not a
+plain reference, so a workflow of plain references never pays for it. Every jinja2
+exception, and anything raised while rendering, becomes a :class:`TemplateError`
+chained with ``from``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import jinja2
-from jinja2 import nodes
-from jinja2.environment import Template, TemplateExpression
-from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
-from jinja2.parser import Parser
-from jinja2.runtime import Undefined
-
-from storyflow.spec.templates._names import (
-    Chain,
-    Collector,
-    Parsed,
-    Reference,
-    Segment,
-    diagnose,
-    is_plain,
-    reject_forbidden,
+from storyflow.spec.templates._base import TemplateError, template_lineno, with_line
+from storyflow.spec.templates._plain import (
+    MISSING,
+    PlainPath,
+    parse_path,
+    single_expression,
+    walk_path,
 )
-from storyflow.spec.templates._sandbox import (
-    TemplateError,
-    make_environment,
-    reject_undefined,
-    template_lineno,
-    too_nested,
-    with_line,
-)
+from storyflow.spec.templates._reads import Chain, Parsed, Reference, diagnose
 from storyflow.spec.templates._shell import Unquoted, unquoted
+
+if TYPE_CHECKING:
+    from jinja2.environment import Template, TemplateExpression
+
+    from storyflow.spec.templates._jinja import Jinja
 
 MAX_CACHE: Final = 4096
 """Compiled sources kept per cache; the cache is cleared when it grows past this."""
-
-_SINGLE_RE: Final = re.compile(r"\A\s*\{\{(.*)\}\}\s*\Z", re.DOTALL)
-_PATH_RE: Final = re.compile(
-    r"\A([A-Za-z][A-Za-z0-9_]*)"
-    r"((?:\.[A-Za-z][A-Za-z0-9_]*|\.(?:0|[1-9][0-9]*)|\[\s*-?(?:0|[1-9][0-9]*)\s*\])*)\Z"
-)
-_SEGMENT_RE: Final = re.compile(r"\.([A-Za-z][A-Za-z0-9_]*)|\.([0-9]+)|\[\s*(-?[0-9]+)\s*\]")
-_RESERVED: Final = frozenset(
-    {
-        "true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is",
-        "if", "else", "recursive", "with", "without",
-    }
-)
-
-_Path = tuple[str, tuple[Segment, ...]]
-_MISSING: Final = object()
 
 
 class _Plan:
@@ -77,66 +52,12 @@ class _Plan:
         """The expression of a ``{{ expr }}`` string, None when the source is text."""
         self.offset = 0
         """Lines before ``single`` starts in the source."""
-        self.path: _Path | None = None
+        self.path: PlainPath | None = None
         """The fast path, when ``single`` is a plain dotted path."""
         self.expr: TemplateExpression | None = None
         self.scan = True
         """Whether the expression's value must be searched for Undefined."""
         self.template: Template | None = None
-
-
-def _single_expression(source: str) -> tuple[str, int] | None:
-    """The inner expression when ``source`` is exactly one ``{{ expr }}``, with its line offset."""
-    m = _SINGLE_RE.match(source)
-    if m is None:
-        return None
-    inner = m.group(1)
-    if any(tok in inner for tok in ("{{", "}}", "{%", "%}", "{#", "#}")):
-        return None
-    if inner[:1] in ("-", "+"):
-        inner = inner[1:]
-    if inner[-1:] in ("-", "+"):
-        inner = inner[:-1]
-    if not inner.strip():
-        return None
-    return inner, source.count("\n", 0, m.start(1))
-
-
-def _parse_path(expr: str) -> _Path | None:
-    """``root`` and constant segments of a plain dotted path, or None."""
-    m = _PATH_RE.match(expr.strip())
-    if m is None or m.group(1) in _RESERVED:
-        return None
-    segments: list[Segment] = []
-    for seg in _SEGMENT_RE.finditer(m.group(2)):
-        name, dot_index, index = seg.groups()
-        if name is not None:
-            segments.append(name)
-        else:
-            segments.append(int(dot_index if dot_index is not None else index))
-    return m.group(1), tuple(segments)
-
-
-def _walk_path(path: _Path, scope: Mapping[str, Any]) -> Any:
-    """Resolve a plain path in plain data; ``_MISSING`` when anything is not plain."""
-    cur = scope.get(path[0], _MISSING)
-    if cur is _MISSING:
-        return _MISSING
-    for seg in path[1]:
-        if isinstance(cur, Mapping):
-            try:
-                cur = cur[seg]
-            except (KeyError, TypeError):
-                return _MISSING
-        elif type(seg) is int and isinstance(cur, list | tuple):
-            try:
-                cur = cur[seg]
-            except IndexError:
-                return _MISSING
-        else:
-            return _MISSING
-    return cur
-
 
 
 # --------------------------------------------------------------------------- Templates
@@ -146,17 +67,27 @@ class Templates:
     """Compiles each distinct template once and renders it in a sandbox.
 
     Compiled templates and expressions are cached in dicts keyed by source; the
-    environment is an ``ImmutableSandboxedEnvironment`` with ``StrictUndefined``.
+    environment is an ``ImmutableSandboxedEnvironment`` with ``StrictUndefined``, built
+    (with jinja2 imported) the first time a string is not a plain reference.
     """
 
     def __init__(self) -> None:
-        self._env = make_environment()
+        self._backend: Jinja | None = None
         self._plans: dict[str, _Plan] = {}
         self._templates: dict[str, Template] = {}
         self._exprs: dict[str, tuple[TemplateExpression, bool]] = {}
         self._bare: dict[str, _Plan] = {}
         self._chain_cache: dict[tuple[str, bool], Parsed] = {}
-        self._ignore = frozenset(self._env.globals)
+
+    @property
+    def _jinja(self) -> Jinja:
+        """The Jinja side: imported and built on first need, then kept."""
+        backend = self._backend
+        if backend is None:
+            from storyflow.spec.templates._jinja import Jinja
+
+            backend = self._backend = Jinja()
+        return backend
 
     # ----------------------------------------------------------------- public API
 
@@ -239,7 +170,8 @@ class Templates:
 
     def unquoted_in_shell(self, source: str) -> list[Unquoted]:
         """Each ``{{ … }}`` of ``source`` whose value would reach a shell as code."""
-        return unquoted(self._env, source)
+        # not the bound method: the Jinja side is built only for a {{ }} that is not plain
+        return unquoted(source, lambda inner: self._jinja.shell_expression(inner))
 
     def cache_size(self) -> int:
         """How many compiled templates and expressions are cached."""
@@ -254,21 +186,21 @@ class Templates:
 
     def _plan(self, source: str) -> _Plan:
         plan = _Plan()
-        found = _single_expression(source)
+        found = single_expression(source)
         if found is not None:
             plan.single, plan.offset = found
-            plan.path = _parse_path(plan.single)
+            plan.path = parse_path(plan.single)
         self._remember(self._plans, source, plan)
         return plan
 
     def _bare_plan(self, source: str) -> _Plan:
         plan = _Plan()
-        found = _single_expression(source)
+        found = single_expression(source)
         if found is not None:
             plan.single, plan.offset = found
         else:
             plan.single = source
-        plan.path = _parse_path(plan.single)
+        plan.path = parse_path(plan.single)
         self._remember(self._bare, source, plan)
         return plan
 
@@ -277,19 +209,7 @@ class Templates:
     def _template(self, source: str) -> Template:
         template = self._templates.get(source)
         if template is None:
-            try:
-                ast = self._env.parse(source)
-            except TemplateSyntaxError as exc:
-                raise self._syntax_error(exc, source, 0) from exc
-            except RecursionError as exc:  # Jinja's parser and compiler recurse
-                raise too_nested() from exc
-            reject_forbidden(ast, source)
-            try:
-                template = self._env.from_string(ast)
-            except jinja2.TemplateError as exc:  # pragma: no cover - parse already passed
-                raise self._syntax_error(exc, source, 0) from exc
-            except RecursionError as exc:
-                raise too_nested() from exc
+            template = self._jinja.template(source)
             self._remember(self._templates, source, template)
         return template
 
@@ -297,27 +217,11 @@ class Templates:
         assert plan.single is not None
         compiled = self._exprs.get(plan.single)
         if compiled is None:
-            try:
-                ast = self._parse_expression(plan.single)
-                expr = self._env.compile_expression(plan.single, undefined_to_none=False)
-            except TemplateSyntaxError as exc:
-                raise self._syntax_error(exc, source, plan.offset) from exc
-            except RecursionError as exc:
-                raise too_nested() from exc
-            compiled = (expr, not is_plain(ast))
+            compiled = self._jinja.expression(plan.single, source, plan.offset)
             self._remember(self._exprs, plan.single, compiled)
         return compiled
 
-    def _parse_expression(self, source: str) -> nodes.Expr:
-        parser = Parser(self._env, source, state="variable")
-        expr = parser.parse_expression()
-        if not parser.stream.eos:
-            raise TemplateSyntaxError(
-                "chunk after expression", parser.stream.current.lineno, None, None
-            )
-        return expr
-
-    def _plain_path(self, source: str, *, expression: bool) -> _Path | None:
+    def _plain_path(self, source: str, *, expression: bool) -> PlainPath | None:
         """The dotted path when ``source`` is just ``{{ a.b[0].c }}`` (or that bare expression)."""
         plan = (self._bare.get(source) or self._bare_plan(source)) if expression else (
             self._plans.get(source) or self._plan(source))
@@ -337,36 +241,7 @@ class Templates:
         return cached
 
     def _compute_chains(self, source: str, *, expression: bool) -> Parsed:
-        collector = Collector(self._ignore, self._env.filters, self._env.tests)
-        offset = 0
-        if expression:
-            found = _single_expression(source)
-            inner, offset = found if found is not None else (source, 0)
-            try:
-                node: nodes.Node = self._parse_expression(inner)
-            except TemplateSyntaxError as exc:
-                raise self._syntax_error(exc, source, offset) from exc
-            except RecursionError as exc:
-                raise too_nested() from exc
-        else:
-            try:
-                node = self._env.parse(source)
-            except TemplateSyntaxError as exc:
-                raise self._syntax_error(exc, source, 0) from exc
-            except RecursionError as exc:
-                raise too_nested() from exc
-            if "{%" in source:  # every forbidden tag is a statement
-                reject_forbidden(node, source)
-        try:
-            collector.visit(node, frozenset())
-        except RecursionError as exc:
-            raise too_nested() from exc
-        issues = [
-            TemplateError(with_line(i.message, source, i.lineno + offset),
-                          lineno=i.lineno + offset, hint=i.hint)
-            for i in collector.issues
-        ]
-        return Parsed(collector.chains, issues)
+        return self._jinja.parse(source, expression=expression)
 
     # ----------------------------------------------------------------- running
 
@@ -377,8 +252,8 @@ class Templates:
         not a valid expression (``{{ a, b }}``, a syntax error) is handled as a template.
         """
         if plan.path is not None:
-            value = _walk_path(plan.path, scope)
-            if value is not _MISSING:
+            value = walk_path(plan.path, scope)
+            if value is not MISSING:
                 return value
         if plan.expr is None:
             try:
@@ -390,12 +265,9 @@ class Templates:
                     return self._render_text(source, plan, scope)
                 raise
         try:
-            value = plan.expr(scope)
-            if isinstance(value, Undefined) or plan.scan:
-                reject_undefined(value)
+            return self._jinja.call(plan.expr, plan.scan, scope)
         except Exception as exc:
             raise self._runtime_error(exc, source, plan.single or source, scope, True) from exc
-        return value
 
     def _render_text(self, source: str, plan: _Plan, scope: Mapping[str, Any]) -> str:
         template = plan.template
@@ -408,13 +280,6 @@ class Templates:
 
     # ----------------------------------------------------------------- errors
 
-    def _syntax_error(self, exc: jinja2.TemplateError, source: str, offset: int) -> TemplateError:
-        lineno = getattr(exc, "lineno", None)
-        if lineno is not None:
-            lineno += offset
-        message = f"template syntax error: {exc.message or exc}"
-        return TemplateError(with_line(message, source, lineno), lineno=lineno)
-
     def _runtime_error(
         self,
         exc: Exception,
@@ -424,22 +289,12 @@ class Templates:
         expression: bool,
     ) -> TemplateError:
         lineno = None if expression else template_lineno(exc)
-        hint: str | None = None
-        if isinstance(exc, SecurityError):
-            message = f"template blocked by the sandbox: {exc}"
-            hint = "templates may only read workflow data, not Python internals"
-        elif isinstance(exc, UndefinedError):
-            message = str(exc.message or exc)
+        message, hint, undefined = self._jinja.explain(exc)
+        if undefined:
             try:
                 found = diagnose(self._chains(code, expression=expression), scope, message)
             except TemplateError:  # pragma: no cover - it compiled already
                 found = None
             if found is not None:
                 message, hint = found
-        elif isinstance(exc, jinja2.TemplateError):
-            message = f"template error: {exc.message or exc}"
-        else:
-            message = f"template error: {type(exc).__name__}: {exc}"
         return TemplateError(with_line(message, source, lineno), lineno=lineno, hint=hint)
-
-

@@ -1,4 +1,4 @@
-"""The sandboxed Jinja2 environment templates render in, and the error they raise.
+"""The sandboxed Jinja2 environment templates render in (imported on first need).
 
 ``ImmutableSandboxedEnvironment`` with ``StrictUndefined``: templates read the scope
 (plain ``dict``/``list`` values) but cannot reach Python internals or mutate the scope.
@@ -19,27 +19,10 @@ from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context, StrictUndefined, Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from storyflow.errors import PermanentError
+from storyflow.spec.templates._base import MAX_EXPONENT, MAX_SEQUENCE
 
-MAX_SEQUENCE: Final = 10_000_000
-"""Largest string or list a template may build with ``*``."""
-MAX_EXPONENT: Final = 4096
-"""Largest integer exponent a template may use with ``**``."""
-TEMPLATE_FILE: Final = "<template>"
-"""The file name compiled templates report in tracebacks (to find the template line)."""
 OWN_FILTERS: Final = ("tojson", "fromjson", "wordcount", "shquote")
 """Filters storyflow adds to (or replaces in) Jinja's built-in ones."""
-
-
-class TemplateError(PermanentError):
-    """A template failed to compile or render.
-
-    ``lineno`` is the 1-based line inside the template source, or None.
-    """
-
-    def __init__(self, message: str, *, lineno: int | None = None, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.lineno = lineno
 
 
 def _tojson(value: Any, indent: int | None = None) -> str:
@@ -124,29 +107,3 @@ def make_environment() -> SandboxEnvironment:
     env.filters["wordcount"] = _wordcount
     env.filters["shquote"] = _shquote
     return env
-
-
-def too_nested() -> TemplateError:
-    """A template nested past what Jinja's parser and compiler (both recursive) can read."""
-    return TemplateError(
-        "template nested too deeply to read (brackets, operators or blocks inside one another)",
-        hint="split it: compute parts in earlier steps, or write simpler expressions",
-    )
-
-
-def with_line(message: str, source: str, lineno: int | None) -> str:
-    """``message`` naming the template line, when the template has several."""
-    if lineno is not None and "\n" in source.rstrip("\n"):
-        return f"{message} (template line {lineno})"
-    return message
-
-
-def template_lineno(exc: BaseException) -> int | None:
-    """The template line an exception raised while rendering came from, if any."""
-    lineno = None
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == TEMPLATE_FILE:
-            lineno = tb.tb_lineno
-        tb = tb.tb_next
-    return lineno

@@ -5,19 +5,21 @@ A ``command`` step whose ``run`` is a string goes through ``sh -c``: a value pas
 it by ``{{ … }}`` is shell code (``x; rm -rf ~``, ``$(…)``, a back-quote, a quote that
 ends the author's quoting) — the injection GitHub Actions' ``${{ }}`` is known for. An
 expression is safe when its value is quoted by `shquote`, is a literal of the file, or
-can only be a number or a boolean.
+can only be a number or a boolean. A plain reference (``{{ steps.a.output }}``) is never
+safe, which is known without parsing it: jinja2 is needed only for the other kinds.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from jinja2 import nodes
-from jinja2.environment import Environment
-from jinja2.exceptions import TemplateSyntaxError
-from jinja2.parser import Parser
+from storyflow.spec.templates._plain import parse_path
+
+if TYPE_CHECKING:
+    from jinja2 import nodes
 
 _OUTPUT: Final = re.compile(r"\{\{(.*?)\}\}", re.S)
 _RAW: Final = re.compile(r"\{%-?\s*raw\s*-?%\}.*?\{%-?\s*endraw\s*-?%\}", re.S)
@@ -36,26 +38,29 @@ class Unquoted:
     """The ``{{ … }}`` as written."""
 
 
-def unquoted(env: Environment, source: str) -> list[Unquoted]:
-    """Every ``{{ … }}`` of ``source`` whose value is not safe in a shell command line."""
+def unquoted(source: str, parse: Callable[[str], nodes.Expr | None]) -> list[Unquoted]:
+    """Every ``{{ … }}`` of ``source`` whose value is not safe in a shell command line.
+
+    ``parse`` reads one expression, None when it cannot (a syntax error, cut short by a
+    ``}}`` inside a string, nested too deeply); it is not called for plain references.
+    """
     scan = _RAW.sub(lambda m: " " * len(m.group(0)), source)  # {% raw %} prints no value
     out = []
     for m in _OUTPUT.finditer(scan):
         inner = m.group(1)
         inner = inner[1:] if inner[:1] in "-+" else inner
         inner = inner[:-1] if inner[-1:] in "-+" else inner
-        try:
-            parser = Parser(env, inner, state="variable")
-            expr = parser.parse_expression()
-            readable = parser.stream.eos
-        except (TemplateSyntaxError, RecursionError):
-            readable = False  # cut short (a "}}" in a string), a syntax error, too nested
-        if not readable or not _safe(expr):
-            out.append(Unquoted(m.start(), m.group(0)))
+        if parse_path(inner) is None:
+            expr = parse(inner)
+            if expr is not None and _safe(expr):
+                continue
+        out.append(Unquoted(m.start(), m.group(0)))
     return out
 
 
 def _safe(expr: nodes.Expr) -> bool:
+    from jinja2 import nodes  # loaded already: `expr` came from Jinja's parser
+
     if isinstance(expr, nodes.Filter):
         return expr.name == "shquote" or expr.name in NUMERIC_FILTERS
     if isinstance(expr, nodes.CondExpr):

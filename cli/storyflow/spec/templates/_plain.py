@@ -1,0 +1,86 @@
+"""Plain references, read without Jinja: ``{{ steps.plot.output.sections[0].title }}``.
+
+Most workflow templates are one dotted path into the scope. Recognising such a string
+and walking the path through plain ``dict``/``list`` data needs no parser, no compiled
+code and no jinja2 import; anything else (a filter, an operator, a miss, a value that is
+not plain data) is left to Jinja, so the result and the error are the same either way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from storyflow.spec.templates._reads import Segment
+
+_SINGLE_RE: Final = re.compile(r"\A\s*\{\{(.*)\}\}\s*\Z", re.DOTALL)
+_PATH_RE: Final = re.compile(
+    r"\A([A-Za-z][A-Za-z0-9_]*)"
+    r"((?:\.[A-Za-z][A-Za-z0-9_]*|\.(?:0|[1-9][0-9]*)|\[\s*-?(?:0|[1-9][0-9]*)\s*\])*)\Z"
+)
+_SEGMENT_RE: Final = re.compile(r"\.([A-Za-z][A-Za-z0-9_]*)|\.([0-9]+)|\[\s*(-?[0-9]+)\s*\]")
+_RESERVED: Final = frozenset(
+    {
+        "true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is",
+        "if", "else", "recursive", "with", "without",
+    }
+)
+
+PlainPath = tuple[str, tuple[Segment, ...]]
+"""A plain path's root name and its constant segments."""
+MISSING: Final = object()
+"""What `walk_path` returns when the path does not resolve in plain data."""
+
+
+def single_expression(source: str) -> tuple[str, int] | None:
+    """The inner expression when ``source`` is exactly one ``{{ expr }}``, with its line offset."""
+    m = _SINGLE_RE.match(source)
+    if m is None:
+        return None
+    inner = m.group(1)
+    if any(tok in inner for tok in ("{{", "}}", "{%", "%}", "{#", "#}")):
+        return None
+    if inner[:1] in ("-", "+"):
+        inner = inner[1:]
+    if inner[-1:] in ("-", "+"):
+        inner = inner[:-1]
+    if not inner.strip():
+        return None
+    return inner, source.count("\n", 0, m.start(1))
+
+
+def parse_path(expr: str) -> PlainPath | None:
+    """``root`` and constant segments of a plain dotted path, or None."""
+    m = _PATH_RE.match(expr.strip())
+    if m is None or m.group(1) in _RESERVED:
+        return None
+    segments: list[Segment] = []
+    for seg in _SEGMENT_RE.finditer(m.group(2)):
+        name, dot_index, index = seg.groups()
+        if name is not None:
+            segments.append(name)
+        else:
+            segments.append(int(dot_index if dot_index is not None else index))
+    return m.group(1), tuple(segments)
+
+
+def walk_path(path: PlainPath, scope: Mapping[str, Any]) -> Any:
+    """Resolve a plain path in plain data; `MISSING` when anything is not plain."""
+    cur = scope.get(path[0], MISSING)
+    if cur is MISSING:
+        return MISSING
+    for seg in path[1]:
+        if isinstance(cur, Mapping):
+            try:
+                cur = cur[seg]
+            except (KeyError, TypeError):
+                return MISSING
+        elif type(seg) is int and isinstance(cur, list | tuple):
+            try:
+                cur = cur[seg]
+            except IndexError:
+                return MISSING
+        else:
+            return MISSING
+    return cur
