@@ -88,7 +88,7 @@ def test_validate_does_import_what_it_needs(minimal_workflow: Path) -> None:
     assert "jinja2" not in {m.split(".")[0] for m in modules}
     text = minimal_workflow.read_text(encoding="utf-8")
     assert '"hello"' in text
-    minimal_workflow.write_text(text.replace('"hello"', '"hello {{ run.id }}"'), encoding="utf-8")
+    minimal_workflow.write_text(text.replace('"hello"', '"{{ run.id | upper }}"'), encoding="utf-8")
     modules = imported_modules("-m", "storyflow", "validate", str(minimal_workflow))
     assert "jinja2" in {m.split(".")[0] for m in modules}
 

@@ -135,7 +135,8 @@ def test_a_template_that_is_not_plain_loads_jinja2_and_works(
     project = _project(tmp_path, n_of_b)
     report, proc = _probe(project, "validate", "wf.yaml")
     assert report["exit"] == 0, proc.stdout + proc.stderr
-    assert report["jinja2"]  # validate parses it (unknown filters …)
+    # validate parses it (unknown filters …), unless it is text around plain references
+    assert report["jinja2"] == (not n_of_b.startswith('"n='))
 
     report, proc = _probe(project, "run", "wf.yaml", "--no-progress")
     assert report["exit"] == 0, proc.stdout + proc.stderr
@@ -317,3 +318,65 @@ def test_the_jinja_side_is_built_once_and_caches_as_before() -> None:
     assert t.problems("{{ x | nofilter }}")[0].message == "template uses an unknown filter " \
         "'nofilter'"
     assert t.references("{{ x.y | string }}") == t.references("{{ x.y }}")
+
+
+# ------------------------------------------------------------ text of plain references
+
+
+def test_validate_of_text_with_plain_references_imports_no_jinja2(tmp_path: Path) -> None:
+    """`validate` checks ``"Chapter {{ steps.a.output }} ends"`` without Jinja's parser;
+    a bad name in such a text is still found, at its place."""
+    project = _project(tmp_path, '"part {{ steps.a.output }} of {{ steps.a.output }}"')
+    report, proc = _probe(project, "validate", "wf.yaml")
+    assert report["exit"] == 0, proc.stdout + proc.stderr
+    assert report["modules"] == []
+    project = _project(tmp_path, '"part {{ steps.nope.output }}"')
+    report, proc = _probe(project, "validate", "wf.yaml")
+    assert report["exit"] == 2
+    assert "nope" in proc.stdout + proc.stderr and "wf.yaml:" in proc.stdout + proc.stderr
+
+
+_FRAGMENTS = ["text ", " +1", "}}", "{", "}", "{{ a.b }}", "{{ steps.s1.output }}",
+              "{{- x[0] -}}", "{{ y.0.z }}", "{{ a | upper }}", "{% if a %}", "{% endif %}",
+              "{# note #}", "{{ true }}", "{{ 'q' }}", "{{", "{{ a }", "{{{ a }}}", "\n",
+              "{{ a + 1 }}", "{{ loop.index }}", "{{ a[-1] }}"]
+
+
+def _jinja_view(source: str) -> tuple[list[str], set[Any]] | None:
+    """Problems and references as Jinja's own parse sees them (None: a syntax error)."""
+    t = Templates()
+    try:
+        parsed = t._parsed(source, expression=False)
+    except TemplateError:
+        return None
+    refs = {(c.root, str(c.segments[0]) if c.segments else None,
+             str(c.segments[1]) if len(c.segments) > 1 else None) for c in parsed.chains}
+    return [str(i) for i in parsed.issues], refs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_text_of_plain_references_reads_as_jinja_reads_it(seed: int) -> None:
+    """Every text the fast path takes is valid Jinja with no problem, reading exactly the
+    references Jinja's parse finds; the texts it declines are left to Jinja."""
+    import random
+
+    from storyflow.spec.templates._plain import text_paths
+
+    rng = random.Random(seed)
+    taken = 0
+    for _ in range(400):
+        source = "".join(rng.choice(_FRAGMENTS) for _ in range(rng.randint(1, 6)))
+        if "{{" not in source and "{%" not in source:
+            continue
+        paths = text_paths(source)
+        if paths is None:
+            continue
+        taken += 1
+        jinja = _jinja_view(source)
+        assert jinja is not None, source
+        issues, refs = jinja
+        assert issues == [], source
+        t = Templates()
+        assert t.problems(source) == []
+        assert {(r.root, r.key, r.attr) for r in t.references(source)} == refs, source
+    assert taken > 20

@@ -28,6 +28,7 @@ from storyflow.spec.templates._plain import (
     PlainPath,
     parse_path,
     single_expression,
+    text_paths,
     walk_path,
 )
 from storyflow.spec.templates._reads import Chain, Parsed, Reference, diagnose
@@ -144,7 +145,8 @@ class Templates:
         """
         if not expression and not self.is_template(source):
             return []
-        if self._plain_path(source, expression=expression) is not None:
+        if self._plain_path(source, expression=expression) is not None or (
+                not expression and text_paths(source) is not None):
             return []
         try:
             return list(self._parsed(source, expression=expression).issues)
@@ -157,9 +159,10 @@ class Templates:
             return set()
         path = self._plain_path(source, expression=expression)
         if path is not None:
-            root, parts = path
-            return {Reference(root, str(parts[0]) if parts else None,
-                              str(parts[1]) if len(parts) > 1 else None)}
+            return {_reference(path)}
+        paths = None if expression else text_paths(source)
+        if paths is not None:
+            return {_reference(p) for p in paths}
         refs: set[Reference] = set()
         for chain in self._chains(source, expression=expression):
             segs = chain.segments
@@ -298,3 +301,10 @@ class Templates:
             if found is not None:
                 message, hint = found
         return TemplateError(with_line(message, source, lineno), lineno=lineno, hint=hint)
+
+
+def _reference(path: PlainPath) -> Reference:
+    """What a plain path reads: its root and first two segments."""
+    root, parts = path
+    return Reference(root, str(parts[0]) if parts else None,
+                     str(parts[1]) if len(parts) > 1 else None)

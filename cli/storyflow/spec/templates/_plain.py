@@ -50,6 +50,33 @@ def single_expression(source: str) -> tuple[str, int] | None:
     return inner, source.count("\n", 0, m.start(1))
 
 
+_OPEN_RE: Final = re.compile(r"\{\{|\{%|\{#")
+"""Where Jinja's lexer leaves text: the earliest ``{{``, ``{%`` or ``{#``."""
+_VARIABLE_RE: Final = re.compile(r"\{\{[-+]?([^{}]*?)[-+]?\}\}")
+
+
+def text_paths(source: str) -> list[PlainPath] | None:
+    """The references of a text template whose only Jinja is plain ``{{ path }}`` blocks
+    (``"Chapter {{ steps.plot.output.title }} begins"``), in order; None when it has
+    anything else — a statement, a comment, a filter, an operator, an unmatched ``{{``.
+    Such a text is valid Jinja and reads exactly these paths: checking it needs no
+    parser (rendering it still does: text output is Jinja's to format)."""
+    paths: list[PlainPath] = []
+    pos = 0
+    while (m := _OPEN_RE.search(source, pos)) is not None:
+        if m.group() != "{{":
+            return None
+        block = _VARIABLE_RE.match(source, m.start())
+        if block is None:
+            return None
+        path = parse_path(block.group(1))
+        if path is None:
+            return None
+        paths.append(path)
+        pos = block.end()
+    return paths
+
+
 def parse_path(expr: str) -> PlainPath | None:
     """``root`` and constant segments of a plain dotted path, or None."""
     m = _PATH_RE.match(expr.strip())
