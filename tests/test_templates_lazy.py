@@ -339,7 +339,10 @@ def test_validate_of_text_with_plain_references_imports_no_jinja2(tmp_path: Path
 _FRAGMENTS = ["text ", " +1", "}}", "{", "}", "{{ a.b }}", "{{ steps.s1.output }}",
               "{{- x[0] -}}", "{{ y.0.z }}", "{{ a | upper }}", "{% if a %}", "{% endif %}",
               "{# note #}", "{{ true }}", "{{ 'q' }}", "{{", "{{ a }", "{{{ a }}}", "\n",
-              "{{ a + 1 }}", "{{ loop.index }}", "{{ a[-1] }}"]
+              "{{ a + 1 }}", "{{ loop.index }}", "{{ a[-1] }}", "{{ a +}}", "{{+ a }}",
+              "{{ b -}}", "in {{ range }}", "={{ dict.x }}", "~{{ namespace }}"]
+# (a global only after text: a string that is just ``{{ range }}`` is a plain reference,
+# whose `references` have always named it)
 
 
 def _jinja_view(source: str) -> tuple[list[str], set[Any]] | None:
@@ -380,3 +383,44 @@ def test_text_of_plain_references_reads_as_jinja_reads_it(seed: int) -> None:
         assert t.problems(source) == []
         assert {(r.root, r.key, r.attr) for r in t.references(source)} == refs, source
     assert taken > 20
+
+
+@pytest.mark.parametrize(
+    ("source", "lineno"),
+    [("x {{ a +}}", 1), ("x {{+a+}}", 1), ("{{ a }} and {{ b.c +}}", 1),
+     ("line1\nline2 {{ steps.a.output +}}", 2)],
+)
+def test_a_plus_before_the_closing_braces_of_text_is_a_syntax_error(
+    source: str, lineno: int
+) -> None:
+    """Only ``-}}`` (not ``+}}``) closes a ``{{ … }}``: validate reports what run would."""
+    t = Templates()
+    found = t.problems(source)
+    assert [(e.lineno, e.message.split(" (template line")[0]) for e in found] == [
+        (lineno, "template syntax error: unexpected 'end of print statement'")]
+    with pytest.raises(TemplateError, match="end of print statement"):
+        t.references(source)
+    with pytest.raises(TemplateError, match="end of print statement"):
+        t.render(source, {"a": 1, "b": {"c": 2}, "steps": {"a": {"output": 3}}})
+
+
+def test_text_opened_with_a_plus_is_still_plain() -> None:
+    t = Templates()
+    assert t.problems("x {{+ a.b }} {{ c -}}") == []
+    assert {(r.root, r.key) for r in t.references("x {{+ a.b }} {{ c -}}")} == {
+        ("a", "b"), ("c", None)}
+    assert t._backend is None
+
+
+def test_a_jinja_global_in_text_is_no_reference() -> None:
+    """``{{ range }}`` in text reads Jinja's global, not the scope, as Jinja's parse says."""
+    from storyflow.spec.templates._plain import _JINJA_GLOBALS
+    from storyflow.spec.templates._sandbox import make_environment
+
+    assert frozenset(make_environment().globals) == _JINJA_GLOBALS
+    t = Templates()
+    source = "x {{ range }} {{ inputs.x }} {{ dict.y }} {{ lipsum }}"
+    assert {(r.root, r.key, r.attr) for r in t.references(source)} == {("inputs", "x", None)}
+    assert t.problems(source) == []
+    assert t._backend is None
+    assert _jinja_view(source) == ([], {("inputs", "x", None)})

@@ -52,15 +52,21 @@ def single_expression(source: str) -> tuple[str, int] | None:
 
 _OPEN_RE: Final = re.compile(r"\{\{|\{%|\{#")
 """Where Jinja's lexer leaves text: the earliest ``{{``, ``{%`` or ``{#``."""
-_VARIABLE_RE: Final = re.compile(r"\{\{[-+]?([^{}]*?)[-+]?\}\}")
+_VARIABLE_RE: Final = re.compile(r"\{\{[-+]?([^{}]*?)-?\}\}")
+"""A ``{{ … }}`` block as Jinja's lexer ends it: ``{{-``/``{{+`` open one, but only ``-}}``
+closes one (``{{ a +}}`` is a syntax error, left to Jinja to report)."""
+_JINJA_GLOBALS: Final = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace"})
+"""The names Jinja's environment defines (``make_environment().globals``): a template
+reading one reads no scope name, so it is no reference."""
 
 
 def text_paths(source: str) -> list[PlainPath] | None:
     """The references of a text template whose only Jinja is plain ``{{ path }}`` blocks
     (``"Chapter {{ steps.plot.output.title }} begins"``), in order; None when it has
     anything else — a statement, a comment, a filter, an operator, an unmatched ``{{``.
-    Such a text is valid Jinja and reads exactly these paths: checking it needs no
-    parser (rendering it still does: text output is Jinja's to format)."""
+    Such a text is valid Jinja and reads exactly these paths (a Jinja global such as
+    ``range`` is not the scope's, and not among them, as Jinja's parse does not count
+    it): checking it needs no parser (rendering it still does: text output is Jinja's)."""
     paths: list[PlainPath] = []
     pos = 0
     while (m := _OPEN_RE.search(source, pos)) is not None:
@@ -72,7 +78,8 @@ def text_paths(source: str) -> list[PlainPath] | None:
         path = parse_path(block.group(1))
         if path is None:
             return None
-        paths.append(path)
+        if path[0] not in _JINJA_GLOBALS:
+            paths.append(path)
         pos = block.end()
     return paths
 
