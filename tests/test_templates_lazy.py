@@ -414,10 +414,10 @@ def test_text_opened_with_a_plus_is_still_plain() -> None:
 
 def test_a_jinja_global_in_text_is_no_reference() -> None:
     """``{{ range }}`` in text reads Jinja's global, not the scope, as Jinja's parse says."""
-    from storyflow.spec.templates._plain import _JINJA_GLOBALS
+    from storyflow.spec.templates._plain import JINJA_GLOBALS
     from storyflow.spec.templates._sandbox import make_environment
 
-    assert frozenset(make_environment().globals) == _JINJA_GLOBALS
+    assert frozenset(make_environment().globals) == JINJA_GLOBALS
     t = Templates()
     source = "x {{ range }} {{ inputs.x }} {{ dict.y }} {{ lipsum }}"
     assert {(r.root, r.key, r.attr) for r in t.references(source)} == {("inputs", "x", None)}

@@ -14,13 +14,13 @@ from storyflow.errors import Problem
 from storyflow.spec import kinds as kind_checks
 from storyflow.spec.kinds import BUILTIN_KINDS as BUILTIN_KINDS  # agents.registry reads it here
 from storyflow.spec.schema import ARTIFACT_HINT
-from storyflow.spec.templates import Reference, TemplateError, Templates
+from storyflow.spec.templates import JINJA_GLOBALS, Reference, TemplateError, Templates
 from storyflow.spec.units import did_you_mean, nearest, rate_per_s
 from storyflow.spec.yaml_source import PathKey, Source
 
 STEP_ATTRS = ("output", "status", "attempts", "error", "agent", "degraded", "usage")
-JINJA_GLOBALS = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace",
-                           "true", "false", "none", "True", "False", "None"})
+_NOT_SCOPE = JINJA_GLOBALS | {"true", "false", "none", "True", "False", "None"}
+"""Names a template reads that are not the scope's: Jinja's globals and constants."""
 
 
 @dataclass
@@ -332,7 +332,7 @@ class _Checker:
             if scope is None and inner_scope is None:
                 err("loop.* is only defined inside a loop's steps")
             return
-        if root in ("config", "run") or root in extra or root in JINJA_GLOBALS:
+        if root in ("config", "run") or root in extra or root in _NOT_SCOPE:
             return
         names = ["steps", "inputs", "config", "run", "env", "secrets", *extra]
         guess = nearest(root, names)

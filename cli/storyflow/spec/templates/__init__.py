@@ -23,10 +23,12 @@ Imported with jinja2, the first time a string is not a plain reference:
 
 from storyflow.spec.templates._base import MAX_EXPONENT, MAX_SEQUENCE, TemplateError
 from storyflow.spec.templates._engine import MAX_CACHE, Templates
+from storyflow.spec.templates._plain import JINJA_GLOBALS
 from storyflow.spec.templates._reads import Reference
 from storyflow.spec.templates._shell import Unquoted
 
 __all__ = [
+    "JINJA_GLOBALS",
     "MAX_CACHE",
     "MAX_EXPONENT",
     "MAX_SEQUENCE",

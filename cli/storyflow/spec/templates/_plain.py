@@ -55,7 +55,7 @@ _OPEN_RE: Final = re.compile(r"\{\{|\{%|\{#")
 _VARIABLE_RE: Final = re.compile(r"\{\{[-+]?([^{}]*?)-?\}\}")
 """A ``{{ … }}`` block as Jinja's lexer ends it: ``{{-``/``{{+`` open one, but only ``-}}``
 closes one (``{{ a +}}`` is a syntax error, left to Jinja to report)."""
-_JINJA_GLOBALS: Final = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace"})
+JINJA_GLOBALS: Final = frozenset({"range", "dict", "lipsum", "cycler", "joiner", "namespace"})
 """The names Jinja's environment defines (``make_environment().globals``): a template
 reading one reads no scope name, so it is no reference."""
 
@@ -78,7 +78,7 @@ def text_paths(source: str) -> list[PlainPath] | None:
         path = parse_path(block.group(1))
         if path is None:
             return None
-        if path[0] not in _JINJA_GLOBALS:
+        if path[0] not in JINJA_GLOBALS:
             paths.append(path)
         pos = block.end()
     return paths
