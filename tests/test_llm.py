@@ -416,7 +416,7 @@ def test_clients_close_when_the_loop_shuts_down(server: FakeLLM) -> None:
 
     async def go() -> Any:
         await agent.run(make_call(with_(server), Outcome()))
-        return agent._loops[asyncio.get_running_loop()].pools[server.url].clients[0]
+        return agent._loops[asyncio.get_running_loop()].pools[server.url].client()
 
     clients = [asyncio.run(go()) for _ in range(2)]  # no aclose(): asyncio.run closes them
     assert clients[0] is not clients[1] and all(c.is_closed for c in clients)

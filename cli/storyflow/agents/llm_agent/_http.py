@@ -175,22 +175,22 @@ class Pool:
     either way, bench/bench_llm.py): aiohttp's pool takes and gives back a connection in
     constant time, where httpcore's scanned all of them."""
 
-    __slots__ = ("_make", "clients")
+    __slots__ = ("_client", "_make")
 
     def __init__(self, make: Callable[[], Client]) -> None:
         self._make = make
-        self.clients: list[Client] = []
-        """Its session, once made."""
+        self._client: Client | None = None
 
     def client(self) -> Client:
-        clients = self.clients
-        if not clients:
-            clients.append(self._make())
-        return clients[0]
+        """Its session, made on the first call."""
+        if self._client is None:
+            self._client = self._make()
+        return self._client
 
     async def aclose(self) -> None:
-        while self.clients:
-            await self.clients.pop().session.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.session.close()
 
 
 @dataclass(slots=True)
