@@ -4,6 +4,7 @@ workflow passes. LLM endpoints are a real HTTP server on 127.0.0.1 started by th
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -206,3 +207,39 @@ def test_without_a_file_checks_the_machine_only(cli: Cli, state_dir: Path) -> No
     cli("runs")  # now a store exists
     again = _checks(cli("doctor", "--json"))
     assert again["store"] == "ok"
+
+
+CREDENTIALED = """\
+apiVersion: storyflow/v1
+name: credentialed
+agents:
+  up: {uses: llm, with: {model: tiny-model, base_url: "@UP@"}}
+  down: {uses: llm, with: {model: tiny-model, base_url: "@DOWN@"}}
+  bare: {uses: llm, with: {model: tiny-model, base_url: "user:s3cret@127.0.0.1:9/v1"}}
+steps:
+  a: {agent: up, prompt: hi}
+  b: {agent: down, prompt: hi}
+  c: {agent: bare, prompt: hi}
+"""
+
+
+def test_a_password_in_base_url_is_sent_as_basic_auth_and_never_shown(
+    cli: Cli, tmp_path: Path, llm_url: str, closed_url: str
+) -> None:
+    with_password = llm_url.replace("http://", "http://user:s3cret@")
+    down = closed_url.replace("http://", "http://user:s3cret@")
+    path = tmp_path / "credentialed.yaml"
+    path.write_text(CREDENTIALED.replace("@UP@", with_password).replace("@DOWN@", down),
+                    encoding="utf-8")
+    result = cli("doctor", path, "--json", env=LOCAL)
+    checks = _checks(result)
+    assert checks["agent up: endpoint"] == "ok", result.stdout
+    assert checks["agent up: model"] == "ok"
+    assert checks["agent down: endpoint"] == "fail"
+    assert checks["agent bare: endpoint"] == "fail"
+    # The agent's way: user:password@ as Basic auth, not as part of the address.
+    assert _Models.authorizations == ["Basic " + base64.b64encode(b"user:s3cret").decode()]
+    table = cli("doctor", path, env=LOCAL)
+    for out in (result.stdout + result.stderr, table.stdout + table.stderr):
+        assert "s3cret" not in out
+        assert "user:***@" in out

@@ -293,8 +293,22 @@ def test_a_stream_cut_half_way_is_transient(server: FakeLLM) -> None:
     assert out.error.error_class is ErrorClass.TRANSIENT
     assert out.error.message.startswith(
         f"the stream from the LLM server at {server.url} was cut after 19 characters")
-    assert out.text == "The keeper climbed " and out.usage == []  # no reply, nothing metered
-    assert out.steps == ["reserve", "release"]
+    assert out.text == "The keeper climbed "
+    # No reply, but the prompt and the text that arrived were generated: they are billed.
+    messages = server.requests[0].body["messages"]
+    assert out.usage == [{"model": "m", "input_tokens": text_tokens(canonical(messages)),
+                          "output_tokens": text_tokens("The keeper climbed "),
+                          "cached": False, "truncated": False, "estimated": True}]
+    assert out.steps == ["reserve", "meter", "release"]
+
+
+def test_a_stream_that_fails_before_any_text_meters_nothing(server: FakeLLM) -> None:
+    server.push(sse({"choices": [{"delta": {"role": "assistant"}}]}),  # cut: no text yet
+                sse({"error": {"message": "overloaded"}}))
+    cut, failed = ask_all({"inputs": with_(server)}, {"inputs": with_(server)})
+    assert isinstance(cut.error, TransientError) and isinstance(failed.error, TransientError)
+    assert cut.usage == failed.usage == []
+    assert cut.steps == failed.steps == ["reserve", "release"]
 
 
 @pytest.mark.parametrize(
@@ -337,6 +351,8 @@ def test_a_silent_stream_is_a_timeout(server: FakeLLM) -> None:
                                     "silent for 0.2s after 11 characters")
     assert silent.error.hint is not None and "with.idle_timeout" in silent.error.hint
     assert silent.text == "The keeper "
+    assert [(u["output_tokens"], u.get("estimated")) for u in silent.usage] == [
+        (text_tokens("The keeper "), True)]  # what arrived before the silence is billed
     assert after.output == "again"  # the agent and its pool are fine afterwards
 
 
@@ -350,6 +366,27 @@ def test_the_step_timeout_still_cancels_a_stream(server: FakeLLM) -> None:
     server.push(ok(PROSE, idle_after=1))
     with pytest.raises(TimeoutError):  # the engine's wait_for, untouched by the idle watch
         ask_all({"inputs": with_(server)}, step_timeout_s=0.2)
+
+
+def test_a_stream_the_step_timeout_stops_is_metered_for_what_arrived(server: FakeLLM) -> None:
+    server.push(ok(PROSE, idle_after=2))
+    outcome = Outcome()
+    agent = LlmAgent()
+
+    async def go() -> None:
+        try:
+            await asyncio.wait_for(agent.run(make_call(with_(server), outcome)), 0.3)
+        finally:
+            await agent.aclose()
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(go())
+    assert outcome.text == "The keeper "
+    messages = server.requests[0].body["messages"]
+    assert outcome.usage == [{"model": "m", "input_tokens": text_tokens(canonical(messages)),
+                              "output_tokens": text_tokens("The keeper "), "cached": False,
+                              "truncated": False, "estimated": True}]
+    assert outcome.steps == ["reserve", "meter", "release"]
 
 
 # --- structured output, the cache, budgets ----------------------------------------------------
@@ -476,5 +513,16 @@ def test_storyflow_retries_a_cut_stream(
     summary = events[-1]
     assert summary["status"] == "succeeded"
     assert summary["outputs"] == {"title": "A lamp in the tide"}
-    assert summary["tokens"] == 12  # the cut attempt metered nothing
+    messages = server.requests[0].body["messages"]
+    cut = text_tokens(canonical(messages)) + text_tokens("The keeper ")
+    assert retrying[0]["tokens"] == cut  # the cut attempt is charged what arrived
+    assert summary["tokens"] == cut + 12
     assert streamed(server) == [True, True]
+
+
+def test_the_note_of_a_refused_stream_shows_the_base_url_masked() -> None:
+    with FakeLLM(stream_mode="reject") as server:
+        inputs = {**with_(server), "base_url": server.url.replace("http://", "http://u:s3cret@")}
+        (out,) = ask_all({"inputs": inputs})
+    notes = [line for line in out.logs if "does not support streaming" in line]
+    assert notes and all("u:***@" in line and "s3cret" not in line for line in notes)

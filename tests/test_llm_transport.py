@@ -2,10 +2,11 @@
 
 Odd answers no OpenAI-compatible server should give — not HTTP at all, a gzip body that
 does not decompress, a TLS handshake with a plain-HTTP port, a body cut short — come
-from `RawServer`, a socket server on 127.0.0.1 that answers each connection with a
+from `RawServer`, a socket server on 127.0.0.1 (or ::1) answering each connection with a
 function; the rest from `FakeLLM`. Every failure must be storyflow's own, on one line,
 with a hint where one helps — never aiohttp's exception, its multi-line text or a
-traceback. Proxies (``$HTTP_PROXY``, ``$NO_PROXY``), connection reuse, a pool smaller
+traceback, nor the password of a base or proxy URL. Proxies (``$HTTP_PROXY``,
+``$NO_PROXY`` with names and address ranges), connection reuse, a pool smaller
 than the calls in flight, and clean process exits (no unclosed session or connector,
 no ResourceWarning) after success, failure, timeout and Ctrl-C are checked through
 real sockets, and through ``storyflow run`` in a subprocess.
@@ -62,11 +63,14 @@ Answer = Callable[[socket.socket], None]
 
 
 class RawServer:
-    """A TCP server on 127.0.0.1 handing each connection to ``answer`` on its own thread."""
+    """A TCP server on ``host`` (127.0.0.1, or ::1) handing each connection to ``answer``
+    on its own thread."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, host: str = "127.0.0.1") -> None:
         self._answer = answer
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, 0), family=family)
         self.port: int = self._listener.getsockname()[1]
         self._stop = False
         self._threads: list[threading.Thread] = []
@@ -74,7 +78,8 @@ class RawServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
 
     def __enter__(self) -> RawServer:
         self._accepting.start()
@@ -83,7 +88,7 @@ class RawServer:
     def __exit__(self, *exc: object) -> None:
         self._stop = True
         with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()  # wake accept
+            socket.create_connection((self.host, self.port), timeout=1).close()  # wake accept
         self._accepting.join(5)
         self._listener.close()
         for thread in self._threads:
@@ -358,6 +363,119 @@ def test_credentials_in_base_url_and_a_key_are_one_too_many() -> None:
     assert error.hint is not None and "base_url" in error.hint
 
 
+PASSWORD = "s3cret"
+
+
+def with_password(url: str) -> str:
+    """``url`` with ``user:PASSWORD@`` in it."""
+    return url.replace("://", f"://user:{PASSWORD}@", 1)
+
+
+def first_chunk_then(pause_s: float, rest: bytes = b"") -> Answer:
+    """Begin a stream with one chunk of text, then wait ``pause_s``, then send ``rest``."""
+    first = events("The keeper ").split(b"\n\n")[0] + b"\n\n"
+
+    def answer(conn: socket.socket) -> None:
+        if read_request(conn) is not None:
+            conn.sendall(CHUNKED + b"%x\r\n%s\r\n" % (len(first), first))
+            time.sleep(pause_s)
+            conn.sendall(rest)
+
+    return answer
+
+
+def silent_for(pause_s: float) -> Answer:
+    def answer(conn: socket.socket) -> None:
+        if read_request(conn) is not None:
+            time.sleep(pause_s)
+
+    return answer
+
+
+BROKEN_CHUNK = b"data: {not json}\n\n"
+MASKING_CASES: dict[str, tuple[Answer | None, dict[str, Any], str]] = {
+    # name: (the server's answer, or None for nothing listening; `with` keys; words shown)
+    "refused": (None, {}, "cannot reach the LLM server at {url}: connection refused"),
+    "closed": (read_request, {}, "cannot reach the LLM server at {url}: it closed"),
+    "not http": (answering(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"), {},
+                 "the LLM server at {url} did not answer in HTTP"),
+    "not a completion": (answering(http(b"<html>", content_type="text/html")),
+                         {"stream": False}, "the LLM server at {url} sent a reply that is not"),
+    "no text": (answering(http(b'{"choices": [{"message": {}}]}')), {"stream": False},
+                "the LLM server at {url} sent a reply without text"),
+    "404": (answering(http(b'{"error": {"message": "no route"}}', status="404 Not Found")),
+            {}, "check `base_url` ({url}; most servers end in /v1)"),
+    "bad gzip": (answering(http(b"not gzip", headers=("Content-Encoding: gzip",))),
+                 {"stream": False}, "the answer from the LLM server at {url} could not be read"),
+    "stream cut": (first_chunk_then(0), {}, "the stream from the LLM server at {url} was cut"),
+    "stream ends early": (first_chunk_then(0, b"0\r\n\r\n"), {},
+                          "the stream from the LLM server at {url} ended before"),
+    "broken chunk": (answering(http(BROKEN_CHUNK, content_type="text/event-stream")), {},
+                     "the LLM server at {url} sent a stream chunk that is not"),
+    "no reply": (silent_for(0.5), {"timeout": 0.1, "stream": False},
+                 "no reply from {url}/chat/completions within 0.1s"),
+    "no stream": (silent_for(0.5), {"timeout": 0.1},
+                  "no reply from {url}/chat/completions within 0.1s"),
+    "silent stream": (first_chunk_then(0.5), {"idle_timeout": 0.1},
+                      "the stream from the LLM server at {url} went silent for 0.1s"),
+    "tls to plain http": (plain_http, {"tls": True},
+                          "cannot reach the LLM server at {url}: the TLS handshake failed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MASKING_CASES))
+def test_a_password_in_base_url_is_masked_in_every_failure(case: str) -> None:
+    answer, extra, words = MASKING_CASES[case]
+    extra = dict(extra)
+    scheme = "https" if extra.pop("tls", False) else "http"
+    with RawServer(answer or read_request) as server:
+        port = server.port if answer is not None else refused_port()
+        url = f"{scheme}://user:{PASSWORD}@127.0.0.1:{port}/v1"
+        error = failure(ask(url, **extra), StepFailure)
+    shown = f"{error.message} {error.hint or ''}"
+    assert PASSWORD not in shown, shown
+    assert words.format(url=f"{scheme}://user:***@127.0.0.1:{port}/v1") in shown, shown
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "shown"),
+    [("user:s3cret@", "user:***@"), ("s3cret@", "***@"), ("user:@", "user:***@"),
+     ("us%40er:s3%2Fcr%3Aet@", "us%40er:***@"), ("a@b:s3cret@", "a@b:***@")])
+def test_every_form_of_userinfo_is_masked(userinfo: str, shown: str) -> None:
+    port = refused_port()
+    error = failure(ask(f"http://{userinfo}127.0.0.1:{port}/v1"))
+    assert error.message == f"cannot reach the LLM server at http://{shown}127.0.0.1:{port}" \
+                            "/v1: connection refused"
+
+
+def test_a_base_url_that_cannot_be_called_is_shown_masked() -> None:
+    error = failure(ask(with_password("http://[bad/v1")), PermanentError)
+    assert error.message.startswith("cannot call http://user:***@[bad/v1/chat/completions: ")
+    assert PASSWORD not in f"{error.message} {error.hint}"
+
+
+def test_a_proxys_password_is_masked_when_it_cannot_be_reached(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy_port, port = refused_port(), refused_port()
+    monkeypatch.setenv("HTTP_PROXY", f"http://pu:{PASSWORD}@127.0.0.1:{proxy_port}")
+    error = failure(ask(with_password(f"http://127.0.0.1:{port}/v1")))
+    assert error.message == f"cannot reach the LLM server at http://user:***@127.0.0.1:{port}" \
+                            f"/v1 through the proxy http://pu:***@127.0.0.1:{proxy_port}: " \
+                            "connection refused"
+    assert error.hint is not None and "$HTTP_PROXY" in error.hint
+
+
+def test_a_proxy_refusing_connect_is_shown_with_both_passwords_masked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    refuse = answering(http(b"", status="407 Proxy Authentication Required"))
+    with RawServer(refuse) as proxy:
+        monkeypatch.setenv("HTTPS_PROXY", f"http://pu:{PASSWORD}@127.0.0.1:{proxy.port}")
+        error = failure(ask(f"https://user:{PASSWORD}@127.0.0.1:9/v1"))
+    assert error.message == "cannot reach the LLM server at https://user:***@127.0.0.1:9/v1 " \
+                            f"through the proxy http://pu:***@127.0.0.1:{proxy.port}: the " \
+                            "proxy answered HTTP 407"
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_an_infinite_timeout_means_no_limit(stream: bool) -> None:
     with FakeLLM() as server:
@@ -396,9 +514,10 @@ class ForwardProxy:
         self.heads.append(head)
         line, *headers = head.split(b"\r\n")
         method, target, version = line.split(b" ")
-        host, _, path = target.removeprefix(b"http://").partition(b"/")
+        where, _, path = target.removeprefix(b"http://").partition(b"/")
+        host, _, port = where.decode().rpartition(":")
         kept = [h for h in headers if not h.lower().startswith((b"proxy-", b"connection"))]
-        with socket.create_connection(host.decode().split(":")) as upstream:
+        with socket.create_connection((host.strip("[]"), int(port))) as upstream:
             upstream.sendall(b"\r\n".join([b"%s /%s %s" % (method, path, version), *kept,
                                            b"Connection: close"]) + b"\r\n\r\n" + body)
             while chunk := upstream.recv(65536):
@@ -423,6 +542,52 @@ def test_http_proxy_carries_the_call_and_no_proxy_exempts_it(
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         assert ask(server.url, stream=stream) == "hello"
         assert len(proxy.heads) == 1 and len(server.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "proxied"),
+    [("127.0.0.0/8", False), ("10.0.0.0/8, 127.0.0.0/24", False), (" 127.0.0.1/32 ", False),
+     ("example.com,.internal,127.0.0.0/8", False), ("127.0.0.1", False),
+     ("10.0.0.0/8", True), ("127.0.1.0/24", True), ("::1/128", True), ("127.0.0.0/33", True),
+     ("localhost", True), ("127.0.0.0/8:80", True)])
+def test_no_proxy_address_ranges_exempt_the_addresses_they_hold(
+        monkeypatch: pytest.MonkeyPatch, no_proxy: str, proxied: bool) -> None:
+    with FakeLLM() as server, ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        assert ask(server.url) == "hello"
+        assert len(proxy.heads) == (1 if proxied else 0)
+        assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "proxied"),
+    [("::1/128", False), ("::1", False), ("[::1]", False), ("0:0:0:0:0:0:0:1", False),
+     ("::/0", False), ("fe80::/10", True), ("127.0.0.0/8", True)])
+def test_no_proxy_address_ranges_hold_ipv6_addresses(
+        monkeypatch: pytest.MonkeyPatch, no_proxy: str, proxied: bool) -> None:
+    with RawServer(answering(http(completion("six"))), host="::1") as server, \
+            ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        assert ask(server.url) == "six"
+        assert len(proxy.heads) == (1 if proxied else 0)
+
+
+def test_no_proxy_for_names_leading_dots_and_star_is_as_before(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name is not resolved to be matched against an address; ``*`` exempts all."""
+    with FakeLLM() as server, ForwardProxy() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        localhost = server.url.replace("127.0.0.1", "localhost")
+        for no_proxy, url, proxied in [("*", server.url, False), ("localhost", localhost, False),
+                                       (".localhost", localhost, False),
+                                       ("127.0.0.0/8", localhost, True),
+                                       ("host.localhost", localhost, True)]:
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            before = len(proxy.heads)
+            assert ask(url) == "hello"
+            assert len(proxy.heads) - before == (1 if proxied else 0), no_proxy
 
 
 def test_all_proxy_carries_the_call_when_no_scheme_proxy_is_set(
@@ -670,6 +835,35 @@ def test_storyflow_run_goes_through_http_proxy(tmp_path: Path) -> None:
     assert result.stderr == ""
 
 
+@pytest.mark.parametrize("through_proxy", [False, True])
+def test_storyflow_run_never_shows_a_password_of_base_url_or_proxy(
+        tmp_path: Path, through_proxy: bool) -> None:
+    port, proxy_port = refused_port(), refused_port()
+    env = {"HTTP_PROXY": f"http://pu:{PASSWORD}@127.0.0.1:{proxy_port}"} if through_proxy \
+        else None
+    result = storyflow_run(tmp_path, with_password(f"http://127.0.0.1:{port}/v1"), env=env)
+    _, message, _ = run_error(result)
+    assert message.startswith(f"cannot reach the LLM server at http://user:***@127.0.0.1:{port}"
+                              "/v1"), message
+    if through_proxy:
+        assert f"through the proxy http://pu:***@127.0.0.1:{proxy_port}:" in message
+    logs = run_cli("logs", "--last", "--json", state_dir=tmp_path / "state", cwd=tmp_path)
+    assert logs.returncode == 0, logs.stderr
+    assert "user:***@127.0.0.1" in logs.stdout
+    for shown in (result.stdout, result.stderr, logs.stdout, logs.stderr):
+        assert PASSWORD not in shown, shown
+
+
+def test_storyflow_run_bypasses_the_proxy_for_an_address_range_in_no_proxy(
+        tmp_path: Path) -> None:
+    with FakeLLM() as server:
+        result = storyflow_run(tmp_path, server.url, env={
+            "HTTP_PROXY": f"http://127.0.0.1:{refused_port()}", "NO_PROXY": "127.0.0.0/8"})
+        assert result.returncode == 0, result.stderr
+        assert len(server.requests) == 1
+    assert result.stderr == ""
+
+
 def test_storyflow_run_exits_clean_after_a_timeout(tmp_path: Path) -> None:
     with FakeLLM(ok(delay_s=5)) as server:
         kind, message, _ = run_error(storyflow_run(tmp_path, server.url,
@@ -692,3 +886,21 @@ def test_ctrl_c_mid_call_exits_clean(tmp_path: Path) -> None:
     for noise in RESOURCE_NOISE:
         assert noise not in err, err
     assert err.splitlines()[0].startswith("  continue with: storyflow resume "), err
+
+
+def test_a_base_url_without_a_scheme_is_refused_with_its_password_masked(
+        tmp_path: Path) -> None:
+    result = storyflow_run(tmp_path, f"user:{PASSWORD}@127.0.0.1:9/v1")
+    kind, message, _ = run_error(result)
+    assert kind == "permanent"
+    assert "'user:***@127.0.0.1:9/v1'" in message
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_masked_url_reads_one_value_with_or_without_a_scheme() -> None:
+    from storyflow.agents.urls import masked_url
+
+    assert masked_url("user:pw@host/v1") == "user:***@host/v1"
+    assert masked_url("tok@host:8000") == "***@host:8000"
+    assert masked_url("https://u:pw@host/v1?x=a@b") == "https://u:***@host/v1?x=a@b"
+    assert masked_url("http://host/v1") == "http://host/v1"

@@ -211,6 +211,30 @@ def test_follow_names_a_step_of_the_workflow(project: CliProject, server: FakeLL
     assert json.loads(project.cli("runs", "--json").stdout) == []  # nothing was started
 
 
+def test_stream_events_without_json_is_a_usage_error_for_every_command(
+    project: CliProject, server: FakeLLM
+) -> None:
+    env = env_for(project, server)
+    assert project.cli("run", "flow.yaml", "--run-id", "base1", env=env).returncode == 0
+    log = project.state / "runs" / "base1" / "events.jsonl"
+    logged, asked = log.read_bytes(), len(server.requests)
+    for args in (["run", "flow.yaml"], ["resume", "base1"], ["fork", "base1"],
+                 ["replay", "base1"], ["run", "flow.yaml", "--follow", "write"]):
+        result = project.cli(*args, "--stream-events", env=env)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.startswith("error: --stream-events needs --json"), result.stderr
+        assert "hint: add --json" in result.stderr
+    # Nothing ran: no new run, no request, the run named untouched.
+    assert [r["run_id"] for r in json.loads(project.cli("runs", "--json").stdout)] == ["base1"]
+    assert len(server.requests) == asked and log.read_bytes() == logged
+    # With --json, before or after it, the flag does what it says.
+    for args in (["fork", "base1", "--from", "write", "--stream-events"],
+                 ["run", "--stream-events", "flow.yaml"]):
+        events = project.events(*args, env=env)
+        assert "".join(e["text"] for e in events if e["type"] == "step.delta") == WORDS
+
+
 # -- secrets in streamed text ------------------------------------------------------------------
 
 KEY = "sk-test-SECRET-abc123"

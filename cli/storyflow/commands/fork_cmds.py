@@ -51,6 +51,7 @@ def fork(
     inputs are unchanged and it is not downstream of a --from step; the rest runs.
     RUN itself is never modified.
     """
+    opt.check_output_flags(json_mode=json_mode, stream_events=stream_events)
     from storyflow.engine.forking import fork_plan
     from storyflow.engine.runs import view
     from storyflow.events import RunStatus
@@ -135,6 +136,7 @@ def replay(
     RUN recorded is answered with RUN's output — no network, no subprocess; any other
     runs live, or fails as replay_miss with --strict. Compare with: storyflow diff RUN NEW.
     """
+    opt.check_output_flags(json_mode=json_mode, stream_events=stream_events)
     from storyflow.store import Store
 
     with Store(state_dir()) as store:

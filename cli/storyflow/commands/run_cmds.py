@@ -46,6 +46,7 @@ def run(
     executor_opt: str | None = opt.EXECUTOR,
 ) -> None:
     """Validate, compile and run a workflow."""
+    opt.check_output_flags(json_mode=json_mode, stream_events=stream_events)
     from storyflow.engine import executors
     from storyflow.engine.plan import plan
     from storyflow.spec import load_workflow
@@ -148,6 +149,7 @@ def resume(
     executor_opt: str | None = opt.EXECUTOR,
 ) -> None:
     """Continue a failed, interrupted or waiting run from its checkpoint."""
+    opt.check_output_flags(json_mode=json_mode, stream_events=stream_events)
     from storyflow.store import Store
 
     with Store(state_dir()) as store:

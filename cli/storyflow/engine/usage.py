@@ -32,7 +32,10 @@ hold over its children.
 usage, has an unknown cost: the usage dict says ``priced: false`` (``cost`` then
 counts the priced calls only), and a ``cost`` budget refuses a call it cannot price.
 A streamed reply whose server sent no usage is counted from its text by the agent and
-reported ``estimated``: the usage dict then says ``estimated: true``.
+reported ``estimated``: the usage dict then says ``estimated: true``. So is a stream that
+failed once its text had begun (cut, silent, or stopped by the step's timeout): its
+prompt and the text that arrived were billed, so the retries of a failing stream spend
+the budgets too, and stop at them.
 """
 
 from __future__ import annotations

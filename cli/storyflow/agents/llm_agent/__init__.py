@@ -29,7 +29,10 @@ Events with a usage chunk at the end (``stream_options.include_usage``), and eac
 of text goes to ``call.delta`` as it arrives (`_stream`) — a repair's reply too, after
 a blank line, so that it does not read as the end of the reply it corrects. A stream whose
 server sent no usage is metered from its text (`text_tokens`: UTF-8 bytes at 4 a token)
-and flagged ``"estimated": true``. A server that rejects ``stream`` (HTTP 400) is asked
+and flagged ``"estimated": true``; so is a stream that fails once its text has begun —
+cut, silent, or stopped by the step's timeout: its prompt and the text that arrived were
+generated, and a provider bills them, so they count against the budgets (a stream that
+fails before any text counts nothing). A server that rejects ``stream`` (HTTP 400) is asked
 again without it; one that ignores it and answers one JSON body is taken at its word;
 one that rejects only ``stream_options`` streams without it. Either way, as for a server
 that rejects ``response_format``, the finding is remembered per base URL (`_quirks`).
@@ -43,10 +46,11 @@ rejects ``response_format`` is retried without it, and remembered.
 Before each completion (the first call and each repair) the agent asks
 ``call.reserve`` for room with the call's estimate (`Request.estimate`: the prompt at
 3 UTF-8 bytes a token, plus ``max_tokens`` or `DEFAULT_REPLY_TOKENS`); a refusal
-(``budget_exceeded``) means the call is not sent. Every completed HTTP call is
-reported to ``call.meter``. With ``call.cache`` and caching on (``cache:``, else when
-``temperature`` is 0 or a ``seed`` is set) a validated reply is stored under a hash of
-the request, and served again without HTTP (no reservation, nothing spent).
+(``budget_exceeded``) means the call is not sent. Every completed HTTP call, and every
+stream that failed after its text began, is reported to ``call.meter``. With
+``call.cache`` and caching on (``cache:``, else when ``temperature`` is 0 or a ``seed``
+is set) a validated reply is stored under a hash of the request, and served again
+without HTTP (no reservation, nothing spent).
 
 Connections are pooled per (event loop, base URL) and shared by every call: one aiohttp
 session of up to ``CONNECTIONS`` kept-alive connections; a call's ``timeout`` starts once
@@ -104,6 +108,7 @@ from storyflow.agents.llm_agent._request import (
     text_tokens,
 )
 from storyflow.agents.llm_agent._structured import checked, repair_prompt, validator_of
+from storyflow.agents.urls import masked
 from storyflow.errors import InvalidOutput, PermanentError, StepFailure
 
 __all__ = [
@@ -259,11 +264,23 @@ class LlmAgent:
             def drop(feature: str) -> None:
                 quirks.drop(feature)
                 known.drop(feature)
-                log(f"note: {req.base_url} {NOTES[feature]}")
+                log(f"note: {masked(req.base_url)} {NOTES[feature]}")
+
+            received: list[str] = []
+
+            def on_text(text: str) -> None:
+                received.append(text)
+                call.delta(text)
 
             while True:
                 body = quirks.body(req, messages)
-                answer = await post(pool, req, body, call.delta)
+                try:
+                    answer = await post(pool, req, body, on_text)
+                except BaseException:  # cut, silent, or stopped: what arrived was billed
+                    if received:
+                        call.meter(_usage(req.model, text_tokens(canonical(messages)),
+                                          text_tokens("".join(received)), estimated=True))
+                    raise
                 if isinstance(answer, Reply):
                     break
                 lacks = quirks.refused(answer.status, answer.text, req)

@@ -1,9 +1,10 @@
 """The fence around aiohttp: pooled sessions, one POST (streamed or not), its failures classified.
 
-aiohttp (and yarl, its URLs) is imported here and nowhere else in storyflow; its
-exceptions, non-2xx answers and broken envelopes leave this module as storyflow's
-failures (chained with ``from``), never as aiohttp's own, and on one line in its words
-(`_unreachable`, `_reason`). How they are classified is drawn in the package docstring.
+aiohttp is imported here and nowhere else in storyflow (yarl, its URLs, here and in
+`_proxy`); its exceptions, non-2xx answers and broken envelopes leave this module as
+storyflow's failures (chained with ``from``), never as aiohttp's own, and on one line in
+its words (`_unreachable`, `_reason`), every URL in them `masked`. How they are
+classified is drawn in the package docstring.
 
 A streamed POST has no aiohttp read timeout: a `Watch` gives the reply ``timeout``
 seconds to begin and ``idle_timeout`` seconds between chunks once it has, at the cost of
@@ -13,7 +14,6 @@ a clock read per chunk where a timeout per read would arm a timer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
 import functools
 import json
@@ -26,11 +26,11 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any
-from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
 from yarl import URL
 
+from storyflow.agents.llm_agent._proxy import env_proxy, masked
 from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
 from storyflow.agents.llm_agent._stream import Events, Expired, Watch
 from storyflow.errors import (
@@ -45,8 +45,6 @@ CONNECTIONS = 100
 """Most connections per (event loop, base URL), each kept alive `KEEPALIVE_S` idle."""
 KEEPALIVE_S = 30.0
 _EXCERPT_CHARS = 300
-_PROXY_ENV = ("http_proxy", "https_proxy", "all_proxy")
-"""Without one of these (any case) set, no proxy: the lookup is skipped."""
 _JSON = {"Content-Type": "application/json"}
 _BAD_URL = (aiohttp.InvalidURL, getattr(aiohttp, "NonHttpUrlClientError", aiohttp.InvalidURL))
 """What aiohttp raises for a URL it cannot call (a scheme not http(s): aiohttp ≥ 3.10)."""
@@ -92,6 +90,8 @@ class Client:
     proxy: URL | None
     proxy_headers: dict[str, str] | None
     slots: asyncio.Semaphore
+    shown_proxy: str | None = None
+    """The proxy's URL as messages show it (`masked`)."""
 
     @property
     def is_closed(self) -> bool:
@@ -106,19 +106,21 @@ class ClientFactory:
 
     def __call__(self, base_url: str, connections: int) -> Client:
         """A session of ``connections`` to ``base_url``; made in the loop it serves."""
-        proxy, auth = _env_proxy(base_url)  # first: it may refuse the proxy
+        proxy = env_proxy(base_url)  # first: it may refuse the proxy
         tls: ssl.SSLContext | bool = True  # unused by plain-HTTP connections
-        if base_url.startswith("https:") or (proxy is not None and proxy.scheme == "https"):
+        if base_url.startswith("https:") or (proxy is not None and proxy.url.scheme == "https"):
             if self._ssl is None:  # loading the CA bundle takes ~30 ms: once per agent
                 self._ssl = _ssl_context()
             tls = self._ssl
+        url, auth, shown = (proxy.url, proxy.headers, proxy.shown) if proxy is not None \
+            else (None, None, None)
         headers = _JSON  # to an http:// server, the request itself goes to the proxy (aiohttp
         if auth is not None and base_url.startswith("http:"):  # sends proxy_headers on CONNECT)
             headers, auth = {**_JSON, **auth}, None
         connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=KEEPALIVE_S,
                                          ssl=tls)
-        return Client(aiohttp.ClientSession(connector=connector, headers=headers), proxy,
-                      auth, asyncio.Semaphore(connections))
+        return Client(aiohttp.ClientSession(connector=connector, headers=headers), url, auth,
+                      asyncio.Semaphore(connections), shown)
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -133,39 +135,6 @@ def _ssl_context() -> ssl.SSLContext:
     except ImportError:
         return ssl.create_default_context()
     return ssl.create_default_context(cafile=certifi.where())
-
-
-def _env_proxy(base_url: str) -> tuple[URL | None, dict[str, str] | None]:
-    """The proxy of ``$HTTP(S)_PROXY`` (else ``$ALL_PROXY``) for ``base_url`` unless
-    ``$NO_PROXY`` exempts it
-    (http:// or https://; its user:password as ``Proxy-Authorization``), looked up once
-    per session. aiohttp's ``trust_env`` looks it up on every request (and ``~/.netrc`` in
-    a thread, whose entry for the server clashes with the key) and skips an https:// proxy
-    with a log line, going direct."""
-    if not any(name.lower() in _PROXY_ENV for name in os.environ):
-        return None, None
-    try:
-        target = URL(base_url)
-    except ValueError:
-        return None, None  # the call says what is wrong with it
-    proxies = getproxies()
-    variable = target.scheme if target.scheme in proxies else "all"
-    given = proxies.get(variable)
-    if not given or (target.host is not None and proxy_bypass(target.host)):
-        return None, None
-    try:
-        proxy = URL(given)
-        usable = proxy.scheme in ("http", "https") and bool(proxy.host)
-    except ValueError:
-        usable = False
-    if not usable:
-        raise PermanentError(f"${variable.upper()}_PROXY is not an http:// or https:// "
-                             "proxy URL", hint="e.g. http://proxy.example:3128; or exempt "
-                             "the server in $NO_PROXY")
-    if proxy.user is None:
-        return proxy, None
-    basic = base64.b64encode(f"{proxy.user}:{proxy.password or ''}".encode()).decode()
-    return proxy.with_user(None), {"Proxy-Authorization": f"Basic {basic}"}
 
 
 class Pool:
@@ -233,12 +202,13 @@ async def post(pool: Pool, req: Request, body: dict[str, Any],
             _answer(resp, data)
     except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one
         raise TransientError(
-            f"no reply from {url} within {req.timeout_s:g}s ({type(exc).__name__})",
+            f"no reply from {masked(url)} within {req.timeout_s:g}s ({type(exc).__name__})",
             hint="raise `with.timeout` or the step's timeout for slow models",
         ) from exc
     except _BAD_URL as exc:  # aiohttp's own words are the URL: say why, when it knows
         why = exc.__cause__ or "not a valid http(s) URL"
-        raise PermanentError(f"cannot call {url}: {why}", hint="check `base_url`") from exc
+        raise PermanentError(masked(f"cannot call {url}: {why}"), hint="check `base_url`") \
+            from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise _unreachable(exc, req, client) from exc
 
@@ -263,7 +233,7 @@ async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any]
                         "application/json"):  # an error, or a server that does not stream
                     data = await resp.read()
                     return envelope(data, resp.reason, req) if ok else _answer(resp, data)
-                events = Events(on_text or _ignore, req.base_url)
+                events = Events(on_text or _ignore, masked(req.base_url))
                 beat, feed = watch.beat, events.feed
                 async for data in resp.content.iter_any():  # decompressed, if it was
                     beat()
@@ -276,7 +246,7 @@ async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any]
             raise
         if not events.complete:
             raise TransientError(
-                f"the stream from the LLM server at {req.base_url} was cut after "
+                f"the stream from the LLM server at {masked(req.base_url)} was cut after "
                 f"{events.chars} characters: {_reason(exc)}",
             ) from exc
     content, finish, usage = events.result()
@@ -286,7 +256,7 @@ async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any]
 
 def _unreachable(exc: BaseException, req: Request, client: Client) -> TransientError:
     """A failure to get an answer, in storyflow's words on one line, with what to check."""
-    where, proxy = f"the LLM server at {req.base_url}", client.proxy
+    where, proxy = f"the LLM server at {masked(req.base_url)}", client.proxy
     if isinstance(exc, aiohttp.ClientPayloadError):
         return TransientError(f"the answer from {where} could not be read: {_reason(exc)}")
     if type(exc) is aiohttp.ClientResponseError:  # what came could not be parsed
@@ -296,7 +266,7 @@ def _unreachable(exc: BaseException, req: Request, client: Client) -> TransientE
     at = (exc.host, exc.port) if isinstance(exc, aiohttp.ClientConnectorError) else None
     if proxy is not None and (at == (proxy.host, proxy.port) or isinstance(
             exc, aiohttp.ClientHttpProxyError)):
-        where = f"{where} through the proxy {proxy}"
+        where = f"{where} through the proxy {client.shown_proxy or masked(str(proxy))}"
         hint = "check $HTTP_PROXY and $HTTPS_PROXY, or exempt the server in $NO_PROXY"
     elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
         hint = "if a private CA signed it, point $SSL_CERT_FILE at that CA's certificate"
@@ -333,7 +303,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _line(said: object) -> str:
-    text = " ".join(_SSL_SOURCE.sub("", str(said)).split())
+    text = masked(" ".join(_SSL_SOURCE.sub("", str(said)).split()))
     return text if len(text) <= _EXCERPT_CHARS else text[: _EXCERPT_CHARS - 1] + "…"
 
 
@@ -353,12 +323,12 @@ def _answer(resp: aiohttp.ClientResponse, body: bytes) -> Answer:
 def _expired(exc: Expired, url: str, req: Request, events: Events | None) -> StepFailure:
     if not exc.idle:
         return TransientError(
-            f"no reply from {url} within {exc.seconds:g}s",
+            f"no reply from {masked(url)} within {exc.seconds:g}s",
             hint="raise `with.timeout` or the step's timeout for slow models",
         )
     after = f" after {events.chars} characters" if events is not None else ""
     return StepTimeout(
-        f"the stream from the LLM server at {req.base_url} went silent for "
+        f"the stream from the LLM server at {masked(req.base_url)} went silent for "
         f"{exc.seconds:g}s{after}",
         hint="raise `with.idle_timeout` for a model that pauses mid-reply, "
         "or set `with.stream: false`",
@@ -380,7 +350,7 @@ def status_error(answer: Answer, req: Request, now: float) -> StepFailure:
         hint = (f"check the API key in secret {req.key_secret}" if req.key else
                 f"no API key was sent: declare `secrets: [{req.key_secret}]` on the agent")
     elif status == 404:
-        hint = f"check `base_url` ({req.base_url}; most servers end in /v1) and `model`"
+        hint = f"check `base_url` ({masked(req.base_url)}; most servers end in /v1) and `model`"
     return PermanentError(message, hint=hint)
 
 
@@ -394,14 +364,15 @@ def envelope(body: bytes, reason: str | None, req: Request) -> Reply:
         finish = choice.get("finish_reason")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise TransientError(
-            f"the LLM server at {req.base_url} sent a reply that is not a chat completion: "
-            f"{_excerpt(body, reason)}",
+            f"the LLM server at {masked(req.base_url)} sent a reply that is not a chat "
+            f"completion: {_excerpt(body, reason)}",
         ) from exc
     if not isinstance(content, str):
         refusal = message.get("refusal")
         if refusal:
             raise InvalidOutput(f"the model refused: {as_text(refusal)[:_EXCERPT_CHARS]}")
-        raise TransientError(f"the LLM server at {req.base_url} sent a reply without text")
+        raise TransientError(
+            f"the LLM server at {masked(req.base_url)} sent a reply without text")
     usage = data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
     return Reply(content, finish, _tokens(usage.get("prompt_tokens")),

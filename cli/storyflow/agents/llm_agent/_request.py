@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storyflow.agents.base import Call
+from storyflow.agents.urls import masked_url
 from storyflow.errors import PermanentError
 from storyflow.spec.units import did_you_mean
 
@@ -132,7 +133,8 @@ def request_of(call: Call, environ: Mapping[str, str]) -> Request:
         )
     base_url = inputs.get("base_url") or environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-        raise PermanentError(f"`with.base_url` must be an http(s) URL, not {base_url!r}",
+        shown = masked_url(base_url) if isinstance(base_url, str) else base_url
+        raise PermanentError(f"`with.base_url` must be an http(s) URL, not {shown!r}",
                              hint="e.g. http://localhost:11434/v1 for Ollama")
     secret = inputs.get("api_key_secret")
     if secret is not None and (not isinstance(secret, str) or secret not in call.secrets):
