@@ -86,7 +86,7 @@ def fork(
         if environment != parent.environment:
             lineage["env"] = environment
         record = _record(store, new_id, wf, path, values, environment, all_sets, compiled,
-                         parent, lineage, executor_opt)
+                         parent, lineage, executor_opt, forced=plan.forced)
         if not json_mode:
             err(f"forking run {parent.run_id} ({parent.workflow}) as run {new_id}")
             edited = (str(path) == parent.workflow_path and not same
@@ -280,7 +280,9 @@ def _news(changed: list[str], values: dict[str, Any], sets: list[str], path: Pat
 
 def _record(store: Any, rid: str, wf: Any, path: Path, values: dict[str, Any],
             environment: str | None, sets: list[str], compiled: Any, parent: Any,
-            lineage: dict[str, Any], executor_opt: str | None) -> Any:
+            lineage: dict[str, Any], executor_opt: str | None,
+            forced: frozenset[str] | None = None) -> Any:
+    from storyflow.engine.forking import FORCED
     from storyflow.events import RunStatus
     from storyflow.store import RunRecord
 
@@ -293,6 +295,8 @@ def _record(store: Any, rid: str, wf: Any, path: Path, values: dict[str, Any],
     )
     if executor_opt is not None:
         record.meta["executor"] = executor_opt
+    if forced is not None:  # what a resume of the fork must not keep from the parent
+        record.meta[FORCED] = sorted(forced)
     store.put_run(record)
     return record
 

@@ -224,6 +224,10 @@ def _resume(
             from storyflow.commands.fork_cmds import replay_book
 
             replay = replay_book(store, source, strict=bool(fork.get("strict")))
+    # A fork goes on keeping from its parent what it had not reached yet.
+    from storyflow.engine.forking import fork_resume
+
+    plan_, origin = fork_resume(store, record, compiled, plan_)
     changed, kept, todo = plan_.changed, plan_.kept, plan_.todo
     if not json_mode:
         from storyflow.engine.runs import what_changed
@@ -264,6 +268,7 @@ def _resume(
         lease=lease,
         executor=chosen,
         replay=replay,
+        origin=origin,
         follow=follow,
         stream_events=stream_events,
     )

@@ -14,20 +14,37 @@ known yet, so the plan printed first is a forecast per top-level step, with the 
   out the same, else run;
 - ``did not finish``: the parent has no output for it (failed, pending, skipped...);
 - ``new``: the parent's workflow had no such step; ``removed``: the reverse.
+
+A fork interrupted (kill -9, Ctrl-C, a failure) resumes as a fork (`fork_resume`): an
+instance it finished or attempted stands on its own record, as on any resume; one it
+had not reached yet is still kept from the parent when unchanged — and copied then —
+unless the fork runs its step again whatever (``meta["fork_forced"]``, recorded when
+the fork was made: the ``--from`` steps and what follows, loops that read a change).
+Records read from the parent carry the in-memory mark `FROM`, never stored: the
+scheduler copies those it keeps and leaves the run's own in place.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storyflow.engine.plan import Plan
 from storyflow.engine.runs import ResumePlan, resume_plan
 from storyflow.spec.model import Step, Workflow
 from storyflow.store import RunRecord, StepRecord, Store
 
+if TYPE_CHECKING:
+    from storyflow.engine.instance import Instance
+
 _OK = ("succeeded", "cached")
+FROM = "kept_from"
+"""``meta`` key marking a record read from the run a fork keeps from (in memory only):
+kept, it is copied into the fork."""
+FORCED = "fork_forced"
+"""``meta`` key of a fork's run record: the top-level steps it runs again whatever their
+records in the parent say, so that it never keeps them from there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +110,8 @@ def fork_plan(
     it cannot be loaded): its config and seed tell which settings changed."""
     from_steps = list(from_steps)
     base = resume_plan(store, parent, compiled, from_steps, warn=lambda _: None)
+    for rec in base.previous.values():
+        rec.meta[FROM] = parent.run_id  # kept, a record is copied into the fork
     reseeded = _reseeded(base.previous.values(), before, wf)
     if reseeded:  # every step runs again
         base = replace(base, forced=frozenset(compiled.order), kept=[],
@@ -141,6 +160,65 @@ def fork_plan(
         else:
             plan.kept.append(sid)
     return plan
+
+
+def fork_resume(store: Store, record: RunRecord, compiled: Plan,
+                own: ResumePlan) -> tuple[ResumePlan, str | None]:
+    """How ``record`` resumes when it is a fork: ``own`` (`resume_plan` against its own
+    records) plus, for each step it neither finished nor attempted, the parent's record
+    — unless the fork runs that step again whatever (`FORCED`, and what follows a step
+    whose definition changed since the parent ran it). Returns the plan and the run to
+    keep from; None when ``record`` is no fork, its parent is gone, or it was made
+    before forks recorded `FORCED` (it then resumes on its own records alone)."""
+    barred = record.meta.get(FORCED)
+    if (record.fork or {}).get("kind") != "fork" or record.forked_from is None or \
+            not isinstance(barred, list):
+        return own, None
+    parent = store.get_run(record.forked_from)
+    if parent is None:
+        return own, None
+    theirs = store.get_steps(parent.run_id, [
+        sid for sid in compiled.order if not _settled(own.previous.get(sid))])
+    changed = [sid for sid, rec in theirs.items()
+               if rec.meta.get("def") != compiled.nodes[sid].fingerprint]
+    barred = sorted(set(barred) | compiled.downstream(changed))
+    record.meta[FORCED] = barred  # for the maps and loops it has not reached either
+    previous = dict(own.previous)
+    for sid, rec in theirs.items():
+        if sid not in barred:
+            rec.meta[FROM] = parent.run_id
+            previous[sid] = rec
+    kept = [sid for sid in compiled.order if sid not in own.forced and sid in previous
+            and previous[sid].status in _OK and not previous[sid].meta.get("redacted")]
+    return replace(own, previous=previous, kept=kept,
+                   todo=[sid for sid in compiled.order if sid not in kept]), parent.run_id
+
+
+def earlier_records(store: Store, run: RunRecord, origin: str | None, inst: Instance,
+                    ids: list[str]) -> dict[str, StepRecord]:
+    """The records instances ``ids`` (a map's items, a loop iteration's steps, under
+    ``inst``) may be kept from: the run's own from an earlier process — those it
+    finished or attempted — else those of ``origin``, the run a fork keeps from
+    (marked `FROM`), unless the fork runs ``inst``'s top-level step again whatever."""
+    own = store.get_steps(run.run_id, ids)
+    if origin is None:
+        return own
+    top = inst
+    while top.parent is not None:
+        top = top.parent
+    if top.id in (run.meta.get(FORCED) or ()):
+        return own
+    theirs = store.get_steps(origin, [i for i in ids if not _settled(own.get(i))])
+    for rec in theirs.values():
+        rec.meta[FROM] = origin
+    return {**own, **theirs}
+
+
+def _settled(rec: StepRecord | None) -> bool:
+    """Whether a fork's own record of an instance decides it on resume: the fork
+    finished it, or chose to run it (an attempt started). One cancelled or left
+    pending before it was prepared does not: the parent's record may still keep it."""
+    return rec is not None and (rec.status in _OK or rec.attempts > 0)
 
 
 def _reseeded(records: Iterable[StepRecord], before: Workflow | None, wf: Workflow) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from storyflow.engine import lifecycle
+from storyflow.engine.forking import earlier_records
 from storyflow.engine.instance import Instance, LoopInstance, new_instance
 from storyflow.engine.plan import digest
 from storyflow.errors import StepFailure
@@ -40,7 +41,7 @@ class Loops:
             lp.iteration = int(prev.meta.get("iterations", 0))
             lp.scores = list(prev.meta.get("scores", []))
             lp.history = [{}] * lp.iteration  # only the count matters once it is kept
-            if r.opt.origin is not None:
+            if lp.forked_from is not None:
                 r.journal.checkpoint(lp)  # a fork's copy, with its iterations
             return r.settled(lp)
         lp.attempts = 1
@@ -71,7 +72,7 @@ class Loops:
         r.unsettled += lp.left
         if r.opt.previous and not r.forced(lp):
             ids = [inner.id for inner in lp.current.values()]
-            r.nested_previous.update(r.store.get_steps(r.opt.origin or r.run.run_id, ids))
+            r.nested_previous.update(earlier_records(r.store, r.run, r.opt.origin, lp, ids))
         if n > 1:
             r.journal.checkpoint(lp)  # the iteration under way, for `show`
         r.emit(EventType.LOOP_ITERATION, step=lp.id, iteration=n, steps=lp.left)

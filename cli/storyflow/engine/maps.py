@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from storyflow.engine import lifecycle
+from storyflow.engine.forking import earlier_records
 from storyflow.engine.instance import OK, Instance, MapInstance
 from storyflow.engine.plan import digest
 from storyflow.errors import PermanentError, StepFailure
@@ -62,7 +63,7 @@ class Maps:
             return self.close(m)
         if r.opt.previous and not r.forced(m):
             ids = [item.id for item in m.items]
-            r.nested_previous.update(r.store.get_steps(r.opt.origin or r.run.run_id, ids))
+            r.nested_previous.update(earlier_records(r.store, r.run, r.opt.origin, m, ids))
         self.release(m)
         return []
 

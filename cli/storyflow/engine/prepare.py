@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from storyflow.engine import lifecycle
 from storyflow.engine.attempts import error_record
 from storyflow.engine.executors import Executor, agent_for
+from storyflow.engine.forking import FROM
 from storyflow.engine.inputs import Inputs
 from storyflow.engine.instance import OK
 from storyflow.engine.plan import digest
@@ -56,7 +57,8 @@ class Preparer:
     forced: Callable[[Instance], bool]
     """Whether an instance must re-run (``--from``, a changed definition)."""
     origin: str | None = None
-    """The run a fork is made from: a kept instance's record is copied from it."""
+    """The run a fork keeps from. Its records carry the mark `FROM` (the run's own do
+    not): a kept instance whose record has it is copied into the run."""
 
     def prepare(self, inst: Instance) -> Prepared | None:
         """What the attempts of ``inst`` need, or None when it settled here."""
@@ -72,7 +74,7 @@ class Preparer:
         if prev is not None:
             if self.keep(inst, prev) is not None:
                 return None
-            if self.origin is None:  # a fork's attempts are its own
+            if FROM not in prev.meta:  # a fork's attempts are its own, not its parent's
                 # It runs again: its attempts go on counting from an earlier process's.
                 inst.attempts = max(inst.attempts, prev.attempts)
         if step.cache:
@@ -103,11 +105,12 @@ class Preparer:
         ):
             return None
         copies: list[StepRecord] = []
-        if self.origin is not None:
+        origin = prev.meta.get(FROM)  # the run a fork keeps this record from, else None
+        if origin is not None:
             # A fork keeps only what was made under its own seed (the seed is no part
             # of a fingerprint: a resume keeps what it made under an earlier one).
             if inst.node.step.loop is not None:
-                copies = descendants(self.store, self.origin, prev)
+                copies = descendants(self.store, origin, prev)
             if any(rec.request is not None and rec.request.get("seed") != self._seed
                    for rec in (prev, *copies)):
                 return None
@@ -116,20 +119,20 @@ class Preparer:
         inst.agent, inst.degraded = prev.agent, prev.degraded
         inst.worker = prev.meta.get("worker")
         lifecycle.step_fire(inst, "keep")
-        if self.origin is None:
+        if origin is None:  # its own record from an earlier process: already there
             self.journal.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts)
             return prev
         # A fork: the parent's record is copied into the new run (the parent is untouched);
         # what it spent was spent by the parent, so the copy carries no usage.
-        inst.forked_from, inst.request = self.origin, prev.request
+        inst.forked_from, inst.request = origin, prev.request
         self.journal.checkpoint(inst)
         if copies:  # a loop is kept whole: its iterations too, with no usage either
             for rec in copies:
-                rec.forked_from = self.origin
+                rec.forked_from = origin
                 rec.meta.pop("usage", None)
             self.journal.copy(copies)
         self.journal.emit(EventType.STEP_KEPT, step=inst.id, attempt=inst.attempts,
-                          forked_from=self.origin)
+                          forked_from=origin)
         return prev
 
     @property

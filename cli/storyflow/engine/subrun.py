@@ -92,6 +92,7 @@ class WorkflowAgent:
 
     async def run(self, call: Call) -> Any:
         from storyflow.agents.registry import kinds
+        from storyflow.engine.forking import FORCED, FROM, fork_resume
         from storyflow.engine.lifecycle import RunLife
         from storyflow.engine.plan import plan
         from storyflow.engine.runs import end_run, resume_plan
@@ -152,7 +153,8 @@ class WorkflowAgent:
                 return record.outputs or {}
             # Resumed like any run: steps whose definition or inputs changed re-run (with
             # what depends on them), the rest is kept.
-            rp = resume_plan(store, record, compiled)
+            # A child fork goes on keeping from its source what it had not reached.
+            rp, origin = fork_resume(store, record, compiled, resume_plan(store, record, compiled))
             previous, forced, previous_status = rp.previous, rp.forced, record.status
             record.inputs = values
             record.workflow_version = wf.version
@@ -166,6 +168,8 @@ class WorkflowAgent:
             if source is not None:
                 rp = resume_plan(store, source, compiled, warn=lambda _: None)
                 previous, forced, origin = rp.previous, rp.forced, source.run_id
+                for rec in previous.values():
+                    rec.meta[FROM] = origin  # kept, a record is copied into the child
             record = RunRecord(
                 run_id=rid,
                 workflow=wf.name,
@@ -186,6 +190,8 @@ class WorkflowAgent:
                     "inputs": sorted(k for k in set(values) | set(source.inputs)
                                      if values.get(k) != source.inputs.get(k))},
             )
+            if source is not None:
+                record.meta[FORCED] = sorted(forced)
         record.status = RunStatus.RUNNING.value
         record.source_hash = wf.source_hash
         record.error = None
