@@ -4,7 +4,10 @@ same run) and the ratio. Prints a table; the method is in bench/README.md.
 
 W1  a chain of N no-op python steps passing a counter (goal: ≤ 2× the floor process,
     ≤ 200 µs per step beyond load+validate; the 10,000-step run ≤ 10× the 1,000-step
-    one); W1i the same chain with ``blocking: false`` (no thread hop)
+    one); W1i the same chain with ``blocking: false`` (no thread hop). Each is also
+    shown against the W1 stack (`floors.py`: the floor on storyflow's libraries, with
+    none of its code), and the default chain once more with every thread on one CPU
+    (``taskset -c 0``), which shows what the thread hop's cross-CPU wake-ups cost.
 W2  1,000 async steps sleeping 50 ms at --max-parallel 100 (goal ≤ 1.4× its floor)
 W3  the W1 chain failing at step 900, then `resume`: none of the 899 re-run
 W4  peak RSS of W1: ≤ 35 MB at 1,000 steps, ≤ 70 MB at 10,000
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from floors import header, row, w1_floor, w2_floor
+from floors import header, row, thread_hop_us, w1_floor, w1_stack, w2_floor
 from workloads import chain, fan
 
 STORYFLOW = [sys.executable, "-m", "storyflow"]
@@ -83,6 +87,9 @@ def main() -> None:
         for n in sizes:
             runs = 3 if n <= 1000 else 1
             floor = w1_floor(n, repeat=runs)
+            stack = w1_stack(n, repeat=runs)
+            lines.append(row(f"W1 stack {n:,} (no storyflow code)", stack, floor,
+                             "typer + transitions + diskcache + asyncio alone"))
             for inline in (False, True):
                 wf = chain(root / f"w1-{n}-{inline}", n, inline=inline)
                 # Warm, as a second run of a file is: validated and parsed once already.
@@ -101,11 +108,30 @@ def main() -> None:
                 lines.append(row(name, wall, floor,
                                  f"≤ 2×; {per_step:.0f} µs/step beyond load+validate "
                                  f"({validate:.3f} s; goal ≤ 200)"))
+                lines.append(row("  the same against the W1 stack", wall, stack, ""))
+                if not inline and n <= 1000 and shutil.which("taskset"):
+                    # Every thread on one CPU: the thread hop's wake-ups stay on that CPU.
+                    pinned = statistics.median(
+                        timed(["taskset", "-c", "0", *STORYFLOW, "run", str(wf),
+                               "--no-progress"], wf.parent, env)[0]
+                        for _ in range(runs)
+                    )
+                    lines.append(row(f"W1 chain {n:,} on one CPU (taskset -c 0)", pinned,
+                                     floor, f"{(pinned - validate) / n * 1e6:.0f} µs/step "
+                                     "beyond load+validate"))
                 if not inline:
                     whole[n] = wall
                     rss = rss_of([*STORYFLOW, "run", str(wf), "--no-progress"], wf.parent, env)
                     lines.append(row(f"W4 peak RSS {n:,}", rss, None,
                                      f"≤ {35 if n <= 1000 else 70} MB", unit="MB"))
+
+        if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
+            same, across = (statistics.median(thread_hop_us(w) for _ in range(3))
+                            for w in ("same", "across"))
+            lines.append(row("thread hop, worker on the loop's CPU", same, None,
+                             "run_in_executor round trip of a no-op", unit="µs"))
+            lines.append(row("thread hop, worker on another CPU", across, same,
+                             "the wake-ups a sync step pays", unit="µs"))
 
         wf = fan(root / "w2", 1000, 0.05)
         wall = statistics.median(

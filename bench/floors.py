@@ -5,6 +5,11 @@ W1 floor   a python process that opens a diskcache store with storyflow's settin
            (SQLite, WAL, synchronous=NORMAL) and, per step, commits one step record in
            its own transaction: the durable checkpoint a step needs, and nothing else —
            no parsing, no templates, no state machine, no events.
+W1 stack  the W1 floor on the libraries storyflow is built on and nothing of its own: a
+           process that imports typer, transitions, diskcache and asyncio and, per step,
+           moves a `transitions` machine through ready → running → succeeded around an
+           asyncio task calling the function, commits the step's record and appends one
+           JSON event line. What any orchestrator on this stack pays before its features.
 W2 floor   the same, for 1,000 asyncio tasks sleeping 50 ms, 100 at a time, each
            committing its record when it ends.
 L floor    a plain aiohttp client process making the same chat-completions calls to the
@@ -43,6 +48,71 @@ for i in range(n):
     with c.transact():
         c.set(f"step:r:s{i}", rec)
 c.close()
+"""
+
+W1_STACK = _STORE + """
+import asyncio, json, logging
+import typer  # noqa: F401 — the CLI's import, as `storyflow run` pays it
+from transitions import Machine
+logging.getLogger("transitions").setLevel(logging.WARNING)
+machine = Machine(model=None, states=["pending", "ready", "running", "succeeded"],
+                  transitions=[{"trigger": "ready", "source": "pending", "dest": "ready"},
+                               {"trigger": "start", "source": "ready", "dest": "running"},
+                               {"trigger": "succeed", "source": "running", "dest": "succeeded"}],
+                  initial="pending", auto_transitions=False)
+ready, start, succeed = (machine.events[e] for e in ("ready", "start", "succeed"))
+log = open(d + "/events.jsonl", "a")
+
+class Step:
+    __slots__ = ("id", "state")
+
+def inc(n):
+    return n + 1
+
+async def attempt(step, n):
+    start.trigger(step)
+    out = inc(n)
+    succeed.trigger(step)
+    return out
+
+async def main():
+    n_out = 0
+    for i in range(n):
+        step = Step()
+        step.id, step.state = f"s{i}", "pending"
+        ready.trigger(step)
+        n_out = await asyncio.ensure_future(attempt(step, n_out))
+        rec["id"], rec["output"], rec["status"] = step.id, n_out, step.state
+        with c.transact():
+            c.set(f"step:r:{step.id}", rec)
+        log.write(json.dumps({"type": "step.succeeded", "step": step.id}) + "\\n")
+        log.flush()
+
+asyncio.run(main())
+c.close()
+"""
+
+HOP = """
+import asyncio, os, sys, time
+from concurrent.futures import ThreadPoolExecutor
+where, n = sys.argv[1], int(sys.argv[2])
+# The loop on CPU 0; the pool's thread on CPU 0 too ("same") or on CPU 1 ("across").
+worker_cpu = {0} if where == "same" else {1}
+os.sched_setaffinity(0, {0})
+pool = ThreadPoolExecutor(1, initializer=lambda: os.sched_setaffinity(0, worker_cpu))
+
+def noop(i):
+    return i
+
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(pool, noop, 0)
+    start = time.perf_counter()
+    for i in range(n):
+        await loop.run_in_executor(pool, noop, i)
+    print((time.perf_counter() - start) / n * 1e6)
+
+asyncio.run(main())
 """
 
 W2_FLOOR = _STORE + """
@@ -100,6 +170,19 @@ def w1_floor(steps: int, repeat: int = 3) -> float:
     return _timed(W1_FLOOR, str(steps), repeat=repeat)
 
 
+def w1_stack(steps: int, repeat: int = 3) -> float:
+    """Seconds of the W1 stack process (the floor on storyflow's libraries) for ``steps``."""
+    return _timed(W1_STACK, str(steps), repeat=repeat)
+
+
+def thread_hop_us(where: str, calls: int = 3000) -> float:
+    """µs of one `run_in_executor` round trip of a no-op, the loop on CPU 0 and the
+    worker thread on the ``same`` CPU or ``across`` on CPU 1 (needs two CPUs)."""
+    out = subprocess.run([sys.executable, "-c", HOP, where, str(calls)], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out)
+
+
 def w2_floor(steps: int, width: int, nap_s: float, repeat: int = 3) -> float:
     """Seconds of the W2 floor process."""
     return _timed(W2_FLOOR, str(steps), str(width), str(nap_s), repeat=repeat)
@@ -125,5 +208,6 @@ def header() -> str:
 if __name__ == "__main__":
     print(header())
     print(row("W1 floor, 1,000 commits", w1_floor(1000), None, "the W1 floor process"))
+    print(row("W1 stack, 1,000 steps", w1_stack(1000), None, "the W1 stack process"))
     print(row("W2 floor, 1,000 × 50 ms ×100", w2_floor(1000, 100, 0.05), None,
               "the W2 floor process"))
