@@ -29,6 +29,7 @@ from storyflow.engine.inputs import Inputs
 from storyflow.engine.instance import OK
 from storyflow.engine.plan import digest
 from storyflow.engine.replay import request_of
+from storyflow.engine.stopping import internal_error
 from storyflow.errors import StepFailure
 from storyflow.events import EventType, StepStatus
 from storyflow.store import descendants
@@ -61,7 +62,19 @@ class Preparer:
     not): a kept instance whose record has it is copied into the run."""
 
     def prepare(self, inst: Instance) -> Prepared | None:
-        """What the attempts of ``inst`` need, or None when it settled here."""
+        """What the attempts of ``inst`` need, or None when it settled here — failed as
+        an internal error when preparing it raised something no step failure explains
+        (a bug): the scheduler settles it like any other, so the run never waits on an
+        instance that can no longer start."""
+        try:
+            return self._prepare(inst)
+        except Exception as exc:  # a bug, not the step's failure: fail the step, say so
+            if StepStatus(inst.state).done:  # it settled before the bug struck
+                return None
+            self.fail_before_start(inst, exc)
+            return None
+
+    def _prepare(self, inst: Instance) -> Prepared | None:
         step = inst.node.step
         try:
             inputs, secrets = self.inputs.for_server(inst, step)
@@ -140,9 +153,10 @@ class Preparer:
         """The run's seed (every request records it)."""
         return self.inputs.scope.base["run"]["seed"]
 
-    def fail_before_start(self, inst: Instance, exc: StepFailure) -> None:
-        """Settle ``inst`` as failed without an attempt."""
-        inst.error = error_record(exc)
+    def fail_before_start(self, inst: Instance, exc: Exception) -> None:
+        """Settle ``inst`` as failed without an attempt: by ``exc``, a step failure, or
+        an internal error when ``exc`` is anything else (a bug in storyflow)."""
+        inst.error = error_record(exc) if isinstance(exc, StepFailure) else internal_error(exc)
         inst.ended_at = self.clock()
         if inst.state == StepStatus.PENDING.value:
             self.journal.move(inst, "ready")

@@ -329,7 +329,7 @@ class Runner:
                     scope = self.scope.for_step(None, inst.extra)
                     if not self.t.evaluate(inst.node.step.when, scope):
                         reason = "when was false"
-                except StepFailure as exc:
+                except Exception as exc:  # StepFailure, or a bug (an internal error)
                     self.prep.fail_before_start(inst, exc)
                     work.extend(self.settled(inst))
                     continue

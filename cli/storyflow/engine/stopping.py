@@ -40,17 +40,22 @@ def cancelled(journal: Journal, clock: Callable[[], float], inst: Instance,
         journal.emit(EventType.STEP_CANCELLED, step=inst.id, reason=stop.reason)
 
 
+def internal_error(exc: BaseException) -> dict[str, str]:
+    """The error record of a step failed by a bug in storyflow, not by its own failure."""
+    return {
+        "class": ErrorClass.PERMANENT.value,
+        "message": f"internal error: {type(exc).__name__}: {exc}",
+        "hint": "run again with --debug for a traceback, and report it",
+    }
+
+
 def broken(journal: Journal, clock: Callable[[], float], inst: Instance,
            exc: Exception) -> None:
     """Fail ``inst`` for an exception that is a bug, not the step's failure, saying so."""
     if StepStatus(inst.state).done:
         return
     inst.ended_at = clock()
-    inst.error = {
-        "class": ErrorClass.PERMANENT.value,
-        "message": f"internal error: {type(exc).__name__}: {exc}",
-        "hint": "run again with --debug for a traceback, and report it",
-    }
+    inst.error = internal_error(exc)
     inst.degraded = False
     if inst.state == StepStatus.RETRYING.value:
         journal.move(inst, "start")
