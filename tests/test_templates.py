@@ -527,23 +527,48 @@ _segment = st.one_of(
 _TEMPLATES = Templates()
 
 
+def _jinja_compiles(source: str) -> bool:
+    """Jinja's own verdict on ``source``, in the sandbox storyflow renders in."""
+    import jinja2
+
+    from storyflow.spec.templates._sandbox import make_environment
+
+    try:
+        make_environment().from_string(source)
+    except jinja2.TemplateError:
+        return False
+    return True
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     data=st.dictionaries(st.sampled_from(_KEYS), _data, max_size=5),
     root=st.sampled_from(["data", "data", "data", "nope"]),
     segments=st.lists(_segment, max_size=5),
+    opener=st.sampled_from(["{{ ", "{{", "{{- ", "{{+"]),
+    closer=st.sampled_from([" }}", "}}", " -}}", "-}}", " +}}", "+}}"]),
 )
-def test_fast_path_matches_jinja(data: dict[str, Any], root: str, segments: list[str]) -> None:
+def test_fast_path_matches_jinja(
+    data: dict[str, Any], root: str, segments: list[str], opener: str, closer: str
+) -> None:
+    """A plain path, with any of Jinja's whitespace controls around it, is accepted exactly
+    when Jinja compiles it, and reads as Jinja reads it."""
     path = root + "".join(segments)
     scope = {"data": data}
     # The parentheses keep the same Jinja semantics but take the path off the fast path.
     results = []
-    for source in (f"{{{{ {path} }}}}", f"{{{{ ({path}) }}}}"):
+    for source in (f"{opener}{path}{closer}", f"{opener}({path}){closer}"):
         try:
             results.append(("ok", _TEMPLATES.render(source, scope)))
         except TemplateError as exc:
             results.append(("error", str(exc)))
     assert results[0] == results[1]
+    plain = f"{opener}{path}{closer}"
+    accepted = _jinja_compiles(plain)
+    assert (_TEMPLATES.problems(plain) == []) is accepted, plain
+    if not accepted:
+        assert results[0][0] == "error"
+        return
     try:
         expected = _TEMPLATES.evaluate(f"({path})", scope)
     except TemplateError as exc:

@@ -336,11 +336,26 @@ def test_validate_of_text_with_plain_references_imports_no_jinja2(tmp_path: Path
     assert "nope" in proc.stdout + proc.stderr and "wf.yaml:" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("template", ["{{ steps.a.output%s }}", "part {{ steps.a.output%s }}"])
+def test_a_plain_reference_past_the_limit_is_refused_without_jinja2(
+    tmp_path: Path, template: str
+) -> None:
+    """The fast path enforces the segment limit itself, with Jinja's side's error."""
+    project = _project(tmp_path, json.dumps(template % (".k" * 101)))
+    report, proc = _probe(project, "validate", "wf.yaml")
+    assert report["exit"] == 2
+    assert ("template reference steps.a.output.k… has 103 segments; a reference may have "
+            "at most 100 after its name") in proc.stderr
+    assert report["modules"] == []
+
+
 _FRAGMENTS = ["text ", " +1", "}}", "{", "}", "{{ a.b }}", "{{ steps.s1.output }}",
               "{{- x[0] -}}", "{{ y.0.z }}", "{{ a | upper }}", "{% if a %}", "{% endif %}",
               "{# note #}", "{{ true }}", "{{ 'q' }}", "{{", "{{ a }", "{{{ a }}}", "\n",
               "{{ a + 1 }}", "{{ loop.index }}", "{{ a[-1] }}", "{{ a +}}", "{{+ a }}",
-              "{{ b -}}", "in {{ range }}", "={{ dict.x }}", "~{{ namespace }}"]
+              "{{ b -}}", "in {{ range }}", "={{ dict.x }}", "~{{ namespace }}",
+              "{{ steps.s1.output +}}", "{{-a.b+}}", "{{+ y.0.z +}}", "{{ a - }}",
+              "{{ a.1.2 }}", "{{ x[ 0 ] -}}", "{{ a | nope }}", "{{ a +\n}}"]
 # (a global only after text: a string that is just ``{{ range }}`` is a plain reference,
 # whose `references` have always named it)
 
@@ -357,30 +372,49 @@ def _jinja_view(source: str) -> tuple[list[str], set[Any]] | None:
     return [str(i) for i in parsed.issues], refs
 
 
+def _jinja_compiles(source: str) -> bool:
+    """Jinja's own verdict on ``source``, in the sandbox storyflow renders in."""
+    import jinja2
+
+    from storyflow.spec.templates._sandbox import make_environment
+
+    try:
+        make_environment().from_string(source)
+    except jinja2.TemplateError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_text_of_plain_references_reads_as_jinja_reads_it(seed: int) -> None:
-    """Every text the fast path takes is valid Jinja with no problem, reading exactly the
-    references Jinja's parse finds; the texts it declines are left to Jinja."""
+def test_storyflow_accepts_what_jinja_compiles_and_reads_what_it_reads(seed: int) -> None:
+    """storyflow accepts a template exactly when Jinja compiles it (each fragment alone,
+    then random texts of them), whether the fast path or Jinja's side reads it; a text
+    the fast path takes reads exactly the references Jinja's parse finds, without Jinja."""
     import random
 
-    from storyflow.spec.templates._plain import text_paths
-
     rng = random.Random(seed)
+    sources = [*_FRAGMENTS, *(f" {f}\n" for f in _FRAGMENTS)]
+    sources += ["".join(rng.choice(_FRAGMENTS) for _ in range(rng.randint(1, 6)))
+                for _ in range(400)]
     taken = 0
-    for _ in range(400):
-        source = "".join(rng.choice(_FRAGMENTS) for _ in range(rng.randint(1, 6)))
+    for source in sources:
         if "{{" not in source and "{%" not in source:
             continue
-        paths = text_paths(source)
-        if paths is None:
+        t = Templates()
+        problems = t.problems(source)
+        accepted = _jinja_compiles(source)
+        assert (problems == []) is accepted, (source, problems)
+        if not accepted:
+            with pytest.raises(TemplateError):
+                t.render(source, {"a": {"b": 1}, "steps": {"s1": {"output": 2}}})
             continue
+        if t._backend is not None:
+            continue  # read by Jinja's side
         taken += 1
         jinja = _jinja_view(source)
         assert jinja is not None, source
         issues, refs = jinja
         assert issues == [], source
-        t = Templates()
-        assert t.problems(source) == []
         assert {(r.root, r.key, r.attr) for r in t.references(source)} == refs, source
     assert taken > 20
 

@@ -18,10 +18,19 @@ Imported with jinja2, the first time a string is not a plain reference:
 
 * ``_jinja``: the Jinja side of :class:`Templates`: parse, compile, run, explain errors;
 * ``_sandbox``: the environment (limits, filters);
-* ``_names``: what a template reads and what Jinja's compiler would refuse, from its AST.
+* ``_names``: what a template reads and what Jinja's compiler would refuse, from its AST;
+* ``_depth``: how deeply it nests, refused past `MAX_NESTING`, `MAX_BLOCKS`, `MAX_LOOPS`
+  before Python's compiler sees it (``_plain`` holds plain paths to the same limit).
 """
 
-from storyflow.spec.templates._base import MAX_EXPONENT, MAX_SEQUENCE, TemplateError
+from storyflow.spec.templates._base import (
+    MAX_BLOCKS,
+    MAX_EXPONENT,
+    MAX_LOOPS,
+    MAX_NESTING,
+    MAX_SEQUENCE,
+    TemplateError,
+)
 from storyflow.spec.templates._engine import MAX_CACHE, Templates
 from storyflow.spec.templates._plain import JINJA_GLOBALS
 from storyflow.spec.templates._reads import Reference
@@ -29,8 +38,11 @@ from storyflow.spec.templates._shell import Unquoted
 
 __all__ = [
     "JINJA_GLOBALS",
+    "MAX_BLOCKS",
     "MAX_CACHE",
     "MAX_EXPONENT",
+    "MAX_LOOPS",
+    "MAX_NESTING",
     "MAX_SEQUENCE",
     "Reference",
     "TemplateError",

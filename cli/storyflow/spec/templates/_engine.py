@@ -22,11 +22,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from storyflow.spec.templates._base import TemplateError, template_lineno, with_line
+from storyflow.spec.templates._base import MAX_NESTING, TemplateError, template_lineno, with_line
 from storyflow.spec.templates._plain import (
     MISSING,
     PlainPath,
     parse_path,
+    path_too_long,
     single_expression,
     text_paths,
     walk_path,
@@ -46,7 +47,7 @@ MAX_CACHE: Final = 4096
 class _Plan:
     """How to render one source string, decided once and cached."""
 
-    __slots__ = ("expr", "offset", "path", "scan", "single", "template")
+    __slots__ = ("expr", "long", "offset", "path", "scan", "single", "template")
 
     def __init__(self) -> None:
         self.single: str | None = None
@@ -55,6 +56,8 @@ class _Plan:
         """Lines before ``single`` starts in the source."""
         self.path: PlainPath | None = None
         """The fast path, when ``single`` is a plain dotted path."""
+        self.long = False
+        """Whether ``single`` is a plain path past `MAX_NESTING` segments (refused)."""
         self.expr: TemplateExpression | None = None
         self.scan = True
         """Whether the expression's value must be searched for Undefined."""
@@ -145,10 +148,9 @@ class Templates:
         """
         if not expression and not self.is_template(source):
             return []
-        if self._plain_path(source, expression=expression) is not None or (
-                not expression and text_paths(source) is not None):
-            return []
         try:
+            if self._plain_reads(source, expression=expression) is not None:
+                return []
             return list(self._parsed(source, expression=expression).issues)
         except TemplateError as exc:
             return [exc]
@@ -157,10 +159,7 @@ class Templates:
         """The scope names ``source`` reads, from its AST; raises TemplateError on bad syntax."""
         if not expression and not self.is_template(source):
             return set()
-        path = self._plain_path(source, expression=expression)
-        if path is not None:
-            return {_reference(path)}
-        paths = None if expression else text_paths(source)
+        paths = self._plain_reads(source, expression=expression)
         if paths is not None:
             return {_reference(p) for p in paths}
         refs: set[Reference] = set()
@@ -192,7 +191,7 @@ class Templates:
         found = single_expression(source)
         if found is not None:
             plan.single, plan.offset = found
-            plan.path = parse_path(plan.single)
+            _set_path(plan)
         self._remember(self._plans, source, plan)
         return plan
 
@@ -203,7 +202,7 @@ class Templates:
             plan.single, plan.offset = found
         else:
             plan.single = source
-        plan.path = parse_path(plan.single)
+        _set_path(plan)
         self._remember(self._bare, source, plan)
         return plan
 
@@ -224,11 +223,18 @@ class Templates:
             self._remember(self._exprs, plan.single, compiled)
         return compiled
 
-    def _plain_path(self, source: str, *, expression: bool) -> PlainPath | None:
-        """The dotted path when ``source`` is just ``{{ a.b[0].c }}`` (or that bare expression)."""
+    def _plain_reads(self, source: str, *, expression: bool) -> list[PlainPath] | None:
+        """The paths ``source`` reads when it is only plain references (``{{ a.b[0].c }}``,
+        that bare expression, or text with such ``{{ }}``), None when it needs Jinja's
+        parser; raises TemplateError for a path past `MAX_NESTING` segments."""
         plan = (self._bare.get(source) or self._bare_plan(source)) if expression else (
             self._plans.get(source) or self._plan(source))
-        return plan.path
+        if plan.long:
+            assert plan.single is not None
+            raise path_too_long(plan.single, source, plan.offset)
+        if plan.path is not None:
+            return [plan.path]
+        return None if expression else text_paths(source)
 
     def _chains(self, source: str, *, expression: bool) -> list[Chain]:
         return self._parsed(source, expression=expression).chains
@@ -259,6 +265,9 @@ class Templates:
             if value is not MISSING:
                 return value
         if plan.expr is None:
+            if plan.long:
+                assert plan.single is not None
+                raise path_too_long(plan.single, source, plan.offset)
             try:
                 plan.expr, plan.scan = self._expression(plan, source)
             except TemplateError:
@@ -301,6 +310,16 @@ class Templates:
             if found is not None:
                 message, hint = found
         return TemplateError(with_line(message, source, lineno), lineno=lineno, hint=hint)
+
+
+def _set_path(plan: _Plan) -> None:
+    """Take the fast path when the plan's expression is a plain path within the limit."""
+    assert plan.single is not None
+    path = parse_path(plan.single)
+    if path is not None and len(path[1]) > MAX_NESTING:
+        plan.long = True
+    else:
+        plan.path = path
 
 
 def _reference(path: PlainPath) -> Reference:

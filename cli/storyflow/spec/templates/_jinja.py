@@ -18,6 +18,7 @@ from jinja2.parser import Parser
 from jinja2.runtime import Undefined
 
 from storyflow.spec.templates._base import TemplateError, too_nested, with_line
+from storyflow.spec.templates._depth import check as check_depth
 from storyflow.spec.templates._names import Collector, is_plain, reject_forbidden
 from storyflow.spec.templates._plain import single_expression
 from storyflow.spec.templates._reads import Parsed
@@ -43,12 +44,13 @@ class Jinja:
         except RecursionError as exc:  # Jinja's parser and compiler recurse
             raise too_nested() from exc
         reject_forbidden(ast, source)
+        check_depth(ast, source)
         try:
             return self.env.from_string(ast)
-        except jinja2.TemplateError as exc:  # pragma: no cover - parse already passed
+        except jinja2.TemplateError as exc:  # an unknown filter or test
             raise self.syntax_error(exc, source, 0) from exc
-        except RecursionError as exc:
-            raise too_nested() from exc
+        except (RecursionError, SyntaxError) as exc:  # pragma: no cover - check_depth's limits
+            raise too_nested() from exc  # keep Jinja's and Python's compilers within theirs
 
     def expression(
         self, expr: str, source: str, offset: int
@@ -57,10 +59,16 @@ class Jinja:
         value must be searched for Undefined."""
         try:
             ast = self.parse_expression(expr)
-            compiled = self.env.compile_expression(expr, undefined_to_none=False)
         except TemplateSyntaxError as exc:
             raise self.syntax_error(exc, source, offset) from exc
         except RecursionError as exc:
+            raise too_nested() from exc
+        check_depth(ast, source, offset)
+        try:
+            compiled = self.env.compile_expression(expr, undefined_to_none=False)
+        except TemplateSyntaxError as exc:  # an unknown filter or test
+            raise self.syntax_error(exc, source, offset) from exc
+        except (RecursionError, SyntaxError) as exc:  # pragma: no cover - as in `template`
             raise too_nested() from exc
         return compiled, not is_plain(ast)
 
@@ -106,6 +114,7 @@ class Jinja:
                 raise too_nested() from exc
             if "{%" in source:  # every forbidden tag is a statement
                 reject_forbidden(node, source)
+        check_depth(node, source, offset)
         try:
             collector.visit(node, frozenset())
         except RecursionError as exc:
@@ -133,7 +142,10 @@ class Jinja:
         if lineno is not None:
             lineno += offset
         message = f"template syntax error: {exc.message or exc}"
-        return TemplateError(with_line(message, source, lineno), lineno=lineno)
+        hint = None
+        if "+}}" in source and "end of print statement" in message:
+            hint = "only `}}` or `-}}` closes a {{ … }}: `+}}` leaves a `+` with nothing after it"
+        return TemplateError(with_line(message, source, lineno), lineno=lineno, hint=hint)
 
     def explain(self, exc: Exception) -> tuple[str, str | None, bool]:
         """Message and hint for ``exc``, raised while rendering; whether a read was undefined

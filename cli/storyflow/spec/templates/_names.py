@@ -43,7 +43,8 @@ _PLAIN_NODES: Final = (
 )
 
 
-def _constant(node: nodes.Node) -> Segment | None:
+def constant(node: nodes.Node) -> Segment | None:
+    """The value of a constant segment (``"k"``, ``0``, ``-1``), None for any other expression."""
     if isinstance(node, nodes.Const):
         value: object = node.value
         if type(value) is str or type(value) is int:
@@ -186,7 +187,7 @@ class Collector:
             if isinstance(node, nodes.Getattr):
                 steps.append(node.attr)
             else:
-                const = _constant(node.arg)
+                const = constant(node.arg)
                 if const is None:
                     self.visit(node.arg, bound)
                 steps.append(const)
@@ -226,6 +227,10 @@ def reject_forbidden(ast: nodes.Template, source: str) -> None:
 
 
 def _walk(node: nodes.Node) -> Iterator[nodes.Node]:
-    yield node
-    for child in node.iter_child_nodes():
-        yield from _walk(child)
+    """Every node under ``node``, in source order; iterative, as a tree may be deeper
+    than Python's stack (Jinja parses ``a + a + … + a`` without recursing)."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(list(node.iter_child_nodes())))

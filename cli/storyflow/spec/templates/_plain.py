@@ -4,6 +4,8 @@ Most workflow templates are one dotted path into the scope. Recognising such a s
 and walking the path through plain ``dict``/``list`` data needs no parser, no compiled
 code and no jinja2 import; anything else (a filter, an operator, a miss, a value that is
 not plain data) is left to Jinja, so the result and the error are the same either way.
+A path with more than `MAX_NESTING` segments is refused here with the error Jinja's
+side gives it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from storyflow.spec.templates._reads import Segment
+from storyflow.spec.templates._base import MAX_NESTING, TemplateError
+from storyflow.spec.templates._reads import Segment, reference_too_long
 
 _SINGLE_RE: Final = re.compile(r"\A\s*\{\{(.*)\}\}\s*\Z", re.DOTALL)
 _PATH_RE: Final = re.compile(
@@ -34,7 +37,10 @@ MISSING: Final = object()
 
 
 def single_expression(source: str) -> tuple[str, int] | None:
-    """The inner expression when ``source`` is exactly one ``{{ expr }}``, with its line offset."""
+    """The inner expression when ``source`` is exactly one ``{{ expr }}``, with its line offset.
+
+    As Jinja's lexer reads it: ``{{-`` and ``{{+`` open it, ``-}}`` closes it, but a ``+``
+    before the ``}}`` is part of the expression (``{{ a +}}`` is a syntax error)."""
     m = _SINGLE_RE.match(source)
     if m is None:
         return None
@@ -43,7 +49,7 @@ def single_expression(source: str) -> tuple[str, int] | None:
         return None
     if inner[:1] in ("-", "+"):
         inner = inner[1:]
-    if inner[-1:] in ("-", "+"):
+    if inner[-1:] == "-":
         inner = inner[:-1]
     if not inner.strip():
         return None
@@ -66,8 +72,11 @@ def text_paths(source: str) -> list[PlainPath] | None:
     anything else — a statement, a comment, a filter, an operator, an unmatched ``{{``.
     Such a text is valid Jinja and reads exactly these paths (a Jinja global such as
     ``range`` is not the scope's, and not among them, as Jinja's parse does not count
-    it): checking it needs no parser (rendering it still does: text output is Jinja's)."""
+    it): checking it needs no parser (rendering it still does: text output is Jinja's).
+    Raises TemplateError, as Jinja's side would, when such a text has a reference with
+    more than `MAX_NESTING` segments."""
     paths: list[PlainPath] = []
+    too_long: tuple[PlainPath, int] | None = None
     pos = 0
     while (m := _OPEN_RE.search(source, pos)) is not None:
         if m.group() != "{{":
@@ -78,10 +87,29 @@ def text_paths(source: str) -> list[PlainPath] | None:
         path = parse_path(block.group(1))
         if path is None:
             return None
+        if too_long is None and len(path[1]) > MAX_NESTING:
+            too_long = path, _name_at(block.group(1), block.start(1))
         if path[0] not in JINJA_GLOBALS:
             paths.append(path)
         pos = block.end()
+    if too_long is not None:
+        path, at = too_long
+        raise reference_too_long(path[0], path[1], source, source.count("\n", 0, at) + 1)
     return paths
+
+
+def path_too_long(expr: str, source: str, offset: int) -> TemplateError:
+    """The error for the plain path ``expr``, ``offset`` lines into ``source``, when it has
+    more than `MAX_NESTING` segments (the line is its name's, as in Jinja's tree)."""
+    path = parse_path(expr)
+    assert path is not None and len(path[1]) > MAX_NESTING
+    lineno = offset + expr.count("\n", 0, _name_at(expr)) + 1
+    return reference_too_long(path[0], path[1], source, lineno)
+
+
+def _name_at(expr: str, start: int = 0) -> int:
+    """Where the name of the path ``expr`` (found at ``start``) begins."""
+    return start + len(expr) - len(expr.lstrip())
 
 
 def parse_path(expr: str) -> PlainPath | None:

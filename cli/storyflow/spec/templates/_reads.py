@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from storyflow.spec.templates._base import TemplateError
+from storyflow.spec.templates._base import MAX_NESTING, TemplateError, with_line
 
 Segment = str | int
 
@@ -59,6 +59,31 @@ class Parsed:
     chains: list[Chain]
     issues: list[TemplateError] = field(default_factory=list)
     """What Jinja's compiler would refuse, located in the source."""
+
+
+def reference_too_long(
+    root: str | None, segments: Sequence[Segment | None], source: str, lineno: int
+) -> TemplateError:
+    """A reference with more than `MAX_NESTING` segments after its name (``root`` None:
+    it starts at an expression, not a name; a segment None: one that is not a constant).
+
+    The fast path and Jinja's side both build it, so a plain reference fails the same
+    whichever reads it."""
+    shown = root if root is not None else "(…)"
+    for seg in segments[:3]:
+        if seg is None:
+            shown += "[…]"
+        elif isinstance(seg, str) and _IDENT_RE.match(seg):
+            shown += f".{seg}"
+        else:
+            shown += f"[{seg!r}]"
+    message = (f"template reference {shown}… has {len(segments)} segments; a reference may "
+               f"have at most {MAX_NESTING} after its name")
+    return TemplateError(
+        with_line(message, source, lineno),
+        lineno=lineno,
+        hint="read a shorter path: pick the part out in an earlier step, or nest the data less",
+    )
 
 
 # --------------------------------------------------------------------------- misses

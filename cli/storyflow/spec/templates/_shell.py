@@ -49,7 +49,7 @@ def unquoted(source: str, parse: Callable[[str], nodes.Expr | None]) -> list[Unq
     for m in _OUTPUT.finditer(scan):
         inner = m.group(1)
         inner = inner[1:] if inner[:1] in "-+" else inner
-        inner = inner[:-1] if inner[-1:] in "-+" else inner
+        inner = inner[:-1] if inner[-1:] == "-" else inner  # ``+}}`` closes no {{ }}
         if parse_path(inner) is None:
             expr = parse(inner)
             if expr is not None and _safe(expr):
