@@ -88,8 +88,12 @@ class Preparer:
             if self.keep(inst, prev) is not None:
                 return None
             if FROM not in prev.meta:  # a fork's attempts are its own, not its parent's
-                # It runs again: its attempts go on counting from an earlier process's.
+                # It runs again: its attempts go on counting from an earlier process's,
+                # and so does what they spent.
                 inst.attempts = max(inst.attempts, prev.attempts)
+                spent = prev.meta.get("usage")
+                if inst.usage is None and isinstance(spent, dict):
+                    inst.usage = dict(spent)
         if step.cache:
             found, output = self.store.cache_get(inst.fingerprint)
             if found:

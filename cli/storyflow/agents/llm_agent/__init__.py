@@ -32,10 +32,12 @@ server sent no usage is metered from its text (`text_tokens`: UTF-8 bytes at 4 a
 and flagged ``"estimated": true``; so is a stream that fails once its text has begun —
 cut, silent, or stopped by the step's timeout: its prompt and the text that arrived were
 generated, and a provider bills them, so they count against the budgets (a stream that
-fails before any text counts nothing). A server that rejects ``stream`` (HTTP 400) is asked
-again without it; one that ignores it and answers one JSON body is taken at its word;
-one that rejects only ``stream_options`` streams without it. Either way, as for a server
-that rejects ``response_format``, the finding is remembered per base URL (`_quirks`).
+fails before any text counts nothing). A streamed refusal (``invalid_output``, retried) is
+metered too: the server's usage, else its prompt and refusal counted the same way. A
+server that rejects ``stream`` (HTTP 400) is asked again without it; one that ignores it
+and answers one JSON body is taken at its word; one that rejects only ``stream_options``
+streams without it. Either way, as for a server that rejects ``response_format``, the
+finding is remembered per base URL (`_quirks`).
 Streamed or not, a call is the same request to the cache, the budgets and the repairs.
 
 With an ``output_schema`` the request asks for JSON mode and the system message carries
@@ -46,11 +48,11 @@ rejects ``response_format`` is retried without it, and remembered.
 Before each completion (the first call and each repair) the agent asks
 ``call.reserve`` for room with the call's estimate (`Request.estimate`: the prompt at
 3 UTF-8 bytes a token, plus ``max_tokens`` or `DEFAULT_REPLY_TOKENS`); a refusal
-(``budget_exceeded``) means the call is not sent. Every completed HTTP call, and every
-stream that failed after its text began, is reported to ``call.meter``. With
-``call.cache`` and caching on (``cache:``, else when ``temperature`` is 0 or a ``seed``
-is set) a validated reply is stored under a hash of the request, and served again
-without HTTP (no reservation, nothing spent).
+(``budget_exceeded``) means the call is not sent. Every completed HTTP call, every
+stream that failed after its text began and every streamed refusal is reported to
+``call.meter``. With ``call.cache`` and caching on (``cache:``, else when ``temperature``
+is 0 or a ``seed`` is set) a validated reply is stored under a hash of the request, and
+served again without HTTP (no reservation, nothing spent).
 
 Connections are pooled per (event loop, base URL) and shared by every call: one aiohttp
 session of up to ``CONNECTIONS`` kept-alive connections; a call's ``timeout`` starts once
@@ -107,6 +109,7 @@ from storyflow.agents.llm_agent._request import (
     request_of,
     text_tokens,
 )
+from storyflow.agents.llm_agent._stream import Refused
 from storyflow.agents.llm_agent._structured import checked, repair_prompt, validator_of
 from storyflow.agents.urls import masked
 from storyflow.errors import InvalidOutput, PermanentError, StepFailure
@@ -276,10 +279,10 @@ class LlmAgent:
                 body = quirks.body(req, messages)
                 try:
                     answer = await post(pool, req, body, on_text)
-                except BaseException:  # cut, silent, or stopped: what arrived was billed
-                    if received:
-                        call.meter(_usage(req.model, text_tokens(canonical(messages)),
-                                          text_tokens("".join(received)), estimated=True))
+                except BaseException as exc:  # cut, silent, stopped or refused: billed
+                    spent = _spent(req.model, messages, "".join(received), exc)
+                    if spent is not None:
+                        call.meter(spent)
                     raise
                 if isinstance(answer, Reply):
                     break
@@ -339,6 +342,29 @@ def _usage(model: str, input_tokens: Any, output_tokens: Any, *, cached: bool = 
     if estimated:
         usage["estimated"] = True
     return usage
+
+
+def _spent(model: str, messages: list[dict[str, Any]], text: str,
+           exc: BaseException) -> dict[str, Any] | None:
+    """The `Call.meter` report of a call that failed once the model had written: a
+    stream that failed after its ``text`` began (counted from the text), or a refusal
+    (the server's usage, else counted from the refusal). None when nothing was written."""
+    tin = tout = None
+    if isinstance(exc, Refused):
+        text = text or exc.text
+        tin, tout = _tokens(exc.usage.get("prompt_tokens")), _tokens(
+            exc.usage.get("completion_tokens"))
+        if not exc.streamed:  # a whole reply: the server's count, as for any whole reply
+            return _usage(model, tin, tout)
+    if not text and tin is None and tout is None:
+        return None
+    return _usage(model, text_tokens(canonical(messages)) if tin is None else tin,
+                  text_tokens(text) if tout is None else tout,
+                  estimated=tin is None or tout is None)
+
+
+def _tokens(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _add(a: int | None, b: int | None) -> int | None:

@@ -32,9 +32,8 @@ from yarl import URL
 
 from storyflow.agents.llm_agent._proxy import env_proxy, masked
 from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
-from storyflow.agents.llm_agent._stream import Events, Expired, Watch
+from storyflow.agents.llm_agent._stream import Events, Expired, Refused, Watch
 from storyflow.errors import (
-    InvalidOutput,
     PermanentError,
     StepFailure,
     StepTimeout,
@@ -370,7 +369,9 @@ def envelope(body: bytes, reason: str | None, req: Request) -> Reply:
     if not isinstance(content, str):
         refusal = message.get("refusal")
         if refusal:
-            raise InvalidOutput(f"the model refused: {as_text(refusal)[:_EXCERPT_CHARS]}")
+            usage = data.get("usage")
+            raise Refused(as_text(refusal), usage if isinstance(usage, dict) else {},
+                          streamed=False)
         raise TransientError(
             f"the LLM server at {masked(req.base_url)} sent a reply without text")
     usage = data.get("usage")

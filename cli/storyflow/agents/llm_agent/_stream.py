@@ -105,7 +105,7 @@ class Events:
                 f"the stream from the LLM server at {self._where} ended before the reply "
                 f"was complete (after {self.chars} characters)")
         if not self._parts and self._refusal:
-            raise InvalidOutput(f"the model refused: {''.join(self._refusal)[:_EXCERPT_CHARS]}")
+            raise Refused("".join(self._refusal), self.usage or {})
         return "".join(self._parts), self.finish, self.usage or {}
 
     def _event(self, data: bytes) -> None:
@@ -148,6 +148,20 @@ class Events:
         if text:
             self._parts.append(text)
             self._on_text(text)
+
+
+class Refused(InvalidOutput):
+    """The model refused: the refusal's ``text`` and the ``usage`` the server reported
+    (``{}`` when none) go with the failure, so that the call is metered — the prompt and
+    the refusal were generated, and a provider bills them. ``streamed``: counted from the
+    text when the server reported no usage, as any stream is; a whole reply without
+    usage counts no tokens, as any whole reply does."""
+
+    def __init__(self, text: str, usage: dict[str, Any], *, streamed: bool = True) -> None:
+        super().__init__(f"the model refused: {text[:_EXCERPT_CHARS]}")
+        self.text = text
+        self.usage = usage
+        self.streamed = streamed
 
 
 def _said(error: Any) -> str:

@@ -280,19 +280,23 @@ class DaskExecutor:
         if self.lost is not None:
             raise TransientError(self.lost, hint="resume the run once the cluster is back")
 
-    async def cancel(self, fut: Any, key: str) -> None:
-        """Stop an attempt: drop its task, and cancel it on the worker running it."""
+    async def cancel(self, fut: Any, key: str) -> list[dict[str, Any]]:
+        """Stop an attempt: drop its task, and cancel it on the worker running it; what
+        the attempt metered there before it stopped (a cut stream is billed)."""
         client = self.client
         if client is None or client.status != "running":
-            return
+            return []
         try:
-            await asyncio.wait_for(
+            found, _ = await asyncio.wait_for(
                 asyncio.gather(client.run(cancel_attempt, key, on_error="ignore"),
                                fut.cancel(), return_exceptions=True),
                 CANCEL_WAIT_S,
             )
         except (TimeoutError, OSError):
-            pass
+            return []
+        if not isinstance(found, dict):
+            return []
+        return [u for usage in found.values() if isinstance(usage, list) for u in usage]
 
 
 class RemoteAgent:
@@ -342,7 +346,9 @@ class RemoteAgent:
         try:
             out: dict[str, Any] = await fut
         except asyncio.CancelledError:
-            await ex.cancel(fut, key)  # a timeout, a signal: stop it on its worker too
+            # A timeout, a signal: stop it on its worker too, and count what it spent.
+            for usage in await ex.cancel(fut, key):
+                call.meter(usage)
             raise
         except concurrent.futures.CancelledError as exc:  # Dask dropped the task
             if "connection" in str(exc) or ex.client is None or ex.client.status != "running":

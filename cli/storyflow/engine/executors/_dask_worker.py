@@ -41,8 +41,12 @@ SKIPPED = frozenset({
 """Folders of a workflow's folder that are not shipped to workers."""
 MAX_FOLDER_BYTES = 64 * 1024 * 1024
 """The most a workflow's folder may weigh, zipped, to be shipped to workers."""
-_RUNNING: dict[str, asyncio.Task[Any]] = {}
-"""On a worker: the attempts running, by task key (for `cancel_attempt`)."""
+_RUNNING: dict[str, tuple[asyncio.Task[Any], list[dict[str, Any]]]] = {}
+"""On a worker: the attempts running, by task key, each with the usage its agent has
+metered so far (for `cancel_attempt`)."""
+CANCEL_SETTLE_S = 3.0
+"""How long `cancel_attempt` waits for a cancelled attempt to unwind and meter what it
+spent (a stream cut by the cancellation is billed, and counted)."""
 _FOLDERS: dict[str, Path] = {}
 """On a worker: shipped workflow folders, by content digest."""
 
@@ -121,13 +125,21 @@ def unpack_folder(local_directory: Path, digest: str, data: bytes) -> None:
 
 
 # -- the workers' side ---------------------------------------------------------------------
-def cancel_attempt(key: str) -> bool:
-    """Cancel the attempt ``key`` if it runs on this worker (run by ``Client.run``)."""
-    task = _RUNNING.get(key)
-    if task is None:
-        return False
-    task.get_loop().call_soon_threadsafe(task.cancel)
-    return True
+async def cancel_attempt(key: str) -> list[dict[str, Any]] | None:
+    """Cancel the attempt ``key`` if it runs on this worker (run by ``Client.run``, on
+    the worker's event loop); once it has unwound, what its agent metered — the
+    coordinator counts it, as it would have had the attempt ended. None when the attempt
+    does not run here."""
+    entry = _RUNNING.get(key)
+    if entry is None:
+        return None
+    task, usage = entry
+    if task.get_loop() is not asyncio.get_running_loop():
+        task.get_loop().call_soon_threadsafe(task.cancel)
+        return []
+    task.cancel()
+    await asyncio.wait({task}, timeout=CANCEL_SETTLE_S)
+    return list(usage)
 
 
 def import_check(digest: str, specs: list[str]) -> dict[str, str | None]:
@@ -192,7 +204,7 @@ async def attempt(p: Payload, worker: str) -> dict[str, Any]:
         environ=p.environ or None,
     )
     task = asyncio.ensure_future(registry.get(p.kind).run(call))
-    _RUNNING[p.key] = task
+    _RUNNING[p.key] = task, out["usage"]
     try:
         output = await task
         out["output"] = json.dumps(output, ensure_ascii=False, allow_nan=False)
