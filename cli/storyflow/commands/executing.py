@@ -166,6 +166,7 @@ def execute(
         raise
     finally:
         stopping.detach()
+        stopping.defer_to_leaving()  # a second signal: the watchdog says so and exits
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())  # closes LLM connections
         finally:

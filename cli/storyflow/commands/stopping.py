@@ -93,6 +93,8 @@ class Stopping:
         self.cancel: dict[str, Any] | None = None
         """The ``storyflow cancel`` request that stopped the run, if one did."""
         self._ended = threading.Event()
+        self._gone = threading.Event()
+        """Never set: what the main thread waits on while the watchdog leaves at once."""
 
     @property
     def code(self) -> int:
@@ -151,6 +153,14 @@ class Stopping:
             loop.remove_reader(reader.fileno())
             reader.close()
             writer.close()
+
+    def defer_to_leaving(self) -> None:
+        """The main thread is on its way out. When a second signal came, or the
+        watchdog is already leaving at once, let the watchdog finish: it says why on
+        stderr and exits with the code — an interpreter exiting first would cut it off
+        mid-sentence (a daemon thread dies with it). Bounded, in case it cannot."""
+        if self._now.is_set() or self._leaving.locked():
+            self._gone.wait(_WRITE_S + 2.0)  # never set: os._exit ends the wait
 
     # -- signals -------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
