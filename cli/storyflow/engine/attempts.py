@@ -198,13 +198,14 @@ class Attempts:
         )
 
     @staticmethod
-    def _tag(inst: Instance) -> dict[str, Any]:
+    def _tag(inst: Instance, *, usage: bool = True) -> dict[str, Any]:
         """Event fields naming a fallback that serves (none while the step's own agent
-        does), and the tokens and cost of a step whose agent reported usage."""
+        does), and (with ``usage``) the tokens and cost of a step whose agent reported
+        usage — what its attempts spent so far, told when one ends, not as one starts."""
         tag: dict[str, Any] = {"agent": inst.agent, "degraded": True} if inst.degraded else {}
         if inst.worker:
             tag["worker"] = inst.worker
-        if inst.usage:
+        if usage and inst.usage:
             tag["tokens"] = inst.usage["tokens"]
             tag["cost"] = inst.usage["cost"]
         return tag
@@ -284,7 +285,8 @@ class Attempts:
         s = self.s
         step = inst.node.step
         s.journal.emit(
-            EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts, **self._tag(inst)
+            EventType.STEP_STARTED, step=inst.id, attempt=inst.attempts,
+            **self._tag(inst, usage=False),
         )
         # Budgets: the agent reserves before each model call; what it still holds is
         # given back when the attempt ends, however it ends.
