@@ -52,9 +52,11 @@ def parse_answers(record: Any, specs: list[str]) -> dict[str, Any]:
         if text.startswith("@"):
             try:
                 text = Path(text[1:]).read_text(encoding="utf-8").rstrip("\n")
-            except OSError as exc:
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
                 raise UsageError(
-                    f"--answer {step}: cannot read {text[1:]}: {exc.strerror}"
+                    f"--answer {step}: cannot read {text[1:]}: {why}",
+                    hint="@FILE holds the answer as JSON or plain UTF-8 text",
                 ) from exc
         deep: tuple[Any, ...] | None = None
         try:

@@ -33,7 +33,8 @@ class Globals:
     """Options of the root command, shared by every subcommand."""
 
     debug: bool = False
-    state_dir: Path | None = None
+    state_dir: str | None = None
+    """``--state-dir`` as typed: a `Path` would read an empty one as ``.``."""
 
 
 G = Globals()
@@ -41,10 +42,18 @@ G = Globals()
 
 def state_dir() -> Path:
     """The state directory: ``--state-dir``, else ``$STORYFLOW_STATE_DIR``, else
-    ``./.storyflow``. A path that cannot be one (too long, a symlink loop, not a
+    ``./.storyflow``. A path that cannot be one (empty, too long, a symlink loop, not a
     directory, no permission) is a usage error."""
     if G.state_dir is not None:
-        return _usable(G.state_dir, "--state-dir")
+        if not G.state_dir:  # `--state-dir "$UNSET"`: not the working directory
+            from storyflow.errors import UsageError
+
+            raise UsageError(
+                "--state-dir is empty",
+                hint="give it a directory, or leave it out to use $STORYFLOW_STATE_DIR "
+                "or ./.storyflow",
+            )
+        return _usable(Path(G.state_dir), "--state-dir")
     env = os.environ.get("STORYFLOW_STATE_DIR")
     return _usable(Path(env), "$STORYFLOW_STATE_DIR") if env else Path.cwd() / ".storyflow"
 
@@ -159,9 +168,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    state_dir_opt: Path | None = typer.Option(
+    state_dir_opt: str | None = typer.Option(
         None,
         "--state-dir",
+        metavar="<path>",
         help="Where runs are stored (default $STORYFLOW_STATE_DIR or ./.storyflow).",
     ),
     debug: bool = typer.Option(False, "--debug", help="Show Python tracebacks for errors."),
@@ -189,10 +199,33 @@ def main() -> None:
         spec_cmds,
     )
 
+    _reopen_closed_streams()
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover - Ctrl-C outside a run
         sys.exit(130)
+    except OSError as exc:  # `--help`/`--version` (no command yet) into a full disk
+        err(f"error: cannot write the output: {exc.strerror or exc}")
+        sys.exit(1)
+
+
+def _reopen_closed_streams() -> None:
+    """Point a standard stream the caller closed (`storyflow run FILE >&-`) at /dev/null.
+
+    Python leaves it ``None``, so the first write would fail the command (a run
+    included), and the next file opened, the store's database among them, would take
+    its descriptor number, where a stray write to that stream would land."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(fd, mode, encoding="utf-8", closefd=False))
 
 
 __all__ = ["EXIT_USAGE", "G", "app", "err", "guarded", "main", "state_dir"]

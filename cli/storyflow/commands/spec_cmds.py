@@ -128,9 +128,15 @@ def schema(
     ),
 ) -> None:
     """Print a JSON Schema: the workflow file's (for editors) or an output's."""
-    from storyflow.spec.schema import schema_path
+    from storyflow.spec.schema import WORKFLOW_SCHEMA, schema_path
+    from storyflow.spec.units import did_you_mean
 
-    path = schema_path(f"{name}.schema.json")
-    if not path.is_file():
-        raise UsageError(f"no schema named {name!r}", hint="try: storyflow schema workflow")
-    typer.echo(path.read_text(encoding="utf-8"), nl=False)
+    suffix = ".schema.json"
+    # Only a name the package ships: not a path (`../x`, `/tmp/x`), nor one too long for one.
+    names = sorted(p.name[: -len(suffix)]
+                   for p in schema_path(WORKFLOW_SCHEMA).parent.glob(f"*{suffix}"))
+    if name not in names:
+        shown = name if len(name) <= 60 else f"{name[:40]}… ({len(name)} characters)"
+        raise UsageError(f"no schema named {shown!r}",
+                         hint=did_you_mean(name[:100], names, what="schemas"))
+    typer.echo(schema_path(name + suffix).read_text(encoding="utf-8"), nl=False)
