@@ -124,7 +124,7 @@ def graph(
 @guarded
 def schema(
     name: str = typer.Argument(
-        "workflow", help="workflow, or an output schema: events, show, report."
+        "workflow", help="workflow, or an output schema: events, show, report, runs, diff, gc."
     ),
 ) -> None:
     """Print a JSON Schema: the workflow file's (for editors) or an output's."""
