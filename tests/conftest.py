@@ -265,3 +265,16 @@ class CliProject:
         lines = self.log.read_text(encoding="utf-8").split()
         self.log.unlink()
         return lines
+
+
+def jinja_compiles(source: str) -> bool:
+    """Jinja's own verdict on ``source``, in the sandbox storyflow renders in."""
+    import jinja2
+
+    from storyflow.spec.templates._sandbox import make_environment
+
+    try:
+        make_environment().from_string(source)
+    except jinja2.TemplateError:
+        return False
+    return True

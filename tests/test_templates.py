@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import jinja_compiles
 from storyflow.errors import PermanentError
 from storyflow.spec.templates import Reference, TemplateError, Templates
 
@@ -527,18 +528,6 @@ _segment = st.one_of(
 _TEMPLATES = Templates()
 
 
-def _jinja_compiles(source: str) -> bool:
-    """Jinja's own verdict on ``source``, in the sandbox storyflow renders in."""
-    import jinja2
-
-    from storyflow.spec.templates._sandbox import make_environment
-
-    try:
-        make_environment().from_string(source)
-    except jinja2.TemplateError:
-        return False
-    return True
-
 
 @settings(max_examples=300, deadline=None)
 @given(
@@ -564,7 +553,7 @@ def test_fast_path_matches_jinja(
             results.append(("error", str(exc)))
     assert results[0] == results[1]
     plain = f"{opener}{path}{closer}"
-    accepted = _jinja_compiles(plain)
+    accepted = jinja_compiles(plain)
     assert (_TEMPLATES.problems(plain) == []) is accepted, plain
     if not accepted:
         assert results[0][0] == "error"

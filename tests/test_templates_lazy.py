@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import CLI_TIMEOUT_S, cli_env
+from conftest import CLI_TIMEOUT_S, cli_env, jinja_compiles
 from storyflow.spec.templates import TemplateError, Templates
 
 _CLI_PROBE = """\
@@ -372,18 +372,6 @@ def _jinja_view(source: str) -> tuple[list[str], set[Any]] | None:
     return [str(i) for i in parsed.issues], refs
 
 
-def _jinja_compiles(source: str) -> bool:
-    """Jinja's own verdict on ``source``, in the sandbox storyflow renders in."""
-    import jinja2
-
-    from storyflow.spec.templates._sandbox import make_environment
-
-    try:
-        make_environment().from_string(source)
-    except jinja2.TemplateError:
-        return False
-    return True
-
 
 @pytest.mark.parametrize("seed", range(4))
 def test_storyflow_accepts_what_jinja_compiles_and_reads_what_it_reads(seed: int) -> None:
@@ -402,7 +390,7 @@ def test_storyflow_accepts_what_jinja_compiles_and_reads_what_it_reads(seed: int
             continue
         t = Templates()
         problems = t.problems(source)
-        accepted = _jinja_compiles(source)
+        accepted = jinja_compiles(source)
         assert (problems == []) is accepted, (source, problems)
         if not accepted:
             with pytest.raises(TemplateError):
