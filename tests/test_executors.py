@@ -64,3 +64,12 @@ def test_an_environment_switches_the_executor(tmp_path: Path) -> None:
     chosen = setting(load_workflow(path, environment="cluster").executor)
     assert chosen == Setting(kind="dask", address="tcp://10.0.0.5:8786", llm_on_workers=True)
     assert chosen.describe() == "dask tcp://10.0.0.5:8786"
+
+
+@pytest.mark.parametrize("address", ["tcp://h:99999", "tcp://[::1", "tcp://host:port"])
+def test_a_malformed_scheduler_address_in_the_workflow_is_a_usage_error(address: str) -> None:
+    with pytest.raises(UsageError, match=r"^executor\.dask\.address .* is not a scheduler"):
+        setting({"dask": {"address": address}})
+    # the command line's address replaces the file's, and is what is checked then
+    assert setting({"dask": {"address": address}}, "tcp://127.0.0.1:8786").address \
+        == "tcp://127.0.0.1:8786"

@@ -11,7 +11,6 @@ from pathlib import Path
 import typer
 
 from storyflow.commands.app import app, guarded, state_dir
-from storyflow.commands.run_options import executor_address
 
 
 @app.command()
@@ -22,7 +21,7 @@ def doctor(
     ),
     env: str | None = typer.Option(None, "--env", help="Apply this environment first."),
     executor: str | None = typer.Option(
-        None, "--executor", callback=executor_address,
+        None, "--executor",
         help="Check this executor instead of the workflow's: local, dask (a temporary "
         "local cluster) or a scheduler address tcp://HOST:PORT.",
     ),

@@ -20,27 +20,9 @@ STREAM_EVENTS = typer.Option(
 )
 
 
-def executor_address(value: str | None) -> str | None:
-    """Refuse a scheduler address that cannot be one (``tcp://HOST:port``, ``tcp://[::1``)
-    while the command line is read: a usage error, not a run recorded and failed at
-    connect. Whether VALUE names an executor at all, `engine.executors.setting` checks."""
-    if value is None or "://" not in value:
-        return value
-    from urllib.parse import urlsplit
-
-    try:
-        urlsplit(value).port  # noqa: B018  (a port that is not 0-65535 raises)
-    except ValueError as exc:
-        raise typer.BadParameter(
-            f"{value!r} is not a scheduler address ({exc}); e.g. tcp://127.0.0.1:8786"
-        ) from exc
-    return value
-
-
 EXECUTOR = typer.Option(
     None,
     "--executor",
-    callback=executor_address,
     help="Where steps run: local, dask (a temporary local cluster) or a Dask "
     "scheduler address like tcp://HOST:8786.",
 )

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -93,8 +94,6 @@ class Stopping:
         self.cancel: dict[str, Any] | None = None
         """The ``storyflow cancel`` request that stopped the run, if one did."""
         self._ended = threading.Event()
-        self._gone = threading.Event()
-        """Never set: what the main thread waits on while the watchdog leaves at once."""
 
     @property
     def code(self) -> int:
@@ -160,7 +159,7 @@ class Stopping:
         stderr and exits with the code — an interpreter exiting first would cut it off
         mid-sentence (a daemon thread dies with it). Bounded, in case it cannot."""
         if self._now.is_set() or self._leaving.locked():
-            self._gone.wait(_WRITE_S + 2.0)  # never set: os._exit ends the wait
+            time.sleep(_WRITE_S + 2.0)  # os._exit in the watchdog ends it sooner
 
     # -- signals -------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -106,6 +106,7 @@ from storyflow.agents.llm_agent._request import (
     OFFLINE_KEYS,
     Request,
     canonical,
+    reported_tokens,
     request_of,
     text_tokens,
 )
@@ -352,8 +353,8 @@ def _spent(model: str, messages: list[dict[str, Any]], text: str,
     tin = tout = None
     if isinstance(exc, Refused):
         text = text or exc.text
-        tin, tout = _tokens(exc.usage.get("prompt_tokens")), _tokens(
-            exc.usage.get("completion_tokens"))
+        tin = reported_tokens(exc.usage.get("prompt_tokens"))
+        tout = reported_tokens(exc.usage.get("completion_tokens"))
         if not exc.streamed:  # a whole reply: the server's count, as for any whole reply
             return _usage(model, tin, tout)
     if not text and tin is None and tout is None:
@@ -361,10 +362,6 @@ def _spent(model: str, messages: list[dict[str, Any]], text: str,
     return _usage(model, text_tokens(canonical(messages)) if tin is None else tin,
                   text_tokens(text) if tout is None else tout,
                   estimated=tin is None or tout is None)
-
-
-def _tokens(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _add(a: int | None, b: int | None) -> int | None:

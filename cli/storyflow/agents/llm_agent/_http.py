@@ -31,7 +31,12 @@ import aiohttp
 from yarl import URL
 
 from storyflow.agents.llm_agent._proxy import env_proxy, masked
-from storyflow.agents.llm_agent._request import BASE_URL_ENV, Request, as_text
+from storyflow.agents.llm_agent._request import (
+    BASE_URL_ENV,
+    Request,
+    as_text,
+    reported_tokens,
+)
 from storyflow.agents.llm_agent._stream import Events, Expired, Refused, Watch
 from storyflow.errors import (
     PermanentError,
@@ -249,8 +254,8 @@ async def _streamed(client: Client, url: str, req: Request, body: dict[str, Any]
                 f"{events.chars} characters: {_reason(exc)}",
             ) from exc
     content, finish, usage = events.result()
-    return Reply(content, finish, _tokens(usage.get("prompt_tokens")),
-                 _tokens(usage.get("completion_tokens")), streamed=True)
+    return Reply(content, finish, reported_tokens(usage.get("prompt_tokens")),
+                 reported_tokens(usage.get("completion_tokens")), streamed=True)
 
 
 def _unreachable(exc: BaseException, req: Request, client: Client) -> TransientError:
@@ -376,8 +381,8 @@ def envelope(body: bytes, reason: str | None, req: Request) -> Reply:
             f"the LLM server at {masked(req.base_url)} sent a reply without text")
     usage = data.get("usage")
     usage = usage if isinstance(usage, dict) else {}
-    return Reply(content, finish, _tokens(usage.get("prompt_tokens")),
-                 _tokens(usage.get("completion_tokens")))
+    return Reply(content, finish, reported_tokens(usage.get("prompt_tokens")),
+                 reported_tokens(usage.get("completion_tokens")))
 
 
 def _excerpt(body: bytes, reason: str | None) -> str:
@@ -418,7 +423,3 @@ def _retry_after_s(headers: Mapping[str, str], now: float) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
-
-
-def _tokens(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -273,3 +273,8 @@ def _flag(inputs: Mapping[str, Any], name: str) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise PermanentError(f"`with.{name}` must be true or false, not {value!r}")
+
+
+def reported_tokens(value: Any) -> int | None:
+    """A token count a server reported, when it is one (a positive integer)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -65,6 +65,21 @@ class Setting:
 LOCAL_SETTING = Setting()
 
 
+def _address(value: Any, where: str) -> Any:
+    """``value`` when it can be a scheduler address: a usage error before anything is
+    recorded, not a run failed at connect (``tcp://HOST:port``, ``tcp://[::1``)."""
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    from urllib.parse import urlsplit
+
+    try:
+        urlsplit(value).port  # noqa: B018  (a port that is not 0-65535 raises)
+    except ValueError as exc:
+        raise UsageError(f"{where} {value!r} is not a scheduler address ({exc})",
+                         hint="e.g. tcp://127.0.0.1:8786") from exc
+    return value
+
+
 def setting(written: Any, option: str | None = None) -> Setting:
     """The executor of a run: ``--executor local|dask|tcp://HOST:PORT`` (``option``) over
     the workflow's ``executor:`` (``written``, already validated by the schema).
@@ -89,7 +104,7 @@ def setting(written: Any, option: str | None = None) -> Setting:
         elif option == "dask":
             kind = "dask"
         elif "://" in option and option.split("://", 1)[1]:
-            kind, dask = "dask", {**dask, "address": option}
+            kind, dask = "dask", {**dask, "address": _address(option, "--executor")}
         else:
             raise UsageError(
                 f"--executor {option!r} is not local, dask or a scheduler address",
@@ -98,6 +113,8 @@ def setting(written: Any, option: str | None = None) -> Setting:
             )
     if kind == "local":
         return LOCAL_SETTING
+    if option is None or "://" not in option:
+        _address(dask.get("address"), "executor.dask.address")
     timeout = dask.get("connect_timeout")
     return Setting(
         kind="dask",
